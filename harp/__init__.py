@@ -1,0 +1,31 @@
+"""HARP: use pooled accelerators (GPUs, FPGAs, NPUs) as if they were local.
+
+`harp.connect(address)` returns a `Device`; everything else is its methods.
+"""
+from __future__ import annotations
+
+from .catalog import CATALOG_IMAGE
+from .device import Device
+from .errors import (ArgumentError, AuthError, BackendError, DeviceError, HarpError,
+                     InternalError, InvalidHandleError, LeaseError, OutOfMemoryError,
+                     PermissionDeniedError, ProtocolError, QuotaError, TransportError,
+                     UnsupportedError, VersionMismatchError)
+from .types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
+                    Scalar, Stream)
+
+__version__ = "0.1.0"
+
+
+def connect(target: str | None = None, **options):  # noqa: ANN201 - returns a Device
+    """Open a session on a device: "local:cpu", "local:BACKEND:INDEX" or "harp://HOST:PORT"."""
+    from .connect import connect as _connect
+    return _connect(target, **options)
+
+
+__all__ = [
+    "connect", "Device", "CATALOG_IMAGE", "Buffer", "BufferArg", "ArrayArg", "Scalar", "Module",
+    "Function", "Stream", "Event", "DeviceInfo", "MemInfo", "HarpError", "ArgumentError",
+    "InvalidHandleError", "UnsupportedError", "PermissionDeniedError", "DeviceError",
+    "OutOfMemoryError", "QuotaError", "AuthError", "LeaseError", "ProtocolError",
+    "VersionMismatchError", "TransportError", "BackendError", "InternalError",
+]

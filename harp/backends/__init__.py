@@ -1,0 +1,131 @@
+"""The backend plugin interface, versioned on its own, and backend discovery.
+
+A backend drives one kind of real device in-process. Backends are found in the
+`harp.backends` entry-point group, so a new device kind (an FPGA or NPU driver)
+is one installable package that declares, in its own pyproject.toml:
+
+    [project.entry-points."harp.backends"]
+    mynpu = "mynpu_harp:Backend"
+
+The object named there is a `Backend` subclass whose `interface_version`
+equals `BACKEND_INTERFACE_VERSION`.
+"""
+from __future__ import annotations
+
+import abc
+from importlib import metadata
+from typing import Any
+
+from ..device import Device
+from ..errors import BackendError
+from ..types import DeviceInfo
+
+#: The version of this interface; bump it when `Backend` changes incompatibly.
+BACKEND_INTERFACE_VERSION = 1
+ENTRY_POINT_GROUP = "harp.backends"
+
+
+class Backend(abc.ABC):
+    """A driver for one kind of device, able to open sessions on its devices."""
+
+    #: The `BACKEND_INTERFACE_VERSION` this backend was written against.
+    interface_version: int = BACKEND_INTERFACE_VERSION
+    #: Short name used in addresses such as `local:NAME:INDEX`.
+    name: str = ""
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    def available(self) -> tuple[bool, str]:
+        """Whether this machine can run the backend, and if not, why (never raises)."""
+        return True, ""
+
+    @abc.abstractmethod
+    def device_count(self) -> int:
+        """How many devices this backend drives here."""
+
+    @abc.abstractmethod
+    def describe(self, index: int) -> DeviceInfo:
+        """Facts about device `index` as a whole (the card, not a session's quota)."""
+
+    @abc.abstractmethod
+    def open(self, index: int = 0, *, memory_quota: int | None = None,
+             trust_client_code: bool = False) -> Device:
+        """A new session on device `index`, with its own handles, streams and errors.
+
+        `memory_quota` caps the bytes the session may hold (fail closed);
+        `trust_client_code` allows image formats that run client Python on this host.
+        """
+
+    def check_index(self, index: int) -> None:
+        """Raise a clear `BackendError` for an index this backend does not have."""
+        n = self.device_count()
+        if not isinstance(index, int) or not 0 <= index < n:
+            raise BackendError(f"backend {self.name!r} has {n} device(s); no device {index!r}")
+
+
+def _entry_points() -> dict[str, metadata.EntryPoint]:
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def _builtin() -> dict[str, str]:
+    # Built-ins are listed here too, so HARP works from a source tree that was
+    # never installed (no entry-point metadata).
+    return {"cpu": "harp.backends.cpu:CpuBackend"}
+
+
+def backend_names() -> list[str]:
+    """Names of every backend known here: built-in and installed plugins."""
+    return sorted(set(_builtin()) | set(_entry_points()))
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The backend class registered under `name`, checked against this interface version."""
+    eps = _entry_points()
+    if name in eps:
+        target = eps[name]
+        try:
+            cls = target.load()
+        except Exception as exc:  # a broken plugin must not take HARP down with it
+            raise BackendError(f"backend plugin {name!r} ({target.value}) failed to load: {exc}") \
+                from exc
+        source = f"plugin {target.value}"
+    elif name in _builtin():
+        module, _, attr = _builtin()[name].partition(":")
+        import importlib
+        cls = getattr(importlib.import_module(module), attr)
+        source = "built-in"
+    else:
+        raise BackendError(f"unknown backend {name!r}; known backends: "
+                           f"{', '.join(backend_names())}")
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise BackendError(f"backend {name!r} ({source}) is not a harp.backends.Backend subclass")
+    version = getattr(cls, "interface_version", None)
+    if version != BACKEND_INTERFACE_VERSION:
+        raise BackendError(
+            f"backend {name!r} ({source}) implements backend interface version {version!r}, "
+            f"but this HARP needs version {BACKEND_INTERFACE_VERSION}; "
+            "upgrade the plugin or HARP so they match")
+    return cls
+
+
+def load_backend(name: str, **options: Any) -> Backend:
+    """An instance of backend `name`, configured with `options`."""
+    backend = backend_class(name)(**options)
+    backend.name = backend.name or name
+    return backend
+
+
+def list_devices() -> list[dict[str, Any]]:
+    """Every backend with its availability and devices, for `harp devices`."""
+    rows: list[dict[str, Any]] = []
+    for name in backend_names():
+        try:
+            backend = load_backend(name)
+            ok, reason = backend.available()
+            devices = [backend.describe(i).to_dict() for i in range(backend.device_count())] \
+                if ok else []
+        except BackendError as exc:
+            ok, reason, devices = False, str(exc), []
+        rows.append({"backend": name, "available": ok, "reason": reason, "devices": devices})
+    return rows

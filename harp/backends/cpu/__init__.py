@@ -1,0 +1,57 @@
+"""The `cpu` backend: host memory as device memory, every test's and every CPU-only developer's device."""
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+from .. import Backend
+from ...device import Device
+from ...types import DeviceInfo
+from ...units import parse_size
+from .card import CpuCard
+from .device import CpuDevice
+
+DEFAULT_MEMORY = 4 << 30
+
+
+def _numba_available() -> bool:
+    try:
+        import numba.cuda.simulator  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class CpuBackend(Backend):
+    """Drives `devices` cpu cards of `memory` bytes each (default 4 GiB, or `HARP_CPU_MEMORY`)."""
+
+    name = "cpu"
+
+    def __init__(self, *, memory: int | str | None = None, devices: int = 1, **options: Any) -> None:
+        super().__init__(**options)
+        memory = memory if memory is not None else os.environ.get("HARP_CPU_MEMORY", DEFAULT_MEMORY)
+        self.memory = parse_size(memory)
+        self.cards = [CpuCard(i, self.memory) for i in range(int(devices))]
+
+    def device_count(self) -> int:
+        return len(self.cards)
+
+    def _info(self, index: int, memory: int, trusted: bool) -> DeviceInfo:
+        formats = ["catalog"]
+        if trusted and _numba_available():
+            formats.append("numba-python")
+        return DeviceInfo(kind="cpu", name=f"HARP cpu device ({platform.machine()})",
+                          backend="cpu", index=index, memory=memory, formats=tuple(formats),
+                          extra={"host_cores": os.cpu_count()})
+
+    def describe(self, index: int) -> DeviceInfo:
+        self.check_index(index)
+        return self._info(index, self.memory, trusted=False)
+
+    def open(self, index: int = 0, *, memory_quota: int | None = None,
+             trust_client_code: bool = False) -> Device:
+        self.check_index(index)
+        memory = self.memory if memory_quota is None else min(memory_quota, self.memory)
+        return CpuDevice(self.cards[index], self._info(index, memory, trust_client_code),
+                         memory_quota=memory_quota, trust_client_code=trust_client_code)

@@ -1,0 +1,405 @@
+"""`CpuDevice`: one session on a cpu card, a real host-memory device.
+
+Buffers are host memory; each stream is a worker thread that runs its calls in
+order; events carry real timestamps; kernels are the NumPy catalog or numba
+source in the CUDA simulator. Handles are checked against this session's own
+tables, so another session's handles are unknown here.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from ... import catalog
+from ...device import Device, Dims
+from ...errors import (ArgumentError, DeviceError, HarpError, InvalidHandleError,
+                       PermissionDeniedError, QuotaError, UnsupportedError)
+from ...frontend import (DeferredErrors, HandleIds, as_bytes_view, check_buffer, check_count,
+                         check_dims, check_event, check_fill_value, check_function, check_module,
+                         check_range, check_stream, normalize_args, out_view)
+from ...types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
+                      Scalar, Stream)
+from .card import CpuCard
+from .kernels import catalog_function, check_catalog_args, load_numba_source, numba_runner
+from .streams import Recording, StreamWorker
+
+MAX_STREAMS = 256
+
+
+class CpuDevice(Device):
+    """A session on a `CpuCard`: its own handles, streams, quota and deferred errors."""
+
+    def __init__(self, card: CpuCard, info: DeviceInfo, *, memory_quota: int | None = None,
+                 trust_client_code: bool = False) -> None:
+        self._card = card
+        self._quota = memory_quota
+        self._trusted = trust_client_code
+        self._info = info
+        self._ids = HandleIds()
+        self._errors = DeferredErrors()
+        self._seq = 0
+        self._used = 0
+        self._closed = False
+        self._buffers: dict[int, np.ndarray] = {}
+        self._modules: dict[int, tuple[str, Any]] = {}
+        self._functions: dict[int, tuple[Any, Any]] = {}   # id -> (catalog kernel | None, runner)
+        self._events: dict[int, Recording | None] = {}
+        self._streams: dict[int, StreamWorker] = {0: self._worker("default")}
+
+    # -- internals -------------------------------------------------------------
+    def _worker(self, name: str) -> StreamWorker:
+        return StreamWorker(f"harp-cpu{self._card.index}-{name}", self._on_async_error)
+
+    def _on_async_error(self, exc: BaseException, call: str, seq: int) -> None:
+        if not isinstance(exc, HarpError):
+            exc = DeviceError(f"{type(exc).__name__}: {exc}")
+        self._errors.add(exc, call, seq)
+
+    def _next(self) -> int:
+        if self._closed:
+            raise HarpError("the device session is closed")
+        self._seq += 1
+        return self._seq
+
+    def _mem(self, buf: Buffer) -> np.ndarray:
+        mem = self._buffers.get(buf.id)
+        if mem is None:
+            raise InvalidHandleError(f"buffer handle {buf.id:#x} is not allocated in this session "
+                                     "(freed, failed to allocate, or another session's)")
+        return mem
+
+    def _stream(self, stream: Stream) -> StreamWorker:
+        worker = self._streams.get(stream.id)
+        if worker is None:
+            raise InvalidHandleError(f"stream handle {stream.id:#x} is not this session's")
+        return worker
+
+    def _recording(self, event: Event) -> Recording | None:
+        if event.id not in self._events:
+            raise InvalidHandleError(f"event handle {event.id:#x} is not this session's")
+        return self._events[event.id]
+
+    def _sync_wait(self, worker: StreamWorker, call: str, seq: int, op: Any, *args: Any) -> None:
+        """Run `op` in order on `worker`, wait for it, and raise what failed."""
+        from threading import Event as Flag
+        done, failure = Flag(), []
+
+        def run() -> None:
+            try:
+                op(*args)
+            except BaseException as exc:  # raised in the caller below
+                failure.append(exc)
+            finally:
+                done.set()
+        worker.submit(call, seq, run)
+        done.wait()
+        self._errors.raise_pending()
+        if failure:
+            exc = failure[0]
+            if not isinstance(exc, HarpError):
+                exc = DeviceError(f"{type(exc).__name__}: {exc}")
+            exc.call, exc.seq = call, seq
+            raise exc
+
+    # -- facts -----------------------------------------------------------------
+    @property
+    def info(self) -> DeviceInfo:
+        return self._info
+
+    def mem_info(self) -> MemInfo:
+        self._next()
+        if self._quota is not None:
+            card_free = self._card.capacity - self._card.used
+            return MemInfo(free=max(0, min(self._quota - self._used, card_free)),
+                           total=self._quota)
+        return MemInfo(free=self._card.capacity - self._card.used, total=self._card.capacity)
+
+    # -- memory ----------------------------------------------------------------
+    def alloc(self, nbytes: int) -> Buffer:
+        seq = self._next()
+        nbytes = check_count(nbytes, "nbytes")
+        buf = Buffer(self._ids.new(), nbytes)
+        try:
+            if self._quota is not None and self._used + nbytes > self._quota:
+                raise QuotaError(f"allocating {nbytes} bytes would exceed the session's memory "
+                                 f"quota: {self._used} of {self._quota} bytes in use")
+            self._buffers[buf.id] = self._card.allocate(nbytes)
+            self._used += nbytes
+        except HarpError as exc:
+            self._errors.add(exc, "alloc", seq)
+        return buf
+
+    def free(self, buf: Buffer) -> None:
+        seq = self._next()
+        check_buffer(buf)
+        mem = self._buffers.pop(buf.id, None)
+        if mem is None:
+            self._errors.add(InvalidHandleError(
+                f"buffer handle {buf.id:#x} is not allocated in this session (double free, "
+                "or another session's)"), "free", seq)
+            return
+        self._used -= mem.size
+        self._card.release(mem.size)
+
+    def write(self, buf: Buffer, offset: int, data: Any, stream: Stream | None = None) -> None:
+        seq = self._next()
+        view = as_bytes_view(data)
+        offset, nbytes = check_range(buf, offset, view.nbytes, "write")
+        stream = check_stream(stream)
+        try:
+            mem, worker = self._mem(buf), self._stream(stream)
+        except HarpError as exc:
+            self._errors.add(exc, "write", seq)
+            return
+        # bytes are immutable: keep a reference; anything else is copied now,
+        # because the caller may reuse its buffer as soon as we return.
+        src = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else \
+            np.frombuffer(view, np.uint8).copy()
+        worker.submit("write", seq, mem[offset:offset + nbytes].__setitem__, slice(None), src)
+
+    def read(self, buf: Buffer, offset: int, nbytes: int, out: Any = None,
+             stream: Stream | None = None) -> Any:
+        seq = self._next()
+        offset, nbytes = check_range(buf, offset, nbytes, "read")
+        stream = check_stream(stream)
+        if out is None:
+            out = bytearray(nbytes)
+        dst = np.frombuffer(out_view(out, nbytes), np.uint8)
+        try:
+            mem, worker = self._mem(buf), self._stream(stream)
+        except HarpError as exc:
+            self._errors.raise_pending()
+            exc.call, exc.seq = "read", seq
+            raise
+        self._sync_wait(worker, "read", seq, np.copyto, dst, mem[offset:offset + nbytes])
+        return out
+
+    def copy(self, dst: Buffer, dst_offset: int, src: Buffer, src_offset: int, nbytes: int,
+             stream: Stream | None = None) -> None:
+        seq = self._next()
+        dst_offset, nbytes = check_range(dst, dst_offset, nbytes, "copy destination")
+        src_offset, _ = check_range(src, src_offset, nbytes, "copy source")
+        stream = check_stream(stream)
+        try:
+            dmem, smem, worker = self._mem(dst), self._mem(src), self._stream(stream)
+        except HarpError as exc:
+            self._errors.add(exc, "copy", seq)
+            return
+        worker.submit("copy", seq, np.copyto, dmem[dst_offset:dst_offset + nbytes],
+                      smem[src_offset:src_offset + nbytes])
+
+    def fill(self, buf: Buffer, value: int, offset: int = 0, nbytes: int | None = None,
+             stream: Stream | None = None) -> None:
+        seq = self._next()
+        check_buffer(buf)
+        value = check_fill_value(value)
+        offset = check_count(offset, "offset")
+        if nbytes is None:
+            nbytes = max(0, buf.nbytes - offset)
+        offset, nbytes = check_range(buf, offset, nbytes, "fill")
+        stream = check_stream(stream)
+        try:
+            mem, worker = self._mem(buf), self._stream(stream)
+        except HarpError as exc:
+            self._errors.add(exc, "fill", seq)
+            return
+        worker.submit("fill", seq, mem[offset:offset + nbytes].fill, value)
+
+    # -- code ------------------------------------------------------------------
+    def load_module(self, image: bytes | str, format: str) -> Module:
+        seq = self._next()
+        if not isinstance(image, (bytes, bytearray, memoryview, str)):
+            raise TypeError(f"a module image is bytes or str, got {type(image).__name__}")
+        module = Module(self._ids.new(), str(format))
+        try:
+            self._modules[module.id] = (module.format, self._load(bytes(image) if not
+                                                                   isinstance(image, str) else image,
+                                                                   module.format))
+        except HarpError as exc:
+            self._errors.add(exc, "load_module", seq)
+        return module
+
+    def _load(self, image: bytes | str, format: str) -> Any:
+        if format == "catalog":
+            raw = image.encode() if isinstance(image, str) else image
+            if raw != catalog.CATALOG_IMAGE:
+                raise ArgumentError(f"unknown catalog image {raw[:40]!r}; this device has "
+                                    f"{catalog.CATALOG_IMAGE!r}")
+            return None
+        if format == "numba-python":
+            if not self._trusted:
+                raise PermissionDeniedError(
+                    "numba-python modules run client Python code on this host; the device refuses "
+                    "them unless opened with trust_client_code=True (a pool server: --trust-client-code)"
+                    " — for development and tests only")
+            source = image.decode("utf-8", "replace") if isinstance(image, bytes) else image
+            return load_numba_source(source)
+        raise UnsupportedError(f"this cpu device does not accept {format!r} images; "
+                               f"it accepts {', '.join(self._info.formats)}")
+
+    def function(self, module: Module, name: str) -> Function:
+        seq = self._next()
+        check_module(module)
+        fn = Function(self._ids.new(), str(name))
+        try:
+            entry = self._modules.get(module.id)
+            if entry is None:
+                raise InvalidHandleError(f"module handle {module.id:#x} is not loaded in this "
+                                         "session")
+            format, payload = entry
+            if format == "catalog":
+                self._functions[fn.id] = catalog_function(fn.name)
+            else:
+                kernel = payload.get(fn.name)
+                if kernel is None:
+                    raise ArgumentError(f"module has no kernel {fn.name!r}; it has "
+                                        f"{', '.join(sorted(payload)) or 'none'}")
+                self._functions[fn.id] = (None, numba_runner(kernel))
+        except HarpError as exc:
+            self._errors.add(exc, "function", seq)
+        return fn
+
+    def launch(self, fn: Function, grid: Dims, block: Dims, args: Sequence[Any],
+               shared_mem: int = 0, stream: Stream | None = None) -> None:
+        seq = self._next()
+        check_function(fn)
+        grid3, block3 = check_dims(grid, "grid"), check_dims(block, "block")
+        shared_mem = check_count(shared_mem, "shared_mem")
+        args = normalize_args(args)
+        stream = check_stream(stream)
+        try:
+            entry = self._functions.get(fn.id)
+            if entry is None:
+                raise InvalidHandleError(f"function handle {fn.id:#x} is not this session's")
+            kernel, runner = entry
+            if kernel is not None:
+                check_catalog_args(kernel, args)
+            resolved = [self._resolve(a) for a in args]
+            worker = self._stream(stream)
+        except HarpError as exc:
+            self._errors.add(exc, "launch", seq)
+            return
+        worker.submit("launch", seq, runner, grid3, block3, shared_mem, resolved)
+
+    def _resolve(self, arg: Any) -> Any:
+        if isinstance(arg, BufferArg):
+            mem = self._mem(arg.buffer)
+            offset = check_count(arg.offset, "argument offset")
+            if offset > mem.size:
+                raise ArgumentError(f"argument offset {offset} is past the end of a buffer of "
+                                    f"{mem.size} bytes")
+            return (mem, offset)
+        if isinstance(arg, ArrayArg):
+            mem = self._mem(arg.buffer)
+            dtype = np.dtype(arg.dtype)
+            try:
+                return np.ndarray(arg.shape, dtype, buffer=mem, offset=arg.offset,
+                                  strides=arg.strides)
+            except (TypeError, ValueError) as exc:
+                raise ArgumentError(f"array argument {arg.dtype}{list(arg.shape)} at offset "
+                                    f"{arg.offset} does not fit its buffer of {mem.size} bytes: "
+                                    f"{exc}") from None
+        if isinstance(arg, Scalar):
+            try:
+                with np.errstate(over="raise"):
+                    return np.dtype(arg.dtype).type(arg.value)
+            except (OverflowError, FloatingPointError, ValueError, TypeError) as exc:
+                raise ArgumentError(f"scalar {arg.value!r} does not fit {arg.dtype}: {exc}") \
+                    from None
+        raise ArgumentError(f"unknown kernel argument {arg!r}")
+
+    # -- order -----------------------------------------------------------------
+    def stream(self) -> Stream:
+        seq = self._next()
+        stream = Stream(self._ids.new())
+        if len(self._streams) >= MAX_STREAMS:
+            self._errors.add(ArgumentError(f"a session may have at most {MAX_STREAMS} streams"),
+                             "stream", seq)
+        else:
+            self._streams[stream.id] = self._worker(f"s{len(self._streams)}")
+        return stream
+
+    def event(self) -> Event:
+        self._next()
+        event = Event(self._ids.new())
+        self._events[event.id] = None
+        return event
+
+    def record(self, event: Event, stream: Stream | None = None) -> None:
+        seq = self._next()
+        check_event(event)
+        stream = check_stream(stream)
+        try:
+            self._recording(event)
+            worker = self._stream(stream)
+        except HarpError as exc:
+            self._errors.add(exc, "record", seq)
+            return
+        recording = Recording()
+        self._events[event.id] = recording
+        worker.submit("record", seq, recording.complete)
+
+    def wait(self, stream: Stream, event: Event) -> None:
+        seq = self._next()
+        stream = check_stream(stream)
+        check_event(event)
+        try:
+            recording = self._recording(event)
+            worker = self._stream(stream)
+        except HarpError as exc:
+            self._errors.add(exc, "wait", seq)
+            return
+        if recording is not None:   # an event never recorded is complete, as in CUDA
+            worker.submit("wait", seq, recording.done.wait)
+
+    def synchronize(self, stream: Stream | None = None) -> None:
+        seq = self._next()
+        if stream is None:
+            for worker in list(self._streams.values()):
+                worker.drain()
+        else:
+            try:
+                worker = self._stream(check_stream(stream))
+            except HarpError as exc:
+                self._errors.raise_pending()
+                exc.call, exc.seq = "synchronize", seq
+                raise
+            worker.drain()
+        self._errors.raise_pending()
+
+    def elapsed(self, start: Event, end: Event) -> float:
+        seq = self._next()
+        check_event(start)
+        check_event(end)
+        try:
+            recordings = [self._recording(start), self._recording(end)]
+            if any(r is None for r in recordings):
+                raise ArgumentError("elapsed needs two events that have been recorded")
+        except HarpError as exc:
+            self._errors.raise_pending()
+            exc.call, exc.seq = "elapsed", seq
+            raise
+        for r in recordings:
+            r.done.wait()
+        self._errors.raise_pending()
+        return (recordings[1].time_ns - recordings[0].time_ns) / 1e6
+
+    # -- lifetime --------------------------------------------------------------
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for worker in self._streams.values():
+            worker.stop()
+        for mem in self._buffers.values():
+            self._card.release(mem.size)
+        self._buffers.clear()
+        self._used = 0
+        self._modules.clear()
+        self._functions.clear()
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes this session holds (for the server's accounting and tests)."""
+        return self._used

@@ -1,0 +1,123 @@
+"""The `HarpError` hierarchy and the typed error records that cross the wire.
+
+One tree, with transport failures apart from device failures, so a caller can
+tell "the network broke" from "my kernel is wrong". Every error carries a
+stable `code` (the wire identity of its class), and a failure of an
+asynchronous call also names that call: its API name and sequence number.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class HarpError(Exception):
+    """Base of every error HARP raises."""
+
+    code = "INTERNAL"
+
+    def __init__(self, message: str, *, call: str | None = None, seq: int | None = None,
+                 detail: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.call = call
+        self.seq = seq
+        self.detail = detail
+
+    def __str__(self) -> str:
+        text = self.message
+        if self.call is not None:
+            text = f"{self.call} (call #{self.seq}) failed: {text}"
+        if self.detail:
+            text += "\n--- remote detail ---\n" + self.detail.rstrip()
+        return text
+
+    def to_record(self) -> dict[str, Any]:
+        """The error as a plain record for the wire (never a pickle)."""
+        return {"code": self.code, "message": self.message, "call": self.call,
+                "seq": self.seq, "detail": self.detail}
+
+
+class ArgumentError(HarpError, ValueError):
+    """A call got a value it cannot accept: a bad size, offset or length."""
+    code = "INVALID_ARGUMENT"
+
+
+class InvalidHandleError(ArgumentError):
+    """A handle that is freed, of the wrong kind, or not this session's."""
+    code = "INVALID_HANDLE"
+
+
+class UnsupportedError(HarpError):
+    """The device cannot do what was asked (an image format it does not accept)."""
+    code = "UNSUPPORTED"
+
+
+class PermissionDeniedError(UnsupportedError):
+    """Refused by policy, e.g. client Python code on an untrusted server."""
+    code = "PERMISSION_DENIED"
+
+
+class DeviceError(HarpError):
+    """The device itself failed the call (a kernel fault, a driver error)."""
+    code = "DEVICE"
+
+
+class OutOfMemoryError(DeviceError):
+    """The device has not enough free memory for an allocation."""
+    code = "OUT_OF_MEMORY"
+
+
+class QuotaError(HarpError):
+    """The session's quota (memory, compute) does not allow the call."""
+    code = "QUOTA"
+
+
+class AuthError(HarpError):
+    """Authentication failed: missing or wrong certificate or token."""
+    code = "AUTH"
+
+
+class LeaseError(AuthError):
+    """The lease is unknown, expired, or not for this device."""
+    code = "LEASE"
+
+
+class ProtocolError(HarpError):
+    """A malformed or unexpected message on the wire."""
+    code = "PROTOCOL"
+
+
+class VersionMismatchError(ProtocolError):
+    """Client and server share no protocol version."""
+    code = "VERSION"
+
+
+class TransportError(HarpError):
+    """The connection failed: server unreachable, died, or timed out."""
+    code = "TRANSPORT"
+
+
+class BackendError(HarpError):
+    """A backend is unknown, unavailable here, or of the wrong plugin version."""
+    code = "BACKEND"
+
+
+class InternalError(HarpError):
+    """A bug in HARP, or an error code this version does not know."""
+    code = "INTERNAL"
+
+
+ERROR_CLASSES: dict[str, type[HarpError]] = {
+    cls.code: cls for cls in (
+        HarpError, ArgumentError, InvalidHandleError, UnsupportedError,
+        PermissionDeniedError, DeviceError, OutOfMemoryError, QuotaError, AuthError,
+        LeaseError, ProtocolError, VersionMismatchError, TransportError, BackendError,
+        InternalError)
+}
+
+
+def from_record(record: dict[str, Any]) -> HarpError:
+    """Rebuild an error from its wire record; an unknown code becomes `InternalError`."""
+    cls = ERROR_CLASSES.get(record.get("code", ""), InternalError)
+    return cls(str(record.get("message", "")), call=record.get("call"),
+               seq=record.get("seq"), detail=record.get("detail"))

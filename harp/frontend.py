@@ -1,0 +1,178 @@
+"""The front half every `Device` implementation shares: argument checks, call
+sequence numbers, client-chosen handle ids, and the deferred-error list.
+
+Keeping these in one place is what makes the local and remote devices behave
+alike: both raise the same immediate errors for the same bad arguments, and
+both number calls the same way, so a deferred error names the same call.
+"""
+from __future__ import annotations
+
+import secrets
+import threading
+from typing import Any, Sequence
+
+from .errors import ArgumentError, HarpError
+from .types import DEFAULT_STREAM, Buffer, Event, Function, Module, Stream
+
+
+class HandleIds:
+    """Issues handle ids: a random 31-bit session prefix above a 32-bit counter.
+
+    The prefix lets a device reject a handle from another session even when
+    the counters happen to agree.
+    """
+
+    __slots__ = ("prefix", "_next")
+
+    def __init__(self) -> None:
+        self.prefix = (secrets.randbits(31) | 1) << 32
+        self._next = 0
+
+    def new(self) -> int:
+        self._next += 1
+        return self.prefix | self._next
+
+
+class DeferredErrors:
+    """Failures of asynchronous calls, held until the next sync call raises them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._errors: list[HarpError] = []
+
+    def add(self, error: HarpError, call: str, seq: int) -> None:
+        if error.call is None:
+            error.call, error.seq = call, seq
+        with self._lock:
+            self._errors.append(error)
+
+    def __bool__(self) -> bool:
+        return bool(self._errors)
+
+    def take(self) -> HarpError | None:
+        """Remove and return the earliest failure, with the later ones attached as `.later`."""
+        with self._lock:
+            if not self._errors:
+                return None
+            first, rest = self._errors[0], self._errors[1:]
+            self._errors = []
+        first.later = rest  # type: ignore[attr-defined]
+        return first
+
+    def raise_pending(self) -> None:
+        err = self.take()
+        if err is not None:
+            raise err
+
+
+def check_count(value: Any, what: str) -> int:
+    """A non-negative int (sizes, offsets, lengths); anything else is refused at once."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+            if isinstance(value, np.integer):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{what} must be an int, got {type(value).__name__}") from None
+    if value < 0:
+        raise ArgumentError(f"{what} must be >= 0, got {value}")
+    return value
+
+
+def check_buffer(buf: Any) -> Buffer:
+    if not isinstance(buf, Buffer):
+        raise TypeError(f"expected a Buffer handle, got {type(buf).__name__}")
+    return buf
+
+
+def check_range(buf: Any, offset: Any, nbytes: Any, what: str = "range") -> tuple[int, int]:
+    """Check that [offset, offset+nbytes) lies inside `buf`; return the two as ints."""
+    check_buffer(buf)
+    offset = check_count(offset, "offset")
+    nbytes = check_count(nbytes, "nbytes")
+    if offset + nbytes > buf.nbytes:
+        raise ArgumentError(
+            f"{what} [{offset}, {offset + nbytes}) is outside the buffer of {buf.nbytes} bytes")
+    return offset, nbytes
+
+
+def check_stream(stream: Any) -> Stream:
+    if stream is None:
+        return DEFAULT_STREAM
+    if not isinstance(stream, Stream):
+        raise TypeError(f"expected a Stream handle, got {type(stream).__name__}")
+    return stream
+
+
+def check_event(event: Any) -> Event:
+    if not isinstance(event, Event):
+        raise TypeError(f"expected an Event handle, got {type(event).__name__}")
+    return event
+
+
+def check_module(module: Any) -> Module:
+    if not isinstance(module, Module):
+        raise TypeError(f"expected a Module handle, got {type(module).__name__}")
+    return module
+
+
+def check_function(fn: Any) -> Function:
+    if not isinstance(fn, Function):
+        raise TypeError(f"expected a Function handle, got {type(fn).__name__}")
+    return fn
+
+
+MAX_DIM = 2**31 - 1
+
+
+def check_dims(dims: Any, what: str) -> tuple[int, int, int]:
+    """Grid or block dimensions as a 3-tuple of positive ints."""
+    if isinstance(dims, int) and not isinstance(dims, bool):
+        dims = (dims,)
+    try:
+        dims = tuple(int(d) for d in dims)
+    except TypeError:
+        raise TypeError(f"{what} must be an int or a sequence of up to 3 ints") from None
+    if not 1 <= len(dims) <= 3 or any(d < 1 or d > MAX_DIM for d in dims):
+        raise ArgumentError(f"{what} must be 1 to 3 positive ints, got {dims}")
+    return dims + (1,) * (3 - len(dims))  # type: ignore[return-value]
+
+
+def check_fill_value(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+        raise ArgumentError(f"fill value must be a byte (0..255), got {value!r}")
+    return value
+
+
+def as_bytes_view(data: Any) -> memoryview:
+    """A flat byte view of any C-contiguous buffer-protocol object, without copying."""
+    try:
+        mv = memoryview(data)
+    except TypeError:
+        raise TypeError(f"write needs a buffer-protocol object, got {type(data).__name__}") from None
+    if not mv.c_contiguous:
+        raise ArgumentError("write needs C-contiguous data")
+    return mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+
+
+def out_view(out: Any, nbytes: int) -> memoryview:
+    """A writable flat byte view of `out`, which must hold at least `nbytes`."""
+    try:
+        mv = memoryview(out)
+    except TypeError:
+        raise TypeError(f"read's out must be a writable buffer, got {type(out).__name__}") from None
+    if mv.readonly or not mv.c_contiguous:
+        raise ArgumentError("read's out must be a writable C-contiguous buffer")
+    mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+    if mv.nbytes < nbytes:
+        raise ArgumentError(f"read's out holds {mv.nbytes} bytes, {nbytes} requested")
+    return mv[:nbytes]
+
+
+def normalize_args(args: Sequence[Any]) -> list:
+    from .types import as_kernel_arg
+    if isinstance(args, (str, bytes)) or not hasattr(args, "__iter__"):
+        raise TypeError("launch args must be a sequence")
+    return [as_kernel_arg(a) for a in args]
