@@ -69,7 +69,7 @@ class Scalar:
 
     def __post_init__(self) -> None:
         dt = np.dtype(self.dtype)
-        if dt.kind not in "biufc":
+        if dt.kind not in "biuf":
             raise TypeError(f"scalar dtype must be numeric, got {self.dtype!r}")
         object.__setattr__(self, "dtype", dt.name)
 

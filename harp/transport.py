@@ -1,0 +1,93 @@
+"""gRPC settings and address rules shared by every HARP client and server.
+
+Chosen by measurement on loopback with TLS (see ARCHITECTURE.md): the
+synchronous gRPC API, 1 MiB payload frames, default HTTP/2 windows with BDP
+probing on, and keepalive pings so a dead peer is noticed within seconds.
+"""
+from __future__ import annotations
+
+import ipaddress
+import socket
+from typing import Any
+
+import grpc
+
+from .errors import AuthError, HarpError, TransportError
+from .wire import MAX_FRAME
+
+#: Seconds between keepalive pings, and how long an unanswered ping may take.
+KEEPALIVE_S = 10.0
+KEEPALIVE_TIMEOUT_S = 5.0
+
+
+def channel_options(*, keepalive_s: float = KEEPALIVE_S,
+                    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                    server_name: str | None = None) -> list[tuple[str, Any]]:
+    """Client channel options: frame limits, keepalive, and TLS name override."""
+    opts: list[tuple[str, Any]] = [
+        ("grpc.max_send_message_length", MAX_FRAME + 4096),
+        ("grpc.max_receive_message_length", MAX_FRAME + 4096),
+        ("grpc.keepalive_time_ms", int(keepalive_s * 1000)),
+        ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.enable_retries", 0),
+        # A fresh channel per session: sessions never share a connection's fate.
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
+    if server_name:
+        opts.append(("grpc.ssl_target_name_override", server_name))
+    return opts
+
+
+def server_options() -> list[tuple[str, Any]]:
+    """Server options: frame limits, and accept the clients' keepalive pings."""
+    return [
+        ("grpc.max_send_message_length", MAX_FRAME + 4096),
+        ("grpc.max_receive_message_length", MAX_FRAME + 4096),
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def split_host_port(address: str) -> tuple[str, str]:
+    """("::1", "50051") from "[::1]:50051"; ("127.0.0.1", "0") from "127.0.0.1:0"."""
+    if address.startswith("["):
+        host, _, rest = address[1:].partition("]")
+        return host, rest.lstrip(":")
+    host, _, port = address.rpartition(":")
+    return host, port
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a listen/dial address stays on this host (loopback IPs or a unix socket)."""
+    if address.startswith(("unix:", "unix-abstract:")):
+        return True
+    host, _ = split_host_port(address)
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback
+                       for info in socket.getaddrinfo(host, None))
+        except (socket.gaierror, ValueError):
+            return False
+
+
+def error_from_rpc(exc: grpc.RpcError, what: str) -> HarpError:
+    """A `HarpError` for a failed gRPC call: certificate trouble is `AuthError`, the rest `TransportError`."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
+    lowered = details.lower()
+    if code == grpc.StatusCode.UNAUTHENTICATED or any(
+            s in lowered for s in ("ssl", "certificate", "handshake", "tls")):
+        return AuthError(f"{what}: the TLS handshake failed ({details}); check that both sides "
+                         "hold certificates from the same pool CA")
+    name = code.name if code is not None else "UNKNOWN"
+    return TransportError(f"{what}: {name}: {details}")

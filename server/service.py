@@ -1,0 +1,195 @@
+"""The pool server's gRPC service: one bidirectional stream per session.
+
+The handler reads the handshake, opens a session on the backend device, then
+feeds decoded call records to `Session` and streams its replies back. Whatever
+ends the stream (a clean close, a crashed client, a broken connection, a
+malformed frame), the session's resources are freed in `finally`.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import secrets
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from harp import wire
+from harp.backends import Backend
+from harp.errors import AuthError, HarpError, ProtocolError
+from harp.proto import session_pb2 as pb
+from harp.transport import is_loopback, server_options
+
+from .session import ChunkSink, Session
+
+log = logging.getLogger("harp.server")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What an authorizer allows a session: the device and its quotas."""
+    device_index: int
+    memory_quota: int | None = None
+    share: float = 1.0
+    lease_id: str = ""
+
+
+#: Turns a handshake into a Grant, or raises AuthError/LeaseError.
+Authorizer = Callable[[Any], Grant]
+
+
+def open_authorizer(request: Any) -> Grant:
+    """No tokens: any client with a valid certificate may open any device."""
+    return Grant(device_index=request.device_index)
+
+
+class PoolServer:
+    """Serves the devices of one backend to sessions over gRPC."""
+
+    def __init__(self, backend: Backend, *, name: str = "", trust_client_code: bool = False,
+                 authorizer: Authorizer = open_authorizer, chunk_size: int = wire.CHUNK_SIZE,
+                 max_sessions: int = 64) -> None:
+        self.backend = backend
+        self.name = name or f"harp-pool@{os.uname().nodename}"
+        self.trust_client_code = trust_client_code
+        self.authorizer = authorizer
+        self.chunk_size = chunk_size
+        self.max_sessions = max_sessions
+        self.sessions: dict[str, Session] = {}
+        self._lock = threading.Lock()
+        self._counter = itertools.count(1)
+        self._server: grpc.Server | None = None
+        self.addresses: list[str] = []
+
+    # -- lifetime ----------------------------------------------------------------
+    def start(self, listen: list[str], credentials: grpc.ServerCredentials | None) -> list[str]:
+        """Listen on each address (port 0 picks one); `credentials=None` is plain text,
+        allowed on loopback addresses only. Returns the bound addresses."""
+        if credentials is None:
+            remote = [a for a in listen if not is_loopback(a)]
+            if remote:
+                raise AuthError(f"refusing plain text on non-loopback address(es) "
+                                f"{', '.join(remote)}: use mutual TLS")
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_sessions + 4,
+                                                        thread_name_prefix="harp-session"),
+                             options=server_options(),
+                             maximum_concurrent_rpcs=self.max_sessions + 4)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "harp.v1.Session", {"Open": grpc.stream_stream_rpc_method_handler(self._serve)}),))
+        health_servicer = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        bound = []
+        for address in listen:
+            port = server.add_secure_port(address, credentials) if credentials is not None \
+                else server.add_insecure_port(address)
+            if address.startswith("unix"):
+                bound.append(address)
+            else:
+                host = address.rpartition(":")[0]
+                bound.append(f"{host}:{port}")
+        server.start()
+        for service in ("", wire.HEALTH_SERVICE):
+            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._server, self.addresses = server, bound
+        log.info("pool server %s serving %s on %s", self.name, self.backend.name, bound)
+        return bound
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        """Stop accepting, end every session and free what it held."""
+        if self._server is not None:
+            self._server.stop(grace).wait()
+            self._server = None
+        with self._lock:
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            session.close()
+
+    def wait(self) -> None:
+        if self._server is not None:
+            self._server.wait_for_termination()
+
+    # -- one session -------------------------------------------------------------
+    def _serve(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
+        session: Session | None = None
+        try:
+            try:
+                first = next(frames)
+            except StopIteration:
+                return
+            session, reply = self._handshake(first, context)
+            yield reply
+            if session is None:
+                return
+            yield from self._run(session, frames)
+        except ProtocolError as exc:
+            log.warning("session %s: protocol error: %s", session.id if session else "-", exc)
+            yield wire.pack([0, wire.error_to_proto(exc), None])
+        except grpc.RpcError:
+            pass  # the client went away; clean up below
+        except Exception:  # never let one session's bug take the server down
+            log.exception("session %s failed", session.id if session else "-")
+        finally:
+            if session is not None:
+                with self._lock:
+                    self.sessions.pop(session.id, None)
+                session.close()
+
+    def _handshake(self, frame: bytes, context: grpc.ServicerContext) -> tuple[Session | None, bytes]:
+        request = pb.HandshakeRequest()
+        try:
+            request.ParseFromString(frame)
+        except Exception:
+            raise ProtocolError("the first frame of a session must be a HandshakeRequest") from None
+        try:
+            version = wire.choose_version(request.versions.min, request.versions.max)
+            grant = self.authorizer(request)
+            self.backend.check_index(grant.device_index)
+            with self._lock:
+                if len(self.sessions) >= self.max_sessions:
+                    raise HarpError(f"server {self.name} has its maximum of "
+                                    f"{self.max_sessions} sessions")
+            device = self.backend.open(grant.device_index, memory_quota=grant.memory_quota,
+                                       trust_client_code=self.trust_client_code)
+        except HarpError as exc:
+            log.info("refused a session from %s: %s", context.peer(), exc)
+            error = pb.ErrorRecord()
+            error.ParseFromString(wire.error_to_proto(exc))
+            return None, pb.HandshakeReply(error=error, server_name=self.name).SerializeToString()
+        session_id = f"s{next(self._counter)}-{secrets.token_hex(4)}"
+        session = Session(device, session_id, self.chunk_size)
+        with self._lock:
+            self.sessions[session_id] = session
+        log.info("session %s opened by %s (%s) on device %d", session_id, context.peer(),
+                 request.client_name, grant.device_index)
+        return session, pb.HandshakeReply(
+            version=version, session_id=session_id, device=wire.facts_to_proto(device.info),
+            chunk_size=self.chunk_size, server_name=self.name).SerializeToString()
+
+    def _run(self, session: Session, frames: Iterator[bytes]) -> Iterator[bytes]:
+        sink: ChunkSink | None = None
+        execute = session.execute
+        for frame in frames:
+            if sink is not None:
+                sink.feed(frame)
+                if sink.done:
+                    sink = None
+                continue
+            calls = wire.unpack_batch(frame)
+            last = len(calls) - 1
+            for i, call in enumerate(calls):
+                result = execute(call)
+                if result is None:
+                    continue
+                if isinstance(result, ChunkSink):
+                    if i != last:
+                        raise ProtocolError("a chunked write must end its batch")
+                    sink = result
+                else:
+                    yield from result.frames()
+            if session.closed:
+                return
