@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 
 def connect(target: str | None = None, **options):  # noqa: ANN201 - returns a Device
     """Open a session on a device: "local:cpu", "local:BACKEND:INDEX" or "harp://HOST:PORT"."""
-    from .connect import connect as _connect
+    from .connection import connect as _connect
     return _connect(target, **options)
 
 

@@ -12,7 +12,7 @@ import pytest
 
 import harp
 
-DEVICE_KINDS = ["local-cpu"]
+DEVICE_KINDS = ["local-cpu", "remote-cpu"]
 
 
 def _gpu_present() -> bool:
@@ -36,7 +36,46 @@ def pytest_collection_modifyitems(config, items):
 def _open_device(kind: str, request) -> harp.Device:
     if kind == "local-cpu":
         return harp.connect("local:cpu", memory="2GiB", trust_client_code=True)
+    if kind == "remote-cpu":
+        pool = request.getfixturevalue("pool_server")
+        return harp.connect(pool.url, tls=pool.client_tls)
     raise ValueError(kind)
+
+
+class Pool:
+    """An in-process pool server on loopback with mutual TLS, and what a client needs."""
+
+    def __init__(self, tmp_path, **server_options):
+        from harp.backends import load_backend
+        from harp.security import ephemeral_pool, server_credentials
+        from harp.server import PoolServer
+        self.server_tls, self.client_tls = ephemeral_pool(tmp_path)
+        self.server = PoolServer(load_backend("cpu", memory="2GiB"), trust_client_code=True,
+                                 **server_options)
+        self.address = self.server.start(["127.0.0.1:0"], server_credentials(self.server_tls))[0]
+        self.url = f"harp://{self.address}"
+
+    def connect(self, **options) -> harp.Device:
+        return harp.connect(self.url, tls=self.client_tls, **options)
+
+    def stop(self):
+        self.server.stop(grace=0.5)
+
+
+@pytest.fixture(scope="session")
+def pool_server(tmp_path_factory):
+    """One pool server (cpu backend, 2 GiB, trusted) shared by the whole run."""
+    pool = Pool(tmp_path_factory.mktemp("pool"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture
+def fresh_pool(tmp_path):
+    """A pool server of this test's own, for tests that inspect or break the server."""
+    pool = Pool(tmp_path)
+    yield pool
+    pool.stop()
 
 
 @pytest.fixture(params=DEVICE_KINDS)

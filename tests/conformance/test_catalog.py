@@ -261,6 +261,22 @@ def test_bad_catalog_arguments_are_deferred(device, catalog, bad):
     np.testing.assert_array_equal(np.frombuffer(device.read(y, 0, 16), np.float32), [3] * 4)
 
 
+@pytest.mark.parametrize("kernel,value", [
+    ("fill_i32", harp.Scalar(2**40, "int32")),
+    ("fill_i32", harp.Scalar(-2**31 - 1, "int32")),
+    ("fill_f32", harp.Scalar(1e300, "float32")),
+])
+def test_scalar_value_that_does_not_fit_its_dtype_is_deferred(device, catalog, kernel, value):
+    fn = device.function(catalog, kernel)              # 2
+    buf = device.alloc(16)                              # 3
+    device.fill(buf, 0)                                 # 4
+    device.launch(fn, 1, 4, [harp.BufferArg(buf), value, np.int64(4)])   # 5
+    with pytest.raises(harp.ArgumentError) as ei:
+        device.synchronize()                            # 6
+    assert ei.value.call == "launch" and ei.value.seq == 5
+    assert device.read(buf, 0, 16) == bytes(16)
+
+
 def test_kernel_range_past_buffer_is_a_deferred_error(device, catalog):
     fn = device.function(catalog, "fill_f32")      # 2
     buf = device.alloc(64)                          # 3

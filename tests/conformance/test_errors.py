@@ -68,6 +68,8 @@ def _immediate_cases(device, buf, other):
         ("read out too small", A, lambda: device.read(buf, 0, 8, out=bytearray(7))),
         ("read out readonly", A, lambda: device.read(buf, 0, 8, out=bytes(8))),
         ("read out not a buffer", T, lambda: device.read(buf, 0, 8, out=[0] * 8)),
+        ("read out non-contiguous", A,
+         lambda: device.read(buf, 0, 4, out=np.zeros(8, np.uint8)[::2])),
         ("read bad stream", T, lambda: device.read(buf, 0, 8, stream=ev)),
         # copy
         ("copy dst past end", A, lambda: device.copy(other, 1, buf, 0, 8)),
@@ -202,6 +204,18 @@ def test_sequence_numbers_count_every_call(device):
     assert (ei.value.call, ei.value.seq) == ("function", 16)
 
 
+def test_calls_that_fail_at_once_are_numbered_too(device):
+    buf = device.alloc(16)                  # 1
+    with pytest.raises(harp.ArgumentError):
+        device.write(buf, 100, b"x")        # 2: fails at once, but is a call
+    with pytest.raises(TypeError):
+        device.launch(FORGED_FUNCTION, 1, 1, [3])   # 3
+    device.free(FORGED_BUFFER)              # 4
+    with pytest.raises(harp.InvalidHandleError) as ei:
+        device.synchronize()                # 5
+    assert (ei.value.call, ei.value.seq) == ("free", 4)
+
+
 @pytest.mark.parametrize("n_before", [0, 1, 5])
 def test_sequence_number_of_deferred_error(device, n_before):
     buf = device.alloc(64)                  # 1
@@ -308,6 +322,44 @@ def test_launch_with_freed_buffer_argument(device, catalog):
         device.synchronize()
     assert ei.value.call == "launch"
     assert ei.value.seq == 5
+    _assert_usable(device)
+
+
+@pytest.mark.parametrize("case", ["write", "fill", "fill-past-real-end", "copy-dst", "copy-src",
+                                  "read"])
+def test_handle_claiming_more_bytes_than_allocated(device, case):
+    """A handle is checked against the real allocation, not the size the handle claims.
+
+    The id is real but the size is forged: every range past the real end is a
+    deferred ArgumentError naming the call, and nothing is written.
+    """
+    real = device.alloc(16)                             # 1
+    other = device.alloc(64)                            # 2
+    device.write(real, 0, b"r" * 16)                    # 3
+    device.write(other, 0, b"o" * 64)                   # 4
+    device.synchronize()                                # 5
+    forged = harp.Buffer(real.id, 64)
+    call = case.split("-")[0]
+    if case == "read":
+        with pytest.raises(harp.ArgumentError) as ei:
+            device.read(forged, 0, 32)                  # 6
+    else:
+        if case == "write":
+            device.write(forged, 8, b"w" * 20)          # 6
+        elif case == "fill":
+            device.fill(forged, 0x42, 8)                # 6
+        elif case == "fill-past-real-end":
+            device.fill(forged, 0x43, 32)               # 6
+        elif case == "copy-dst":
+            device.copy(forged, 0, other, 0, 64)        # 6
+        elif case == "copy-src":
+            device.copy(other, 0, forged, 8, 16)        # 6
+        with pytest.raises(harp.ArgumentError) as ei:
+            device.synchronize()                        # 7
+    assert ei.value.call == call
+    assert ei.value.seq == 6
+    assert device.read(real, 0, 16) == b"r" * 16
+    assert device.read(other, 0, 64) == b"o" * 64
     _assert_usable(device)
 
 

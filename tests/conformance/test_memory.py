@@ -1,6 +1,8 @@
 """Memory calls: write/read round trips, copy, fill and mem_info accounting."""
 from __future__ import annotations
 
+import array
+
 import numpy as np
 import pytest
 
@@ -116,6 +118,7 @@ def _sources(raw: bytes):
     yield "memoryview", memoryview(bytearray(raw))
     yield "memoryview-slice", memoryview(b"xx" + raw + b"yy")[2:-2]
     yield "memoryview-of-numpy", memoryview(arr.view(np.int16))
+    yield "array.array", array.array("d", raw)
 
 
 def test_write_accepts_buffer_protocol_sources(device):
@@ -150,6 +153,26 @@ def test_write_source_may_be_reused_at_once(device):
             src[:] = b"\x00" * len(raw)
     for b in bufs:
         assert device.read(b, 0, len(raw)) == raw
+
+
+def test_free_with_work_still_queued(device):
+    """Work issued before a free still runs; the free is no error."""
+    s = device.stream()
+    big = device.alloc(64 * MiB)
+    for _ in range(3):
+        device.fill(big, 2, stream=s)
+    buf = device.alloc(4096)
+    device.write(buf, 0, _pattern(4096, 11), stream=s)
+    device.copy(buf, 0, big, 0, 4096, stream=s)
+    device.free(buf)
+    device.free(big)
+    device.synchronize()
+    after = device.mem_info()
+    again = device.alloc(4096)
+    device.write(again, 0, b"q" * 4096, stream=s)
+    assert device.read(again, 0, 4096, stream=s) == b"q" * 4096
+    device.free(again)
+    assert device.mem_info() == after
 
 
 def test_write_later_overwrites_earlier(device):

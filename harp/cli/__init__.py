@@ -1,0 +1,1 @@
+"""The `harp` command line."""

@@ -1,0 +1,53 @@
+"""`harp`: the command line that drives HARP (devices, demo, server, certificates).
+
+Each subcommand lives in its own module and is imported only when used, so
+`harp --help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import HarpError
+
+COMMANDS = {
+    "devices": ("harp.cli.devices", "list the backends and devices on this machine"),
+    "demo": ("harp.cli.demo", "run a small workload locally and on an embedded pool server"),
+    "server": ("harp.cli.server", "run a pool server that serves this machine's devices"),
+    "certs": ("harp.cli.certs", "create the pool CA and issue certificates"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="harp", description="HARP: pooled accelerators, "
+                                     "used as if they were local.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        importlib.import_module(module).add_arguments(p)
+        p.set_defaults(module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args.module).run(args) or 0)
+    except HarpError as exc:
+        print(f"harp {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

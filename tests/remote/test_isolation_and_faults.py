@@ -1,0 +1,230 @@
+"""Remote-only cases: sessions are isolated, bad frames hurt no one, dead peers are noticed."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+import harp
+from harp import security, wire
+from harp.proto import session_pb2 as pb
+
+HANDSHAKE = pb.HandshakeRequest(
+    versions=pb.VersionRange(min=wire.PROTOCOL_MIN, max=wire.PROTOCOL_MAX)).SerializeToString()
+
+
+def _wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+def _round_trip(dev):
+    buf = dev.alloc(16)
+    dev.write(buf, 0, b"0123456789abcdef")
+    assert bytes(dev.read(buf, 0, 16)) == b"0123456789abcdef"
+    dev.free(buf)
+
+
+def test_sessions_cannot_name_each_others_handles(fresh_pool):
+    with fresh_pool.connect() as a, fresh_pool.connect() as b:
+        mine = a.alloc(64)
+        a.write(mine, 0, bytes(range(64)))
+        b.write(mine, 0, b"\xff" * 64)         # b forges a's handle
+        b.free(mine)
+        with pytest.raises(harp.InvalidHandleError) as info:
+            b.synchronize()
+        assert info.value.call == "write"
+        with pytest.raises(harp.InvalidHandleError):
+            b.read(mine, 0, 64)
+        assert bytes(a.read(mine, 0, 64)) == bytes(range(64))   # untouched
+        _round_trip(b)                                           # b still usable
+
+
+def _session_frames(pool, frames, timeout=10):
+    creds = security.channel_credentials(pool.client_tls)
+    with grpc.secure_channel(pool.address, creds) as channel:
+        call = channel.stream_stream(wire.METHOD)(iter([HANDSHAKE, *frames]), timeout=timeout)
+        try:
+            return list(call)
+        except grpc.RpcError as exc:  # the server may end the stream instead of replying
+            return [exc]
+
+
+def _real_batch():
+    return wire.pack([[wire.ALLOC, 1, 7, 1024], [wire.WRITE, 2, 7, 0, 0, b"x" * 100],
+                      [wire.READ, 3, 7, 0, 100, 0]])
+
+
+def test_malformed_frames_end_only_their_own_session(fresh_pool):
+    bystander = fresh_pool.connect()
+    ok = _session_frames(fresh_pool, [_real_batch()])
+    assert len(ok) == 3 and ok[2] == b"x" * 100          # handshake, read reply, payload          # the real batch is well-formed
+    rng = random.Random(1234)
+    real = _real_batch()
+    cases = [b"", b"\xc1", b"not msgpack at all", wire.pack({"a": 1}), wire.pack([]),
+             wire.pack([[99, 1]]), wire.pack([[wire.ALLOC, 0, 1, 1]]),
+             wire.pack([[wire.ALLOC, 1, "id", 1]]), wire.pack([[wire.ALLOC, 1, 1]]),
+             wire.pack([[wire.LAUNCH, 1, 1, [1], [1], 0, 0, [["bad"]]]]),
+             wire.pack([[wire.WRITE_CHUNKED, 1, 7, 0, 0, 10], [wire.MEM_INFO, 2]]),
+             real[: len(real) // 2], real[:-3]]
+    for _ in range(12):                                    # bytes of a real frame corrupted
+        corrupt = bytearray(real)
+        for _ in range(3):
+            corrupt[rng.randrange(len(corrupt))] = rng.randrange(256)
+        cases.append(bytes(corrupt))
+    for _ in range(12):                                    # random frames
+        cases.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
+    for frame in cases:
+        replies = _session_frames(fresh_pool, [frame])
+        for reply in replies:
+            if isinstance(reply, bytes) and reply and not isinstance(reply, grpc.RpcError):
+                try:
+                    seq, err, _ = wire.msgpack.unpackb(reply)
+                except Exception:
+                    continue
+                if err is not None:
+                    assert isinstance(wire.error_from_proto(err), harp.HarpError)
+        _round_trip(bystander)                             # the server still serves others
+    assert _wait_until(lambda: len(fresh_pool.server.sessions) == 1)
+    bystander.close()
+    assert _wait_until(lambda: fresh_pool.server.backend.cards[0].used == 0)
+
+
+def test_protocol_error_reaches_the_client_as_protocol_error(fresh_pool):
+    replies = _session_frames(fresh_pool, [b"\x93garbage"])
+    seq, err, _ = wire.msgpack.unpackb(replies[1])      # replies[0] answers the handshake
+    assert seq == 0 and isinstance(wire.error_from_proto(err), harp.ProtocolError)
+
+
+def test_bad_values_from_the_wire_are_refused_and_the_session_survives(fresh_pool):
+    frames = [wire.pack([[wire.ALLOC, 1, 7, 64],
+                         [wire.WRITE, 2, 7, 60, 0, b"12345678"],      # past the end
+                         [wire.COPY, 3, 7, 0, 7, -5, 4, 0],            # negative offset
+                         [wire.FILL, 4, 7, 999, 0, 4, 0],              # not a byte
+                         [wire.ALLOC, 5, 8, -1],                       # negative size
+                         [wire.READ, 6, 7, 0, 1 << 40, 0]]),           # huge read
+              wire.pack([[wire.MEM_INFO, 7]])]
+    replies = _session_frames(fresh_pool, frames)[1:]
+    seq, err, _ = wire.msgpack.unpackb(replies[0])
+    error = wire.error_from_proto(err)
+    assert isinstance(error, harp.ArgumentError) and error.call == "write" and error.seq == 2
+    seq, err, result = wire.msgpack.unpackb(replies[1])
+    assert seq == 7 and err is None and result[1] == 2 << 30
+
+
+CLIENT = textwrap.dedent("""
+    import sys, numpy as np, harp
+    from harp.security import TlsFiles
+    tls = TlsFiles(*sys.argv[2:5])
+    dev = harp.connect(sys.argv[1], tls=tls)
+    buf = dev.alloc(256 << 20)
+    dev.synchronize()
+    print("ready", flush=True)
+    data = np.ones(256 << 20, np.uint8)
+    while True:
+        dev.write(buf, 0, data)
+""")
+
+
+def test_client_killed_mid_transfer_leaves_nothing_behind(fresh_pool, tmp_path):
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    t = fresh_pool.client_tls
+    proc = subprocess.Popen([sys.executable, str(script), fresh_pool.url, str(t.ca), str(t.cert),
+                             str(t.key)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        card = fresh_pool.server.backend.cards[0]
+        assert card.used == 256 << 20
+        time.sleep(0.5)                                   # mid-transfer
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert _wait_until(lambda: not fresh_pool.server.sessions, 15)
+        assert _wait_until(lambda: card.used == 0, 5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+    with fresh_pool.connect() as dev:
+        _round_trip(dev)
+
+
+def _start_server_process(tmp_path):
+    certs = tmp_path / "certs"
+    security.init_ca(certs)
+    security.issue(certs, "server", "server")
+    security.issue(certs, "client", "client")
+    harp_cli = os.path.join(os.path.dirname(sys.executable), "harp")
+    proc = subprocess.Popen([harp_cli, "server", "serve", "--listen", "127.0.0.1:0",
+                             "--cert-dir", str(certs), "--memory", "256MiB"],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert "listening on" in line, line
+    url = line.split("listening on ")[1].split()[0]
+    return proc, url, security.tls_files("client", directory=certs)
+
+
+def test_dead_server_gives_transport_error_promptly(tmp_path):
+    proc, url, tls = _start_server_process(tmp_path)
+    try:
+        dev = harp.connect(url, tls=tls)
+        _round_trip(dev)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        t0 = time.monotonic()
+        with pytest.raises(harp.TransportError):
+            dev.write(dev.alloc(8), 0, b"12345678")
+            dev.synchronize()
+        assert time.monotonic() - t0 < 10
+        with pytest.raises(harp.TransportError):   # and stays broken, clearly
+            dev.mem_info()
+        dev.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.stdout.close()
+
+
+@pytest.mark.slow
+def test_hung_server_is_detected_by_keepalive(tmp_path):
+    """A server that stops answering (SIGSTOP: the kernel still ACKs TCP) is noticed by
+    HTTP/2 keepalive pings. gRPC core takes about 60 s here whatever the ping settings;
+    the bound below is what we promise, documented in the README."""
+    proc, url, tls = _start_server_process(tmp_path)
+    try:
+        dev = harp.connect(url, tls=tls, keepalive_s=1.0)
+        _round_trip(dev)
+        proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        with pytest.raises(harp.TransportError):
+            dev.synchronize()
+        assert time.monotonic() - t0 < 90
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        proc.kill()
+        proc.wait(10)
+        proc.stdout.close()
+
+
+def test_server_cli_stops_cleanly_on_sigterm(tmp_path):
+    proc, url, tls = _start_server_process(tmp_path)
+    with harp.connect(url, tls=tls) as dev:
+        buf = dev.alloc(1 << 20)
+        dev.write(buf, 0, np.arange(1 << 18, dtype=np.int32))
+        assert np.array_equal(np.frombuffer(dev.read(buf, 0, 1 << 20), np.int32),
+                              np.arange(1 << 18, dtype=np.int32))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(15) == 0
+    proc.stdout.close()
