@@ -69,6 +69,15 @@ class CpuDevice(Device):
                                      "(freed, failed to allocate, or another session's)")
         return mem
 
+    def _span(self, buf: Buffer, offset: int, nbytes: int, what: str) -> np.ndarray:
+        """The bytes [offset, offset+nbytes) of a live buffer, checked against its real size
+        (a forged handle may claim more bytes than were allocated)."""
+        mem = self._mem(buf)
+        if offset + nbytes > mem.size:
+            raise ArgumentError(f"{what} [{offset}, {offset + nbytes}) is outside the buffer of "
+                                f"{mem.size} bytes")
+        return mem[offset:offset + nbytes]
+
     def _stream(self, stream: Stream) -> StreamWorker:
         worker = self._streams.get(stream.id)
         if worker is None:
@@ -109,6 +118,7 @@ class CpuDevice(Device):
 
     def mem_info(self) -> MemInfo:
         self._next()
+        self._errors.raise_pending()
         if self._quota is not None:
             card_free = self._card.capacity - self._card.used
             return MemInfo(free=max(0, min(self._quota - self._used, card_free)),
@@ -148,7 +158,7 @@ class CpuDevice(Device):
         offset, nbytes = check_range(buf, offset, view.nbytes, "write")
         stream = check_stream(stream)
         try:
-            mem, worker = self._mem(buf), self._stream(stream)
+            span, worker = self._span(buf, offset, nbytes, "write"), self._stream(stream)
         except HarpError as exc:
             self._errors.add(exc, "write", seq)
             return
@@ -156,7 +166,7 @@ class CpuDevice(Device):
         # because the caller may reuse its buffer as soon as we return.
         src = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else \
             np.frombuffer(view, np.uint8).copy()
-        worker.submit("write", seq, mem[offset:offset + nbytes].__setitem__, slice(None), src)
+        worker.submit("write", seq, span.__setitem__, slice(None), src)
 
     def read(self, buf: Buffer, offset: int, nbytes: int, out: Any = None,
              stream: Stream | None = None) -> Any:
@@ -167,12 +177,12 @@ class CpuDevice(Device):
             out = bytearray(nbytes)
         dst = np.frombuffer(out_view(out, nbytes), np.uint8)
         try:
-            mem, worker = self._mem(buf), self._stream(stream)
+            span, worker = self._span(buf, offset, nbytes, "read"), self._stream(stream)
         except HarpError as exc:
             self._errors.raise_pending()
             exc.call, exc.seq = "read", seq
             raise
-        self._sync_wait(worker, "read", seq, np.copyto, dst, mem[offset:offset + nbytes])
+        self._sync_wait(worker, "read", seq, np.copyto, dst, span)
         return out
 
     def copy(self, dst: Buffer, dst_offset: int, src: Buffer, src_offset: int, nbytes: int,
@@ -182,12 +192,13 @@ class CpuDevice(Device):
         src_offset, _ = check_range(src, src_offset, nbytes, "copy source")
         stream = check_stream(stream)
         try:
-            dmem, smem, worker = self._mem(dst), self._mem(src), self._stream(stream)
+            dspan = self._span(dst, dst_offset, nbytes, "copy destination")
+            sspan = self._span(src, src_offset, nbytes, "copy source")
+            worker = self._stream(stream)
         except HarpError as exc:
             self._errors.add(exc, "copy", seq)
             return
-        worker.submit("copy", seq, np.copyto, dmem[dst_offset:dst_offset + nbytes],
-                      smem[src_offset:src_offset + nbytes])
+        worker.submit("copy", seq, np.copyto, dspan, sspan)
 
     def fill(self, buf: Buffer, value: int, offset: int = 0, nbytes: int | None = None,
              stream: Stream | None = None) -> None:
@@ -200,11 +211,11 @@ class CpuDevice(Device):
         offset, nbytes = check_range(buf, offset, nbytes, "fill")
         stream = check_stream(stream)
         try:
-            mem, worker = self._mem(buf), self._stream(stream)
+            span, worker = self._span(buf, offset, nbytes, "fill"), self._stream(stream)
         except HarpError as exc:
             self._errors.add(exc, "fill", seq)
             return
-        worker.submit("fill", seq, mem[offset:offset + nbytes].fill, value)
+        worker.submit("fill", seq, span.fill, value)
 
     # -- code ------------------------------------------------------------------
     def load_module(self, image: bytes | str, format: str) -> Module:
