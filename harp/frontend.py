@@ -11,6 +11,8 @@ import secrets
 import threading
 from typing import Any, Sequence
 
+import numpy as np
+
 from .errors import ArgumentError, HarpError
 from .types import DEFAULT_STREAM, Buffer, Event, Function, Module, Stream
 
@@ -68,14 +70,9 @@ class DeferredErrors:
 def check_count(value: Any, what: str) -> int:
     """A non-negative int (sizes, offsets, lengths); anything else is refused at once."""
     if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            import numpy as np
-            if isinstance(value, np.integer):
-                value = int(value)
-            else:
-                raise TypeError
-        except TypeError:
-            raise TypeError(f"{what} must be an int, got {type(value).__name__}") from None
+        if not isinstance(value, np.integer):
+            raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+        value = int(value)
     if value < 0:
         raise ArgumentError(f"{what} must be >= 0, got {value}")
     return value
@@ -141,9 +138,14 @@ def check_dims(dims: Any, what: str) -> tuple[int, int, int]:
 
 
 def check_fill_value(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 255:
+    """A byte value (an int or NumPy integer in 0..255)."""
+    try:
+        byte = check_count(value, "fill value")
+    except (TypeError, ArgumentError):
+        byte = -1
+    if not 0 <= byte <= 255:
         raise ArgumentError(f"fill value must be a byte (0..255), got {value!r}")
-    return value
+    return byte
 
 
 def as_bytes_view(data: Any) -> memoryview:
