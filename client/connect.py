@@ -7,15 +7,70 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from harp.errors import ArgumentError, AuthError
+
+if TYPE_CHECKING:
+    from harp.lease import Lease
 from harp.security import TlsFiles, channel_credentials, tls_files
 from harp.transport import KEEPALIVE_S, channel_options, is_loopback
 
 from .remote import RemoteDevice
+
+
+def pick_endpoint(endpoints: list[str], host: str) -> str:
+    """The endpoint to dial: a unix socket when the device is on this host, else the first one."""
+    import socket
+    if host and host == socket.gethostname():
+        local = [e for e in endpoints if "unix:" in e]
+        if local:
+            return local[0]
+    remote = [e for e in endpoints if "unix:" not in e]
+    if not remote:
+        raise ArgumentError(f"the lease's server is on host {host!r} and offers only local "
+                            "endpoints")
+    return remote[0]
+
+
+def connect_lease(lease: "Lease", *, index: int = 0, tls: TlsFiles | None = None,
+                  cert_dir: str | Path | None = None, renew: bool = True,
+                  **options: Any) -> RemoteDevice:
+    """Open a session on device `index` of a lease, and renew the lease while it is open."""
+    from harp.errors import HarpError, TransportError
+    from .pool import SchedulerClient
+    from .renewal import LeaseKeeper
+    if not 0 <= index < len(lease.devices):
+        raise ArgumentError(f"lease {lease.lease_id} has {len(lease.devices)} device(s); "
+                            f"no device {index}")
+    keeper = None
+    if renew and lease.scheduler:
+        keeper = LeaseKeeper(lease, SchedulerClient(lease.scheduler, tls=tls, cert_dir=cert_dir))
+        try:
+            lease = keeper.renew_now()          # a fresh token, and a check the lease lives
+        except TransportError:
+            pass                                # scheduler away: the stored token may still do
+        except HarpError:
+            keeper.stop()
+            raise
+    granted = lease.devices[index]
+    try:
+        device = connect_remote(pick_endpoint(granted.endpoints, granted.host), tls=tls,
+                                cert_dir=cert_dir, device_index=granted.index,
+                                token=granted.token, **options)
+    except BaseException:
+        if keeper is not None:
+            keeper.stop()
+        raise
+    device.lease = lease
+    if keeper is not None:
+        keeper.start()
+        device.lease_keeper = keeper
+        device.explain = keeper.explain
+        device.on_close.append(keeper.stop)
+    return device
 
 
 def parse_address(target: str) -> tuple[str, bool]:

@@ -44,6 +44,9 @@ class RemoteDevice(Device):
         self._broken: HarpError | None = None
         self._closed = False
         self._requests: queue.Queue = queue.Queue(maxsize=SEND_QUEUE_FRAMES)
+        #: Hooks run at close, and a way to explain a broken session (set by lease connects).
+        self.on_close: list[Any] = []
+        self.explain: Any = None
         open_stream = channel.stream_stream(wire.METHOD)
         self._call = open_stream(self._frames())
         self._responses = iter(self._call)
@@ -89,6 +92,8 @@ class RemoteDevice(Device):
             self._broken = error_from_rpc(exc, what)
             if exc.code() == grpc.StatusCode.CANCELLED and what == "handshake":
                 self._broken = TransportError("handshake: no answer from the server in time")
+        if self.explain is not None:
+            self._broken = self.explain(self._broken)
         raise self._broken
 
     def _send(self, frame: bytes) -> None:
@@ -302,6 +307,8 @@ class RemoteDevice(Device):
             finally:
                 self._closed = True
                 self._shutdown()
+                for hook in self.on_close:
+                    hook()
 
     def _shutdown(self) -> None:
         try:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from .catalog import CATALOG_IMAGE
 from .device import Device
 from .errors import (ArgumentError, AuthError, BackendError, DeviceError, HarpError,
-                     InternalError, InvalidHandleError, LeaseError, OutOfMemoryError,
+                     InternalError, InvalidHandleError, LeaseError, NoCapacityError, OutOfMemoryError,
                      PermissionDeniedError, ProtocolError, QuotaError, TransportError,
                      UnsupportedError, VersionMismatchError)
 from .types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
@@ -26,6 +26,6 @@ __all__ = [
     "connect", "Device", "CATALOG_IMAGE", "Buffer", "BufferArg", "ArrayArg", "Scalar", "Module",
     "Function", "Stream", "Event", "DeviceInfo", "MemInfo", "HarpError", "ArgumentError",
     "InvalidHandleError", "UnsupportedError", "PermissionDeniedError", "DeviceError",
-    "OutOfMemoryError", "QuotaError", "AuthError", "LeaseError", "ProtocolError",
+    "OutOfMemoryError", "QuotaError", "NoCapacityError", "AuthError", "LeaseError", "ProtocolError",
     "VersionMismatchError", "TransportError", "BackendError", "InternalError",
 ]

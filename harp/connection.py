@@ -3,8 +3,10 @@
     harp.connect("local:cpu")          # the cpu backend in this process (the local fast path)
     harp.connect("local:cuda:1")       # any installed backend, by name and device index
     harp.connect("harp://host:port")   # a device on a pool server (see harp.client)
+    harp.connect(lease)                # device 0 of a lease from the scheduler (harp attach)
 
-Without an address, `HARP_DEVICE` names one.
+Without an address, `HARP_DEVICE` names one, else the lease `harp attach` stored
+(`$HARP_LEASE` or ~/.config/harp/lease.json).
 """
 from __future__ import annotations
 
@@ -38,8 +40,16 @@ def connect(target: str | None = None, **options: Any) -> Device:
     if target is None:
         target = os.environ.get("HARP_DEVICE")
         if not target:
-            raise ArgumentError("harp.connect() needs a device address (local:cpu, "
-                                "harp://host:port) or HARP_DEVICE set")
+            from .lease import Lease, default_lease_path
+            if not default_lease_path().exists():
+                raise ArgumentError("harp.connect() needs a device address (local:cpu, "
+                                    "harp://host:port), HARP_DEVICE, or a lease from "
+                                    "`harp attach`")
+            target = Lease.load()
+    from .lease import Lease
+    if isinstance(target, Lease):
+        from harp.client import connect_lease
+        return connect_lease(target, **options)
     if not isinstance(target, str):
         raise TypeError(f"a device address is a str, got {type(target).__name__}")
     if target.startswith("local:"):

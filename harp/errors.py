@@ -72,6 +72,11 @@ class QuotaError(HarpError):
     code = "QUOTA"
 
 
+class NoCapacityError(HarpError):
+    """The pool has no device that can take the request now."""
+    code = "NO_CAPACITY"
+
+
 class AuthError(HarpError):
     """Authentication failed: missing or wrong certificate or token."""
     code = "AUTH"
@@ -110,7 +115,7 @@ class InternalError(HarpError):
 ERROR_CLASSES: dict[str, type[HarpError]] = {
     cls.code: cls for cls in (
         HarpError, ArgumentError, InvalidHandleError, UnsupportedError,
-        PermissionDeniedError, DeviceError, OutOfMemoryError, QuotaError, AuthError,
+        PermissionDeniedError, DeviceError, OutOfMemoryError, QuotaError, NoCapacityError, AuthError,
         LeaseError, ProtocolError, VersionMismatchError, TransportError, BackendError,
         InternalError)
 }

@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -21,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from harp import wire
 from harp.backends import Backend
-from harp.errors import AuthError, HarpError, ProtocolError
+from harp.errors import AuthError, HarpError, LeaseError, ProtocolError
 from harp.proto import session_pb2 as pb
 from harp.transport import is_loopback, server_options
 
@@ -32,11 +33,12 @@ log = logging.getLogger("harp.server")
 
 @dataclass(frozen=True)
 class Grant:
-    """What an authorizer allows a session: the device and its quotas."""
+    """What an authorizer allows a session: the device, its quotas, and until when."""
     device_index: int
     memory_quota: int | None = None
     share: float = 1.0
     lease_id: str = ""
+    expires_at: float = float("inf")
 
 
 #: Turns a handshake into a Grant, or raises AuthError/LeaseError.
@@ -64,6 +66,8 @@ class PoolServer:
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self._server: grpc.Server | None = None
+        self._stopping = threading.Event()
+        self._reaper: threading.Thread | None = None
         self.addresses: list[str] = []
 
     # -- lifetime ----------------------------------------------------------------
@@ -96,11 +100,15 @@ class PoolServer:
         for service in ("", wire.HEALTH_SERVICE):
             health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._server, self.addresses = server, bound
+        self._reaper = threading.Thread(target=self._reap_loop, name="harp-lease-reaper",
+                                        daemon=True)
+        self._reaper.start()
         log.info("pool server %s serving %s on %s", self.name, self.backend.name, bound)
         return bound
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop accepting, end every session and free what it held."""
+        self._stopping.set()
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
@@ -112,6 +120,36 @@ class PoolServer:
     def wait(self) -> None:
         if self._server is not None:
             self._server.wait_for_termination()
+
+    # -- leases ------------------------------------------------------------------
+    def lease_sessions(self) -> list[Session]:
+        with self._lock:
+            return [s for s in self.sessions.values() if s.lease_id]
+
+    def set_lease_expiry(self, lease_id: str, expires_at: float) -> None:
+        """What the scheduler says of a lease (renewed, ended, lost) reaches its sessions."""
+        for session in self.lease_sessions():
+            if session.lease_id == lease_id:
+                session.expires_at = expires_at
+
+    def _reap_loop(self) -> None:
+        while not self._stopping.wait(0.2):
+            now = time.time()
+            for session in self.lease_sessions():
+                if session.expires_at <= now and not session.closed:
+                    self.end_session(session, f"lease {session.lease_id} is over")
+
+    def end_session(self, session: Session, why: str) -> None:
+        """End a session from outside its stream: free its resources, then end the RPC."""
+        log.info("ending session %s: %s", session.id, why)
+        got = session.lock.acquire(timeout=1.0)
+        try:
+            session.close()
+        finally:
+            if got:
+                session.lock.release()
+        if session.context is not None:
+            session.context.cancel()
 
     # -- one session -------------------------------------------------------------
     def _serve(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -126,8 +164,8 @@ class PoolServer:
             if session is None:
                 return
             yield from self._run(session, frames)
-        except ProtocolError as exc:
-            log.warning("session %s: protocol error: %s", session.id if session else "-", exc)
+        except (ProtocolError, LeaseError) as exc:
+            log.warning("session %s ended: %s", session.id if session else "-", exc)
             yield wire.pack([0, wire.error_to_proto(exc), None])
         except grpc.RpcError:
             pass  # the client went away; clean up below
@@ -153,7 +191,7 @@ class PoolServer:
                 if len(self.sessions) >= self.max_sessions:
                     raise HarpError(f"server {self.name} has its maximum of "
                                     f"{self.max_sessions} sessions")
-            device = self.backend.open(grant.device_index, memory_quota=grant.memory_quota,
+            device = self.backend.open(grant.device_index, memory_quota=grant.memory_quota or None,
                                        trust_client_code=self.trust_client_code)
         except HarpError as exc:
             log.info("refused a session from %s: %s", context.peer(), exc)
@@ -162,6 +200,8 @@ class PoolServer:
             return None, pb.HandshakeReply(error=error, server_name=self.name).SerializeToString()
         session_id = f"s{next(self._counter)}-{secrets.token_hex(4)}"
         session = Session(device, session_id, self.chunk_size)
+        session.lease_id, session.expires_at = grant.lease_id, grant.expires_at
+        session.context = context
         with self._lock:
             self.sessions[session_id] = session
         log.info("session %s opened by %s (%s) on device %d", session_id, context.peer(),
@@ -174,22 +214,27 @@ class PoolServer:
         sink: ChunkSink | None = None
         execute = session.execute
         for frame in frames:
-            if sink is not None:
-                sink.feed(frame)
-                if sink.done:
-                    sink = None
-                continue
-            calls = wire.unpack_batch(frame)
-            last = len(calls) - 1
-            for i, call in enumerate(calls):
-                result = execute(call)
-                if result is None:
+            if session.expires_at <= time.time():
+                raise LeaseError(f"lease {session.lease_id} is over; the session has ended")
+            with session.lock:
+                if session.closed:
+                    return
+                if sink is not None:
+                    sink.feed(frame)
+                    if sink.done:
+                        sink = None
                     continue
-                if isinstance(result, ChunkSink):
-                    if i != last:
-                        raise ProtocolError("a chunked write must end its batch")
-                    sink = result
-                else:
-                    yield from result.frames()
-            if session.closed:
-                return
+                calls = wire.unpack_batch(frame)
+                last = len(calls) - 1
+                for i, call in enumerate(calls):
+                    result = execute(call)
+                    if result is None:
+                        continue
+                    if isinstance(result, ChunkSink):
+                        if i != last:
+                            raise ProtocolError("a chunked write must end its batch")
+                        sink = result
+                    else:
+                        yield from result.frames()
+                if session.closed:
+                    return

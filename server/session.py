@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import threading
 from typing import Any, Iterator
 
 from harp import wire
@@ -98,6 +99,10 @@ class Session:
         self.backend_calls = 0
         self.last_seq = 0
         self.closed = False
+        self.lease_id = ""
+        self.expires_at = float("inf")   # the lease's end; the server ends the session then
+        self.lock = threading.Lock()     # one frame's calls, or the close, at a time
+        self.context: Any = None         # the gRPC call, to end it from outside
         self._ops = {
             wire.ALLOC: self._alloc, wire.FREE: self._free, wire.WRITE: self._write,
             wire.WRITE_CHUNKED: self._write_chunked, wire.COPY: self._copy, wire.FILL: self._fill,

@@ -17,6 +17,12 @@ COMMANDS = {
     "demo": ("harp.cli.demo", "run a small workload locally and on an embedded pool server"),
     "server": ("harp.cli.server", "run a pool server that serves this machine's devices"),
     "certs": ("harp.cli.certs", "create the pool CA and issue certificates"),
+    "scheduler": ("harp.cli.scheduler", "run the scheduler that leases pool devices"),
+    "up": ("harp.cli.up", "a one-machine pool: scheduler + local pool server, in the foreground"),
+    "pool": ("harp.cli.pool", "list the pool's servers and devices"),
+    "attach": ("harp.cli.attach", "lease devices from the pool"),
+    "detach": ("harp.cli.detach", "end a lease"),
+    "leases": ("harp.cli.leases", "list leases"),
 }
 
 

@@ -1,12 +1,14 @@
-"""`harp server serve`: a pool server for this machine's devices of one backend."""
+"""`harp server`: run a pool server for this machine's devices, or drain one."""
 from __future__ import annotations
 
 import argparse
-import signal
+import socket
 import sys
-import threading
 
 from ..units import parse_size
+from .common import (add_scheduler_options, add_tls_server_options, scheduler_address,
+                     scheduler_client, server_credentials, wait_for_signal)
+from .output import emit_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -16,22 +18,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     serve.add_argument("--listen", action="append", default=[],
                        help="address to listen on, HOST:PORT or unix:/PATH (repeatable; "
                             "default 127.0.0.1:50051; port 0 picks a free one)")
-    serve.add_argument("--name", default="", help="server name shown to clients")
-    serve.add_argument("--insecure", action="store_true",
-                       help="plain text instead of mutual TLS (loopback addresses only)")
-    serve.add_argument("--cert-dir", default=None, help="certificate directory")
-    serve.add_argument("--tls-ca", default=None, help="CA certificate (or HARP_TLS_CA)")
-    serve.add_argument("--tls-cert", default=None, help="server certificate (or HARP_TLS_CERT)")
-    serve.add_argument("--tls-key", default=None, help="server key (or HARP_TLS_KEY)")
-    serve.add_argument("--cert-name", default="server",
-                       help="certificate name in the directory (default: server)")
+    serve.add_argument("--name", default="",
+                       help="server name, unique in the pool (default: HOST-PORT)")
+    add_tls_server_options(serve, "server")
+    serve.add_argument("--scheduler", default=None,
+                       help="register with this scheduler and admit only sessions with its "
+                            "lease tokens (harp://HOST:PORT)")
+    serve.add_argument("--advertise", action="append", default=[],
+                       help="endpoint clients should dial, e.g. harp://gpu1.example.org:50051 "
+                            "(repeatable; default: the listen addresses)")
     serve.add_argument("--trust-client-code", action="store_true",
                        help="accept numba-python kernels, which run client Python on this host "
                             "(development and tests only)")
-    serve.add_argument("--memory", default=None,
-                       help="cpu backend: memory per device, e.g. 4GiB")
+    serve.add_argument("--memory", default=None, help="cpu backend: memory per device, e.g. 4GiB")
     serve.add_argument("--devices", type=int, default=1, help="cpu backend: number of devices")
     serve.add_argument("--max-sessions", type=int, default=64)
+    drain = sub.add_parser("drain", help="give a pool server no new leases (--undo: again)")
+    drain.add_argument("server", help="server name or endpoint")
+    drain.add_argument("--undo", action="store_true")
+    drain.add_argument("--json", action="store_true")
+    add_scheduler_options(drain)
 
 
 def backend_options(args: argparse.Namespace) -> dict:
@@ -43,33 +49,55 @@ def backend_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def run(args: argparse.Namespace) -> int:
+def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
+    """Start a pool server (and its scheduler link) from parsed options; returns (server, registrar)."""
     from harp.backends import load_backend
-    from harp.security import server_credentials, tls_files
+    from harp.errors import BackendError
     from harp.server import PoolServer
 
     backend = load_backend(args.backend, **backend_options(args))
     ok, reason = backend.available()
     if not ok:
-        print(f"harp server: backend {args.backend} is unavailable here: {reason}",
-              file=sys.stderr)
-        return 1
-    credentials = None
-    if not args.insecure:
-        files = tls_files("server", args.cert_name, directory=args.cert_dir, ca=args.tls_ca,
-                          cert=args.tls_cert, key=args.tls_key)
-        credentials = server_credentials(files)
-    server = PoolServer(backend, name=args.name, trust_client_code=args.trust_client_code,
-                        max_sessions=args.max_sessions)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    bound = server.start(args.listen or ["127.0.0.1:50051"], credentials)
+        raise BackendError(f"backend {args.backend} is unavailable here: {reason}")
+    server = PoolServer(backend, name=name or args.name or "pending",
+                        trust_client_code=args.trust_client_code, max_sessions=args.max_sessions)
+    bound = server.start(args.listen or ["127.0.0.1:50051"], server_credentials(args))
+    if not (name or args.name):
+        tcp = next((a for a in bound if not a.startswith("unix")), bound[0])
+        server.name = f"{socket.gethostname()}-{tcp.rpartition(':')[2]}"
     scheme = "harp+insecure" if args.insecure else "harp"
-    for address in bound:
-        print(f"HARP pool server {server.name} listening on {scheme}://{address} "
-              f"({backend.device_count()} {args.backend} device(s))", flush=True)
-    stop.wait()
+    endpoints = args.advertise or [f"{scheme}://{a}" for a in bound]
+    registrar = None
+    if args.scheduler:
+        from harp.client.pool import scheduler_channel
+        from harp.server.registration import Registrar
+        registrar = Registrar(server, scheduler_channel(scheduler_address(args),
+                                                         cert_dir=args.cert_dir),
+                              endpoints=endpoints)
+        server.authorizer = registrar.authorize
+        registrar.start()
+    return server, registrar, endpoints
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.action == "drain":
+        with scheduler_client(args) as scheduler:
+            info = scheduler.drain(args.server, undo=args.undo)
+        if args.json:
+            emit_json(info)
+        else:
+            print(f"server {info['name']} is {info['state']}")
+        return 0
+    server, registrar, endpoints = start_pool_server(args)
+    for endpoint in endpoints:
+        print(f"HARP pool server {server.name} listening on {endpoint} "
+              f"({server.backend.device_count()} {args.backend} device(s))"
+              + (f", leases from {args.scheduler}" if registrar else ""), flush=True)
+    wait_for_signal()
     print("stopping: ending sessions", flush=True)
+    if registrar is not None:
+        registrar.stop()
     server.stop(grace=2.0)
     return 0
+
+

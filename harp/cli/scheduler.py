@@ -1,0 +1,44 @@
+"""`harp scheduler serve`: the scheduler that attaches pool devices to clients."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .common import add_tls_server_options, server_credentials, wait_for_signal
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    serve = sub.add_parser("serve", help="run the scheduler until interrupted")
+    serve.add_argument("--listen", action="append", default=[],
+                       help="address to listen on (repeatable; default 127.0.0.1:50050)")
+    serve.add_argument("--data-dir", type=Path, default=None,
+                       help="database and signing key (default: $HARP_DATA_DIR or "
+                            "~/.local/share/harp)")
+    serve.add_argument("--heartbeat", type=float, default=5.0,
+                       help="seconds between pool server heartbeats (default 5)")
+    serve.add_argument("--down-after", type=float, default=None,
+                       help="seconds of silence before a server is down (default 3 heartbeats)")
+    serve.add_argument("--default-ttl", type=float, default=600.0,
+                       help="lease lifetime between renewals, seconds (default 600)")
+    add_tls_server_options(serve, "server")
+
+
+def start_scheduler(args: argparse.Namespace):  # noqa: ANN201 - a harp.scheduler.Scheduler
+    from harp.lease import data_dir
+    from harp.scheduler import open_scheduler
+    scheduler = open_scheduler(args.data_dir or data_dir(), heartbeat_s=args.heartbeat,
+                               down_after_s=args.down_after, default_ttl_s=args.default_ttl)
+    scheduler.start(args.listen or ["127.0.0.1:50050"], server_credentials(args))
+    return scheduler
+
+
+def run(args: argparse.Namespace) -> int:
+    scheduler = start_scheduler(args)
+    scheme = "harp+insecure" if args.insecure else "harp"
+    for address in scheduler.addresses:
+        print(f"HARP scheduler listening on {scheme}://{address} "
+              f"(database {scheduler.store.path})", flush=True)
+    wait_for_signal()
+    scheduler.stop()
+    return 0

@@ -1,0 +1,116 @@
+"""Lease tokens: what the scheduler signs (Ed25519) and a pool server checks.
+
+A token names one lease, one device on one server, the session's quotas and
+an expiry. A pool server verifies it with the scheduler's public key, which it
+pins at registration, so it needs no call to the scheduler to admit a session
+(sessions keep opening and running while the scheduler restarts).
+
+Format: `harp1.<base64url(JSON claims)>.<base64url(signature over the first two parts)>`.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import LeaseError
+
+PREFIX = "harp1"
+
+
+@dataclass(frozen=True)
+class Claims:
+    """What a token grants."""
+    lease_id: str
+    server: str              # pool server name
+    device: int              # device index on that server
+    memory: int              # memory quota in bytes (0: the whole device)
+    share: float             # compute share (0, 1]
+    expires_at: float        # unix seconds
+    issued_at: float
+    key_id: str              # fingerprint of the signing key
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def key_id(public_key: bytes) -> str:
+    """A short fingerprint of a raw Ed25519 public key."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+class SigningKey:
+    """The scheduler's Ed25519 key, kept in a 0600 file so a restart keeps it."""
+
+    def __init__(self, private: Ed25519PrivateKey) -> None:
+        self._private = private
+        self.public_bytes = private.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+        self.key_id = key_id(self.public_bytes)
+
+    @classmethod
+    def generate(cls) -> "SigningKey":
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> "SigningKey":
+        """Load the key at `path`, creating it (owner-only) on first use."""
+        path = Path(path)
+        if path.exists():
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            if not isinstance(key, Ed25519PrivateKey):
+                raise LeaseError(f"{path} does not hold an Ed25519 key")
+            return cls(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = Ed25519PrivateKey.generate()
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        return cls(key)
+
+    def sign(self, claims: Claims) -> str:
+        body = f"{PREFIX}.{_b64(json.dumps(asdict(claims), sort_keys=True).encode())}"
+        return f"{body}.{_b64(self._private.sign(body.encode()))}"
+
+
+def verify(token: str, public_key: bytes, *, server: str, device: int,
+           now: float | None = None) -> Claims:
+    """The claims of a valid token for this server's `device`, or a `LeaseError` saying why not."""
+    parts = token.split(".") if isinstance(token, str) else []
+    if len(parts) != 3 or parts[0] != PREFIX:
+        raise LeaseError("no valid lease token: this pool server admits sessions only with a "
+                         "token from its scheduler (harp attach, then harp.connect(lease))")
+    try:
+        signature = _unb64(parts[2])
+        Ed25519PublicKey.from_public_bytes(public_key).verify(signature,
+                                                              f"{parts[0]}.{parts[1]}".encode())
+    except (InvalidSignature, ValueError):
+        raise LeaseError("the lease token's signature does not verify with this server's "
+                         "scheduler key (forged, or from another scheduler)") from None
+    try:
+        claims = Claims(**json.loads(_unb64(parts[1])))
+    except (ValueError, TypeError):
+        raise LeaseError("the lease token's claims are unreadable") from None
+    if claims.key_id != key_id(public_key):
+        raise LeaseError("the lease token names another scheduler key")
+    if claims.server != server or claims.device != device:
+        raise LeaseError(f"the lease token is for device {claims.device} on server "
+                         f"{claims.server!r}, not device {device} on {server!r}")
+    if claims.expires_at <= (time.time() if now is None else now):
+        raise LeaseError(f"lease {claims.lease_id} has expired")
+    return claims
