@@ -997,12 +997,12 @@ def pyspy_exe():
     return exe if os.path.exists(exe) else None
 
 
-def pyspy_prefix(out, rate=200):
-    """Run a command under py-spy (all threads, native frames, not pausing the target)."""
+def pyspy_prefix(out, rate=100):
+    """Run a command under py-spy (all threads, native frames; --native needs blocking mode)."""
     exe = pyspy_exe()
     if not exe:
         return []
-    return [exe, "record", "--format", "raw", "--threads", "--native", "--nonblocking",
+    return [exe, "record", "--format", "raw", "--threads", "--native",
             "--rate", str(rate), "--output", out, "--"]
 
 

@@ -1,0 +1,103 @@
+"""Placement policy and the store's transactions, without processes."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import harp
+from harp.scheduler import SqliteStore
+from harp.scheduler.placement import Candidate, Request, choose
+
+GiB = 1 << 30
+
+
+def cand(server, index=0, kind="cpu", host="h1", memory=4 * GiB, state="up", used_memory=0,
+         used_share=0.0, leases=0):
+    return Candidate(server, index, kind, host, memory, state, used_memory, used_share, leases)
+
+
+def req(kind="cpu", count=1, memory=0, share=1.0, same_host=False, host="h1", policy="spread"):
+    return Request(kind, count, memory, share, same_host, host, policy)
+
+
+def test_spread_picks_the_least_loaded_and_pack_the_most():
+    pool = [cand("a", leases=2, used_share=0.5, used_memory=GiB),
+            cand("b", leases=0), cand("c", leases=1, used_share=0.25, used_memory=GiB)]
+    assert choose(pool, req(memory=GiB, share=0.25))[0][0].server == "b"
+    assert choose(pool, req(memory=GiB, share=0.25, policy="pack"))[0][0].server == "a"
+
+
+def test_spread_puts_several_devices_on_distinct_servers():
+    pool = [cand("a", 0), cand("a", 1), cand("b", 0)]
+    picked = choose(pool, req(count=2))
+    assert {c.server for c, _ in picked} == {"a", "b"}
+
+
+def test_same_host_and_refusals():
+    pool = [cand("a", host="h1"), cand("b", host="h2")]
+    assert choose(pool, req(same_host=True, host="h2"))[0][0].server == "b"
+    with pytest.raises(harp.NoCapacityError, match="on this host"):
+        choose(pool, req(same_host=True, host="h9"))
+    with pytest.raises(harp.ArgumentError, match="no device of kind 'gpu'.*kinds here: cpu"):
+        choose(pool, req(kind="gpu"))
+    with pytest.raises(harp.NoCapacityError, match="down or draining"):
+        choose([cand("a", state="down"), cand("b", state="draining")], req())
+    with pytest.raises(harp.NoCapacityError, match="room"):
+        choose([cand("a", used_share=0.8)], req(share=0.5))
+    with pytest.raises(harp.NoCapacityError):
+        choose([cand("a")], req(memory=8 * GiB))
+
+
+def _register(store, name, memory=GiB, devices=1):
+    store.register(name, "i1", "h1", [f"harp://{name}"],
+                   [(i, "cpu", memory, {"kind": "cpu", "name": "x", "backend": "cpu", "index": i,
+                                        "memory": memory}) for i in range(devices)], 0.0)
+
+
+def test_concurrent_attaches_never_exceed_capacity(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    for name in ("a", "b", "c"):
+        _register(store, name, memory=GiB)
+    granted, refused = [], []
+    barrier = threading.Barrier(50)
+
+    def attach():
+        barrier.wait()
+        try:
+            granted.append(store.attach(req(memory=GiB // 4, share=0.25), 60, "t", 1.0))
+        except harp.NoCapacityError:
+            refused.append(1)
+    threads = [threading.Thread(target=attach) for _ in range(50)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(granted) == 12 and len(refused) == 38       # 3 devices x 4 quarters
+    per_device = {}
+    for lease in granted:
+        d = lease.devices[0]
+        per_device[d["server"]] = per_device.get(d["server"], 0) + d["memory"]
+    assert all(v <= GiB for v in per_device.values())
+    assert len(store.leases()) == 12
+
+
+def test_leases_survive_reopening_the_database(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    _register(store, "a")
+    lease = store.attach(req(), 60, "t", 1.0)
+    store.close()
+    again = SqliteStore(tmp_path / "s.sqlite3")
+    assert again.lease(lease.id).state == "active"
+    assert again.renew(lease.id, 2.0).expires_at == 62.0
+
+
+def test_reaper_marks_silent_servers_down_and_loses_their_leases(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    _register(store, "a")
+    lease = store.attach(req(), 600, "t", 0.0)
+    changed = store.reap(now=100.0, down_after=3.0)
+    assert changed["down"] == ["a"] and changed["lost"] == [lease.id]
+    assert store.lease(lease.id).state == "lost"
+    with pytest.raises(harp.LeaseError, match="lost"):
+        store.renew(lease.id, 101.0)
