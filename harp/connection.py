@@ -10,8 +10,9 @@ Without an address, `HARP_DEVICE` names one, else the lease `harp attach` stored
 """
 from __future__ import annotations
 
+import functools
 import os
-from typing import Any
+from typing import Any, Callable
 
 from .device import Device
 from .errors import ArgumentError
@@ -29,13 +30,35 @@ def parse_local(target: str) -> tuple[str, int]:
     return parts[1], index
 
 
+def _traced(open_device: Callable[..., Device]) -> Callable[..., Device]:
+    """`trace=PATH` (else `$HARP_TRACE`; `trace=False` turns it off) wraps the device in a
+    `harp.trace` recorder writing PATH; `trace_payloads=True` (else `$HARP_TRACE_PAYLOADS`)
+    also stores the bytes of every write, so a replay can check what it reads."""
+    @functools.wraps(open_device)
+    def connect(target: str | None = None, *, trace: Any = None, trace_payloads: bool | None = None,
+                **options: Any) -> Device:
+        path = (os.environ.get("HARP_TRACE") or None) if trace is None else trace
+        device = open_device(target, **options)
+        if not path:
+            return device
+        try:
+            from harp.trace import record_to
+            return record_to(device, path, payloads=trace_payloads,
+                             meta={"target": target if isinstance(target, str) else None})
+        except BaseException:
+            device.close()
+            raise
+    return connect
+
+
+@_traced
 def connect(target: str | None = None, **options: Any) -> Device:
     """Open a session on the device that `target` names.
 
     For `local:` targets, options go to the backend (`memory`) and to the
     session (`memory_quota`, `trust_client_code`); the returned object is the
     backend's own device, with nothing in between. For `harp://` targets see
-    `harp.client.connect_remote`.
+    `harp.client.connect_remote`. Any target: `trace=PATH` records the session (harp.trace).
     """
     if target is None:
         target = os.environ.get("HARP_DEVICE")

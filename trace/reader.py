@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import warnings
+import zlib
 from typing import Any, Iterator, NamedTuple
 
 from . import format as fmt
@@ -219,7 +220,6 @@ class TraceFile:
             self._file.seek(offset)
             block = self._file.read(fmt.BLOCK_HEADER_SIZE + length)
             body = block[fmt.BLOCK_HEADER_SIZE:]
-            import zlib
             if zlib.crc32(body) != fmt.BLOCK_HEADER.unpack_from(block)[4]:
                 raise TraceCorruptError(self.path, offset, "blob block body checksum mismatch")
             _, pos, data = fmt.decode_blob_part(codec, body, self.path, offset)

@@ -316,12 +316,12 @@ class TraceRecorder(Device):
             self._failed(WRITE, seq, t0, exc, _hid(buf), _bn(buf), offset, nbytes, _sid(stream),
                          None)
             raise
+        t1 = _now()     # before the payload is stored: the trace times the device, not us
         if self._payloads:
             view = _view(data)
             nbytes, blob = view.nbytes, self._writer.blob(view)
         else:
             nbytes, blob = memoryview(data).nbytes, None
-        t1 = _now()
         self._append((WRITE, seq, t0, t1, None, buf.id, buf.nbytes, offset, nbytes,
                       None if stream is None else stream.id, blob))
         self._tick(seq, t1)
@@ -380,9 +380,9 @@ class TraceRecorder(Device):
         except Exception as exc:
             self._failed(LOAD_MODULE, seq, t0, exc, format, None, isinstance(image, str), None)
             raise
+        t1 = _now()
         is_str = isinstance(image, str)
         blob = self._writer.blob(image.encode("utf-8") if is_str else image)
-        t1 = _now()
         self._append((LOAD_MODULE, seq, t0, t1, None, module.format, blob, is_str, module.id))
         self._tick(seq, t1)
         return module

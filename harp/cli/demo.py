@@ -1,8 +1,9 @@
-"""`harp demo`: one small workload on the local cpu device and on an embedded pool
-server over mutual TLS, each checked against NumPy, with a table of timings.
+"""`harp demo`: one small workload on the local cpu device, on an embedded pool
+server over mutual TLS, and through a lease from an embedded scheduler; each run
+checked against NumPy, with a table of timings.
 
-Needs nothing set up: the pool server listens on loopback only, with a
-throwaway CA and certificates made in a temporary directory.
+Needs nothing set up: everything listens on loopback only, with a throwaway CA
+and certificates made in a temporary directory.
 """
 from __future__ import annotations
 
@@ -77,25 +78,57 @@ def workload(device: Device, n: int, m: int, seed: int = 0) -> dict[str, Any]:
     return {"checks": checks, "ok": all(checks.values()), "seconds": t}
 
 
+def _embedded_pool(tmp: Path, results: list, args: argparse.Namespace) -> None:
+    """A scheduler and a pool server on loopback with throwaway certificates: run the
+    workload once on a direct session and once through a lease with a memory quota."""
+    import harp
+    from harp.backends import load_backend
+    from harp.client import SchedulerClient, connect_lease
+    from harp.scheduler import open_scheduler
+    from harp.security import channel_credentials, ephemeral_pool, server_credentials
+    from harp.server import PoolServer
+    from harp.server.registration import Registrar
+
+    server_files, client_files = ephemeral_pool(tmp)
+    server = PoolServer(load_backend("cpu"), name="demo")
+    address = server.start(["127.0.0.1:0"], server_credentials(server_files))[0]
+    scheduler = open_scheduler(tmp / "scheduler", heartbeat_s=1.0)
+    registrar = None
+    try:
+        with harp.connect(f"harp://{address}", tls=client_files) as dev:
+            results.append((f"harp://{address} (mTLS)", workload(dev, args.size, args.gemm)))
+        scheduler_address = scheduler.start(["127.0.0.1:0"],
+                                            server_credentials(server_files))[0]
+        import grpc
+        from harp.transport import channel_options
+        registrar = Registrar(server, grpc.secure_channel(
+            scheduler_address, channel_credentials(client_files), options=channel_options()),
+            endpoints=[f"harp://{address}"])
+        server.authorizer = registrar.authorize
+        registrar.start()
+        with SchedulerClient(f"harp://{scheduler_address}", tls=client_files) as pool:
+            lease = pool.attach("cpu", memory=256 << 20, share=0.5, client_name="harp demo")
+            try:
+                with connect_lease(lease, tls=client_files) as dev:
+                    results.append((f"lease {lease.lease_id} (256 MiB quota)",
+                                    workload(dev, args.size, args.gemm)))
+            finally:
+                pool.detach(lease.lease_id)
+    finally:
+        if registrar is not None:
+            registrar.stop()
+        server.stop()
+        scheduler.stop()
+
+
 def run(args: argparse.Namespace) -> int:
     import harp
-    results = []
+    results: list = []
     with harp.connect("local:cpu") as dev:
         results.append(("local:cpu", workload(dev, args.size, args.gemm)))
     if not args.local_only:
-        from harp.backends import load_backend
-        from harp.security import ephemeral_pool, server_credentials
-        from harp.server import PoolServer
         with tempfile.TemporaryDirectory(prefix="harp-demo-") as tmp:
-            server_files, client_files = ephemeral_pool(Path(tmp))
-            server = PoolServer(load_backend("cpu"), name="demo")
-            address = server.start(["127.0.0.1:0"], server_credentials(server_files))[0]
-            try:
-                with harp.connect(f"harp://{address}", tls=client_files) as dev:
-                    results.append((f"harp://{address} (mTLS)", workload(dev, args.size,
-                                                                       args.gemm)))
-            finally:
-                server.stop()
+            _embedded_pool(Path(tmp), results, args)
     ok = all(r["ok"] for _, r in results)
     if args.json:
         emit_json({"ok": ok, "size": args.size, "gemm": args.gemm,

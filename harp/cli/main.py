@@ -23,6 +23,7 @@ COMMANDS = {
     "attach": ("harp.cli.attach", "lease devices from the pool"),
     "detach": ("harp.cli.detach", "end a lease"),
     "leases": ("harp.cli.leases", "list leases"),
+    "trace": ("harp.cli.trace", "study recorded traces: report, replay, export, what-if"),
 }
 
 
