@@ -27,8 +27,15 @@ from harp.proto import session_pb2 as pb
 from harp.transport import error_from_rpc
 from harp.types import Buffer, DeviceInfo, Event, Function, MemInfo, Module, Stream
 
-#: Frames queued for sending before `write` waits (bounds client memory to ~this many MiB).
-SEND_QUEUE_FRAMES = 32
+
+
+class _BulkJob:
+    """A write's payload waiting to be cut into chunks by the sending thread."""
+
+    __slots__ = ("view", "chunk", "done")
+
+    def __init__(self, view: memoryview, chunk: int) -> None:
+        self.view, self.chunk, self.done = view, chunk, threading.Event()
 
 
 class RemoteDevice(Device):
@@ -43,7 +50,7 @@ class RemoteDevice(Device):
         self._lock = threading.RLock()
         self._broken: HarpError | None = None
         self._closed = False
-        self._requests: queue.Queue = queue.Queue(maxsize=SEND_QUEUE_FRAMES)
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
         #: Hooks run at close, and a way to explain a broken session (set by lease connects).
         self.on_close: list[Any] = []
         self.explain: Any = None
@@ -76,12 +83,25 @@ class RemoteDevice(Device):
 
     # -- transport -----------------------------------------------------------------
     def _frames(self) -> Iterator[bytes]:
+        """The request stream gRPC's sending thread pulls from.
+
+        A bulk write is queued as a job and cut into chunks here, in the sending
+        thread, one chunk per pull: gRPC pulls the next one only when flow
+        control lets it send, so the copies stay one chunk ahead of the wire and
+        no thread hands chunks to another.
+        """
         get = self._requests.get
         while True:
-            frame = get()
-            if frame is None:
+            item = get()
+            if item is None:
                 return
-            yield frame
+            if type(item) is _BulkJob:
+                view, chunk = item.view, item.chunk
+                for pos in range(0, view.nbytes, chunk):
+                    yield view[pos:pos + chunk].tobytes()
+                item.done.set()
+                continue
+            yield item
 
     def _next_frame(self, what: str) -> bytes:
         try:
@@ -99,14 +119,16 @@ class RemoteDevice(Device):
     def _send(self, frame: bytes) -> None:
         if self._broken is not None:
             raise self._broken
-        while True:
-            try:
-                self._requests.put(frame, timeout=1.0)
-                return
-            except queue.Full:
-                if not self._call.is_active():
-                    self._broken = TransportError("the connection to the server is gone")
-                    raise self._broken from None
+        self._requests.put(frame)
+
+    def _send_bulk(self, view: memoryview) -> None:
+        """Send a write's payload as chunks; return once every chunk has been copied out."""
+        job = _BulkJob(view, wire.CHUNK_SIZE)
+        self._send(job)  # type: ignore[arg-type]
+        while not job.done.wait(1.0):
+            if not self._call.is_active():
+                self._broken = TransportError("the connection to the server is gone")
+                raise self._broken
 
     def _flush(self) -> None:
         if self._batch:
@@ -181,9 +203,7 @@ class RemoteDevice(Device):
                 return
             self._batch.append([wire.WRITE_CHUNKED, seq, buf.id, offset, sid, nbytes])
             self._flush()
-            chunk = wire.CHUNK_SIZE
-            for pos in range(0, nbytes, chunk):
-                self._send(view[pos:pos + chunk].tobytes())
+            self._send_bulk(view)
 
     def read(self, buf: Buffer, offset: int, nbytes: int, out: Any = None,
              stream: Stream | None = None) -> Any:
@@ -191,20 +211,28 @@ class RemoteDevice(Device):
             seq = self._next()
             offset, nbytes = check_range(buf, offset, nbytes, "read")
             sid = check_stream(stream).id
-            if out is None:
-                out = bytearray(nbytes)
-            dst = out_view(out, nbytes)
-            self._sync([wire.READ, seq, buf.id, offset, nbytes, sid])
-            pos = 0
+            dst = None if out is None else out_view(out, nbytes)
+            result = self._sync([wire.READ, seq, buf.id, offset, nbytes, sid])
+            if len(result) == 2:                 # a small read: the data is in the reply
+                if len(result[1]) != nbytes:
+                    self._broken = ProtocolError("the server sent a read reply of the wrong size")
+                    raise self._broken
+                if dst is None:
+                    return result[1]
+                dst[:] = result[1]
+                return out
+            chunks, pos = [], 0
             while pos < nbytes:
                 chunk = self._next_frame("read")
-                end = pos + len(chunk)
-                if end > nbytes or not chunk:
+                if not chunk or pos + len(chunk) > nbytes:
                     self._broken = ProtocolError("the server sent more read data than asked")
                     raise self._broken
-                dst[pos:end] = chunk
-                pos = end
-        return out
+                if dst is None:
+                    chunks.append(chunk)
+                else:
+                    dst[pos:pos + len(chunk)] = chunk
+                pos += len(chunk)
+        return b"".join(chunks) if dst is None else out
 
     def copy(self, dst: Buffer, dst_offset: int, src: Buffer, src_offset: int, nbytes: int,
              stream: Stream | None = None) -> None:
@@ -311,9 +339,6 @@ class RemoteDevice(Device):
                     hook()
 
     def _shutdown(self) -> None:
-        try:
-            self._requests.put_nowait(None)
-        except queue.Full:
-            pass
+        self._requests.put(None)
         self._call.cancel()
         self._channel.close()

@@ -49,7 +49,9 @@ class Device(abc.ABC):
     @abc.abstractmethod
     def read(self, buf: Buffer, offset: int, nbytes: int, out: Any = None,
              stream: Stream | None = None) -> Any:
-        """*sync* Copy `nbytes` from the device into `out` (or a new bytearray) and return it.
+        """*sync* Copy `nbytes` from the device into `out` and return `out`, or return new `bytes`.
+
+        Without `out` the result is immutable `bytes`, made with a single copy.
 
         Ordered after earlier work on `stream`; raises any deferred error first.
         """

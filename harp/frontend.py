@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ArgumentError, HarpError
-from .types import DEFAULT_STREAM, Buffer, Event, Function, Module, Stream
+from .types import DEFAULT_STREAM, Buffer, Event, Function, Module, Stream, as_kernel_arg
 
 
 class HandleIds:
@@ -126,6 +126,11 @@ MAX_DIM = 2**31 - 1
 
 def check_dims(dims: Any, what: str) -> tuple[int, int, int]:
     """Grid or block dimensions as a 3-tuple of positive ints."""
+    if type(dims) is int and 1 <= dims <= MAX_DIM:      # the common case, first: launches are hot
+        return (dims, 1, 1)
+    if type(dims) is tuple and len(dims) == 3 and all(
+            type(d) is int and 1 <= d <= MAX_DIM for d in dims):
+        return dims
     if isinstance(dims, int) and not isinstance(dims, bool):
         dims = (dims,)
     try:
@@ -174,7 +179,9 @@ def out_view(out: Any, nbytes: int) -> memoryview:
 
 
 def normalize_args(args: Sequence[Any]) -> list:
-    from .types import as_kernel_arg
+    """Launch arguments as `BufferArg`/`ArrayArg`/`Scalar` (see `types.as_kernel_arg`)."""
+    if not args and type(args) in (list, tuple):
+        return []
     if isinstance(args, (str, bytes)) or not hasattr(args, "__iter__"):
         raise TypeError("launch args must be a sequence")
     return [as_kernel_arg(a) for a in args]

@@ -11,7 +11,9 @@ A session is one gRPC bidirectional stream of raw byte frames:
    frames, sent as they are, with no header and no re-encoding.
 3. server -> client: one *reply* frame for each sync call, a msgpack array
    `[seq, error, result]` where `error` is a serialized protobuf `ErrorRecord`
-   or nil. A successful `READ` reply is followed by its bare payload frames.
+   or nil. A successful `READ` of up to `INLINE_LIMIT` bytes carries its data
+   in the result (`[nbytes, data]`); a larger one (`[nbytes]`) is followed by
+   its bare payload frames.
 
 msgpack carries the batches because a call record is a small array of ints
 and a few bytes: it packs and unpacks at several million records a second in

@@ -221,12 +221,15 @@ class Session:
                 raise ArgumentError(f"read [{offset}, {offset + nbytes}) is outside the buffer "
                                     f"of {target.nbytes} bytes")
             state["args"] = (target, queue)
-            if nbytes:  # the first chunk now, so that its failure is this call's reply
-                state["first"] = self._read_chunk(seq, target, offset, nbytes, queue)
+            if nbytes <= wire.INLINE_LIMIT:  # small reads ride in the reply record itself
+                return [nbytes, self._read_chunk(seq, target, offset, nbytes, queue)
+                        if nbytes else b""]
+            # the first chunk now, so that its failure is this call's reply
+            state["first"] = self._read_chunk(seq, target, offset, nbytes, queue)
             return [nbytes]
 
         def payload() -> Iterator[bytes]:
-            if not nbytes:
+            if nbytes <= wire.INLINE_LIMIT:
                 return
             target, queue = state["args"]
             chunk = state.pop("first")
@@ -240,7 +243,7 @@ class Session:
 
     def _read_chunk(self, seq: int, buf: Buffer, offset: int, left: int, stream: Stream) -> bytes:
         self._backend_call(seq)
-        return bytes(self.device.read(buf, offset, min(left, self.chunk_size), None, stream))
+        return self.device.read(buf, offset, min(left, self.chunk_size), None, stream)
 
     def _mem_info(self, seq: int) -> Reply:
         def run() -> list:

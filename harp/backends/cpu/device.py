@@ -90,19 +90,25 @@ class CpuDevice(Device):
         return self._events[event.id]
 
     def _sync_wait(self, worker: StreamWorker, call: str, seq: int, op: Any, *args: Any) -> None:
-        """Run `op` in order on `worker`, wait for it, and raise what failed."""
-        from threading import Event as Flag
-        done, failure = Flag(), []
+        """Run `op` in order on `worker`, wait for it, and raise what failed.
+
+        On an idle stream `op` runs here at once: nothing is ahead of it, and
+        the round trip through the worker thread is the cost of a sync call.
+        """
+        failure: list[BaseException] = []
 
         def run() -> None:
             try:
                 op(*args)
             except BaseException as exc:  # raised in the caller below
                 failure.append(exc)
-            finally:
-                done.set()
-        worker.submit(call, seq, run)
-        done.wait()
+        if worker.idle:
+            run()
+        else:
+            from threading import Event as Flag
+            done = Flag()
+            worker.submit(call, seq, lambda: (run(), done.set()))
+            done.wait()
         self._errors.raise_pending()
         if failure:
             exc = failure[0]
@@ -162,6 +168,11 @@ class CpuDevice(Device):
         except HarpError as exc:
             self._errors.add(exc, "write", seq)
             return
+        if worker.idle:
+            # Nothing is ahead of it on the stream: store now, in the caller's thread
+            # (one copy, no hand-off to the worker).
+            span[:] = np.frombuffer(view, np.uint8)
+            return
         # bytes are immutable: keep a reference; anything else is copied now,
         # because the caller may reuse its buffer as soon as we return.
         src = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else \
@@ -173,17 +184,19 @@ class CpuDevice(Device):
         seq = self._next()
         offset, nbytes = check_range(buf, offset, nbytes, "read")
         stream = check_stream(stream)
-        if out is None:
-            out = bytearray(nbytes)
-        dst = np.frombuffer(out_view(out, nbytes), np.uint8)
+        dst = None if out is None else np.frombuffer(out_view(out, nbytes), np.uint8)
         try:
             span, worker = self._span(buf, offset, nbytes, "read"), self._stream(stream)
         except HarpError as exc:
             self._errors.raise_pending()
             exc.call, exc.seq = "read", seq
             raise
-        self._sync_wait(worker, "read", seq, np.copyto, dst, span)
-        return out
+        if dst is not None:
+            self._sync_wait(worker, "read", seq, np.copyto, dst, span)
+            return out
+        got: list[bytes] = []
+        self._sync_wait(worker, "read", seq, lambda: got.append(span.tobytes()))
+        return got[0]
 
     def copy(self, dst: Buffer, dst_offset: int, src: Buffer, src_offset: int, nbytes: int,
              stream: Stream | None = None) -> None:

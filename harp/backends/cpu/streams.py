@@ -21,20 +21,30 @@ class StreamWorker:
         self._queue: SimpleQueue = SimpleQueue()
         self._on_error = on_error
         self._thread: threading.Thread | None = None
+        # Each counter has one writer (the issuing thread, the worker), so the
+        # GIL keeps them consistent without a lock.
+        self._submitted = 0
+        self._completed = 0
+
+    @property
+    def idle(self) -> bool:
+        """Nothing queued or running: work issued now may run at once, in the caller."""
+        return self._completed == self._submitted
 
     def submit(self, call: str, seq: int, op: Callable[..., Any], *args: Any) -> None:
         """Queue `op(*args)`; if it raises, the error is recorded against (call, seq)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
             self._thread.start()
+        self._submitted += 1
         self._queue.put((call, seq, op, args))
 
     def drain(self) -> None:
         """Block until every operation queued so far has run."""
-        if self._thread is None:
+        if self._thread is None or self.idle:
             return
         done = threading.Event()
-        self._queue.put((None, 0, done.set, ()))
+        self.submit("", 0, done.set)
         done.wait()
 
     def stop(self) -> None:
@@ -55,6 +65,8 @@ class StreamWorker:
                 op(*args)
             except BaseException as exc:  # reported at the session's next sync call
                 self._on_error(exc, call, seq)
+            finally:
+                self._completed += 1
 
 
 class Recording:
