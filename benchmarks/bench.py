@@ -25,14 +25,15 @@ Measurements (the client is this process unless said otherwise):
   4. the naive design: one unary gRPC call per launch.
   5. the local path: harp.connect("local:cpu") vs CpuBackend().open(0) directly
      (in-process): noop launches/s and 1 MiB write+synchronize/s.
+See benchmarks/README.md for what each row compares and how to read it.
 
 Usage:
-  python benchmarks/bench.py                      # full run (~1.5-3 min on 2 cores)
-  python benchmarks/bench.py --quick              # smoke run (< 1 min)
+  python benchmarks/bench.py                      # full run (~1 min on 2 cores; < 4 min)
+  python benchmarks/bench.py --quick              # smoke run (~20 s)
   python benchmarks/bench.py --reps 7 --json out.json
   python benchmarks/bench.py --sections bulk,sync # a subset
   python benchmarks/bench.py --profile results/profile   # py-spy + cProfile of the
-                                                  # launch and bulk-write paths
+                                                  # launch, bulk-write and sync paths
 Deps: the HARP venv (grpcio, numpy, msgpack, cryptography); py-spy for --profile.
 """
 from __future__ import annotations
@@ -198,6 +199,31 @@ def role_grpc_server(a):
         for _ in range(count):
             yield chunk
 
+    # The same transfers, doing the copies HARP's design cannot avoid: the data
+    # lands in (or comes from) a "device memory" array, one copy per chunk.
+    import numpy as np
+    mem = {}
+
+    def device_memory():
+        if "a" not in mem:
+            mem["a"] = np.empty(a.bulk, dtype=np.uint8)
+            mem["a"].fill(1)
+        return mem["a"]
+
+    def up_copy(it, ctx):
+        dst = device_memory()
+        n = 0
+        for m in it:
+            dst[n:n + len(m)] = np.frombuffer(m, np.uint8)
+            n += len(m)
+        return Q.pack(n)
+
+    def down_copy(req, ctx):
+        count, size = Q.unpack_from(req, 0)[0], Q.unpack_from(req, 8)[0]
+        src = device_memory()
+        for i in range(count):
+            yield src[i * size:(i + 1) * size].tobytes()
+
     def echo(it, ctx):
         for m in it:
             yield m
@@ -230,6 +256,8 @@ def role_grpc_server(a):
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.B", {
         "Up": grpc.stream_unary_rpc_method_handler(up),
         "Down": grpc.unary_stream_rpc_method_handler(down),
+        "UpCopy": grpc.stream_unary_rpc_method_handler(up_copy),
+        "DownCopy": grpc.unary_stream_rpc_method_handler(down_copy),
         "Echo": grpc.stream_stream_rpc_method_handler(echo),
         "Count": grpc.stream_stream_rpc_method_handler(count),
         "Naive": grpc.unary_unary_rpc_method_handler(naive),
@@ -544,7 +572,11 @@ class Bench:
         ch = self.grpc_channel(self.grpc_port)
         up = ch.stream_unary("/bench.B/Up")
         down = ch.unary_stream("/bench.B/Down")
+        up_copy = ch.stream_unary("/bench.B/UpCopy")
+        down_copy = ch.unary_stream("/bench.B/DownCopy")
         chunk = os.urandom(MiB)
+        data_mv = memoryview(data)
+        out_mv = memoryview(out).cast("B")
         try:
             buf = dev.alloc(n)
 
@@ -575,6 +607,24 @@ class Bench:
                 assert got == n
                 return n / dt / 1e9
 
+            def grpc_up_copy():     # client cuts the caller's data into bytes, server copies in
+                t0 = time.perf_counter()
+                r = up_copy((data_mv[p:p + MiB].tobytes() for p in range(0, n, MiB)),
+                            timeout=120)
+                dt = time.perf_counter() - t0
+                assert Q.unpack(r)[0] == n
+                return n / dt / 1e9
+
+            def grpc_down_copy():   # server copies out of memory, client into `out`
+                t0 = time.perf_counter()
+                pos = 0
+                for m in down_copy(Q.pack(nmib) + Q.pack(MiB), timeout=120):
+                    out_mv[pos:pos + len(m)] = m
+                    pos += len(m)
+                dt = time.perf_counter() - t0
+                assert pos == n
+                return n / dt / 1e9
+
             def raw(cmd):
                 r = self.raw_client.command("%s %d" % (cmd, n), 120)
                 self.meta["raw_tls_cipher"] = r["cipher"]
@@ -582,14 +632,17 @@ class Bench:
 
             # warm-up: fault in the server's device pages, the raw buffers, TLS sessions
             harp_write(), harp_read(), grpc_up(), grpc_down(), raw("up"), raw("down")
+            grpc_up_copy(), grpc_down_copy()
             for i in range(a.reps):
                 log("  bulk rep %d/%d" % (i + 1, a.reps))
                 self.put("harp bulk write", harp_write(), "GB/s")
                 self.put("bare gRPC client-stream 1MiB msgs", grpc_up(), "GB/s")
                 self.put("raw TLS send", raw("up"), "GB/s")
+                self.put("bare gRPC client-stream + HARP's 2 copies", grpc_up_copy(), "GB/s")
                 self.put("harp bulk read", harp_read(), "GB/s")
                 self.put("bare gRPC server-stream 1MiB msgs", grpc_down(), "GB/s")
                 self.put("raw TLS recv", raw("down"), "GB/s")
+                self.put("bare gRPC server-stream + HARP's 2 copies", grpc_down_copy(), "GB/s")
             dev.free(buf)
         finally:
             dev.close()
@@ -728,64 +781,98 @@ class Bench:
         import harp
         from harp.backends.cpu import CpuBackend
         a = self.a
-        via = harp.connect("local:cpu", memory="1GiB")
-        direct = CpuBackend(memory="1GiB").open(0)
-        try:
-            setup = {}
-            for key, dev in (("connect", via), ("backend", direct)):
-                mod = dev.load_module(harp.CATALOG_IMAGE, "catalog")
-                setup[key] = (dev, dev.function(mod, "noop"), dev.alloc(MiB))
-            data = os.urandom(MiB)
+        data = os.urandom(MiB)
+        saved_affinity = os.sched_getaffinity(0)
 
-            # Both sides run the same code (connect returns the backend's own device),
-            # so only noise separates them, and on a busy 2-core box that noise is
-            # bimodal (where the stream thread wakes up). So the two are timed in
-            # alternating short blocks (A B B A ...) inside one window: each sample
-            # of one side sees the same machine state as the other's.
-            def launch_block(key, n):
-                dev, fn, _ = setup[key]
-                launch = dev.launch
-                for _ in range(n):
-                    launch(fn, 1, 1, [])
+        # Both sides run the same code (connect returns the backend's own device),
+        # so only noise separates them, and two kinds of it are systematic here:
+        # - placement: a device whose stream thread shares the caller's core runs
+        #   ~2x faster than one whose thread sits on the other core, and the
+        #   scheduler keeps each thread where it is for seconds. So the caller and
+        #   both devices' stream threads are pinned to one core (same for both).
+        # - GC phase: the two are timed in short blocks interleaved in one window;
+        #   with a fixed block order, collections (triggered every N allocations)
+        #   fall on one side more than the other (~2% bias measured). So the
+        #   order is shuffled per round and the heap that exists before the window
+        #   is gc.freeze()d (full collections then cost what the devices' own
+        #   garbage costs, as in a long-running program).
+        # Each rep also opens a fresh pair of devices, in alternating order.
+        def launch_block(side, n):
+            dev, fn, _ = side
+            launch = dev.launch
+            for _ in range(n):
+                launch(fn, 1, 1, [])
+            dev.synchronize()
+            return n
+
+        def write_block(side, n):
+            dev, _, buf = side
+            for _ in range(n):
+                dev.write(buf, 0, data)
                 dev.synchronize()
-                return n
+            return n
 
-            def write_block(key, n):
-                dev, _, buf = setup[key]
-                for _ in range(n):
-                    dev.write(buf, 0, data)
-                    dev.synchronize()
-                return n
-
-            def interleaved(block, n, dur):
-                """(rate of connect, rate of backend) over one window of ~dur seconds."""
-                spent = {"connect": 0.0, "backend": 0.0}
-                done = {"connect": 0, "backend": 0}
-                gc.collect()
+        def interleaved(sides, block, n, dur, seed=0):
+            """(rate of connect, rate of backend) over one window of ~dur seconds."""
+            import random
+            spent = {"connect": 0.0, "backend": 0.0}
+            done = {"connect": 0, "backend": 0}
+            order = ["connect", "backend"] * 2
+            rnd = random.Random(seed)
+            gc.collect()
+            gc.freeze()
+            try:
                 end = time.perf_counter() + dur
-                order = ("connect", "backend", "backend", "connect")
                 while time.perf_counter() < end:
+                    rnd.shuffle(order)
                     for key in order:
                         t0 = time.perf_counter()
-                        done[key] += block(key, n)
+                        done[key] += block(sides[key], n)
                         spent[key] += time.perf_counter() - t0
-                return done["connect"] / spent["connect"], done["backend"] / spent["backend"]
+            finally:
+                gc.unfreeze()
+            return done["connect"] / spent["connect"], done["backend"] / spent["backend"]
 
-            interleaved(launch_block, 1000, 0.3)
-            interleaved(write_block, 8, 0.3)
-            self.meta["local_blocks"] = "noop: 1000 launches + synchronize; write: 8 x " \
-                                        "(1 MiB write + synchronize)"
-            for i in range(a.reps):
-                log("  local rep %d/%d" % (i + 1, a.reps))
-                c, b = interleaved(launch_block, 1000, 4 * a.local_s)
-                self.put("local connect noop launches", c, "launch/s")
-                self.put("local backend noop launches", b, "launch/s")
-                c, b = interleaved(write_block, 8, 4 * a.local_s)
-                self.put("local connect 1MiB write+sync", c, "op/s")
-                self.put("local backend 1MiB write+sync", b, "op/s")
-        finally:
-            via.close()
-            direct.close()
+        def open_pair(i):
+            opener = {"connect": lambda: harp.connect("local:cpu", memory="1GiB"),
+                      "backend": lambda: CpuBackend(memory="1GiB").open(0)}
+            sides = {}
+            for key in (("connect", "backend") if i % 2 == 0 else ("backend", "connect")):
+                dev = opener[key]()
+                mod = dev.load_module(harp.CATALOG_IMAGE, "catalog")
+                sides[key] = (dev, dev.function(mod, "noop"), dev.alloc(MiB))
+            interleaved(sides, launch_block, 200, 0.05)   # starts both stream threads
+            interleaved(sides, write_block, 4, 0.05)
+            if len(saved_affinity) > 1:
+                core = min(saved_affinity)
+                os.sched_setaffinity(0, {core})
+                for t in threading.enumerate():
+                    if t.name.startswith("harp-cpu"):
+                        os.sched_setaffinity(t.native_id, {core})
+                self.meta["local_placement"] = ("caller and stream threads pinned to core %d"
+                                                % core)
+            return sides
+
+        self.meta["local_blocks"] = ("noop: 1000 launches + synchronize; write: 8 x "
+                                     "(1 MiB write + synchronize)")
+        for i in range(a.reps + 1):          # pass 0 is a warm-up
+            if i:
+                log("  local rep %d/%d" % (i, a.reps))
+            sides = open_pair(i)
+            try:
+                dur = 4 * a.local_s if i else 0.3
+                c, b = interleaved(sides, launch_block, 1000, dur, seed=2 * i)
+                if i:
+                    self.put("local connect noop launches", c, "launch/s")
+                    self.put("local backend noop launches", b, "launch/s")
+                c, b = interleaved(sides, write_block, 8, dur, seed=2 * i + 1)
+                if i:
+                    self.put("local connect 1MiB write+sync", c, "op/s")
+                    self.put("local backend 1MiB write+sync", b, "op/s")
+            finally:
+                os.sched_setaffinity(0, saved_affinity)
+                for dev, _, _ in sides.values():
+                    dev.close()
 
     # -- orchestration ---------------------------------------------------------------
     def run(self):
@@ -812,7 +899,7 @@ class Bench:
                     self.raw_client, _ = start_role("raw-client", a, self.children,
                                                     ["--port", ready[0]], env=raw_env, stdin=True)
                 self.meta["harp_url"] = self.url
-            budgets = {"bulk": 60 + 12 * a.reps * a.bulk / (256 * MiB),
+            budgets = {"bulk": 60 + 16 * a.reps * a.bulk / (256 * MiB),
                        "sync": 40 + 6 * a.reps * a.dur,
                        "launch": 60 + 10 * a.reps * max(a.launch_s, a.dur),
                        "local": 40 + 20 * a.reps * a.local_s}
@@ -866,9 +953,13 @@ def row_specs(per):
         ("bulk write", "harp bulk write", "bare gRPC client-stream 1MiB msgs",
          "bare gRPC client-stream, 1 MiB msgs", 0.9),
         ("bulk write", "harp bulk write", "raw TLS send", "raw TLS 1.3 socket send", 0.75),
+        ("bulk write", "harp bulk write", "bare gRPC client-stream + HARP's 2 copies",
+         "bare gRPC client-stream + 2 copies", None),
         ("bulk read", "harp bulk read", "bare gRPC server-stream 1MiB msgs",
          "bare gRPC server-stream, 1 MiB msgs", 0.9),
         ("bulk read", "harp bulk read", "raw TLS recv", "raw TLS 1.3 socket recv", 0.75),
+        ("bulk read", "harp bulk read", "bare gRPC server-stream + HARP's 2 copies",
+         "bare gRPC server-stream + 2 copies", None),
         ("sync round trip: synchronize()", "harp synchronize()", "bare gRPC bidi ping-pong 64B",
          "bare gRPC bidi ping-pong 64B", 0.9),
         ("sync round trip: read 64B", "harp read 64B", "bare gRPC bidi ping-pong 64B",
@@ -904,8 +995,8 @@ def build_rows(R):
         hm, hs = summarize(h["vals"])
         lm, ls = summarize(lim["vals"])
         ratio = hm / lm if lm else float("nan")
-        row.update(unit=h["unit"], harp_median=hm, harp_spread_pct=hs, limit_median=lm,
-                   limit_spread_pct=ls, ratio=ratio)
+        row.update(unit=h["unit"], limit_unit=lim["unit"], harp_median=hm, harp_spread_pct=hs,
+                   limit_median=lm, limit_spread_pct=ls, ratio=ratio)
         if isinstance(lk, str) and len(h["vals"]) == len(lim["vals"]):
             pr = [x / y for x, y in zip(h["vals"], lim["vals"]) if y]
             row["paired_ratios"] = pr
@@ -964,7 +1055,8 @@ def print_report(R):
             if pr else ""
         lines.append((r["measurement"],
                       "%s ±%.0f%%" % (fmt(r["harp_median"], unit), r["harp_spread_pct"] / 2),
-                      "%s ±%.0f%%" % (fmt(r["limit_median"], unit), r["limit_spread_pct"] / 2)
+                      "%s ±%.0f%%" % (fmt(r["limit_median"], r["limit_unit"]),
+                                      r["limit_spread_pct"] / 2)
                       if isinstance(r["limit_series"], str) else fmt(r["limit_median"], unit),
                       r["limit_name"], rx(r["ratio"]),
                       target_text(r["measurement"], r["target_min_ratio"]), r["status"], paired))
@@ -1251,6 +1343,9 @@ def main():
     a.local_s = a.local_s or (0.1 if q else 0.25)
     a.sections = set(a.sections.split(","))
 
+    # A trace recorder around the devices would be measured too: keep it off.
+    for var in ("HARP_TRACE", "HARP_TRACE_PAYLOADS"):
+        os.environ.pop(var, None)
     with tempfile.TemporaryDirectory(prefix="harp-bench-") as tmp:
         a.cert_dir = os.path.join(tmp, "certs")
         if a.profile:
