@@ -32,6 +32,11 @@ def channel_options(*, keepalive_s: float = KEEPALIVE_S,
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", 0),
+        # Reconnect quickly after a peer restarts (the scheduler, say): gRPC's default
+        # backoff grows to minutes, which would outlast a lease.
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 1000),
         # A fresh channel per session: sessions never share a connection's fate.
         ("grpc.use_local_subchannel_pool", 1),
     ]

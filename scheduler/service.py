@@ -68,7 +68,7 @@ class Scheduler(pb_grpc.SchedulerServicer):
             if remote:
                 raise AuthError(f"refusing plain text on non-loopback address(es) "
                                 f"{', '.join(remote)}: use mutual TLS")
-        self.store.forgive_silence(time.time())
+        self.store.forgive_silence(time.time(), grace=self.down_after_s)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16,
                                                         thread_name_prefix="harp-scheduler"),
                              options=server_options())

@@ -267,10 +267,11 @@ class SqliteStore:
                 self._end(db, lease_id, "expired", "not renewed in time", now)
             return {"down": down, "lost": lost, "expired": expired}
 
-    def forgive_silence(self, now: float) -> None:
-        """After a scheduler restart, count its own downtime against no server."""
+    def forgive_silence(self, now: float, grace: float = 0.0) -> None:
+        """After a scheduler restart, count its own downtime against no server, and give
+        each `grace` more seconds to find the scheduler again."""
         with self._tx() as db:
-            db.execute("UPDATE servers SET last_heartbeat=? WHERE state!='down'", (now,))
+            db.execute("UPDATE servers SET last_heartbeat=? WHERE state!='down'", (now + grace,))
 
     # -- helpers -------------------------------------------------------------------
     def _lose_leases(self, db: sqlite3.Connection, server: str, reason: str,

@@ -55,13 +55,16 @@ class PoolServer:
 
     def __init__(self, backend: Backend, *, name: str = "", trust_client_code: bool = False,
                  authorizer: Authorizer = open_authorizer, chunk_size: int = wire.CHUNK_SIZE,
-                 max_sessions: int = 64) -> None:
+                 max_sessions: int = 64,
+                 wrap_device: Callable[[Any, str], Any] | None = None) -> None:
         self.backend = backend
         self.name = name or f"harp-pool@{os.uname().nodename}"
         self.trust_client_code = trust_client_code
         self.authorizer = authorizer
         self.chunk_size = chunk_size
         self.max_sessions = max_sessions
+        #: Wraps each session's backend device, e.g. in a trace recorder (`--trace-dir`).
+        self.wrap_device = wrap_device
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
@@ -191,14 +194,16 @@ class PoolServer:
                 if len(self.sessions) >= self.max_sessions:
                     raise HarpError(f"server {self.name} has its maximum of "
                                     f"{self.max_sessions} sessions")
+            session_id = f"s{next(self._counter)}-{secrets.token_hex(4)}"
             device = self.backend.open(grant.device_index, memory_quota=grant.memory_quota or None,
                                        trust_client_code=self.trust_client_code)
+            if self.wrap_device is not None:
+                device = self.wrap_device(device, session_id)
         except HarpError as exc:
             log.info("refused a session from %s: %s", context.peer(), exc)
             error = pb.ErrorRecord()
             error.ParseFromString(wire.error_to_proto(exc))
             return None, pb.HandshakeReply(error=error, server_name=self.name).SerializeToString()
-        session_id = f"s{next(self._counter)}-{secrets.token_hex(4)}"
         session = Session(device, session_id, self.chunk_size)
         session.lease_id, session.expires_at = grant.lease_id, grant.expires_at
         session.context = context

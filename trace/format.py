@@ -126,7 +126,9 @@ class Encoder:
     """Encodes blocks: msgpack for structure, zstandard for bodies worth compressing."""
 
     def __init__(self, level: int = 1) -> None:
-        self._packer = msgpack.Packer(use_bin_type=True, default=_default)
+        # strict types: a subclass of a msgpack type (np.float64 is a float, an IntEnum an
+        # int, a launch's `LaunchArgs` a tuple) goes to `default`, which knows what it is
+        self._packer = msgpack.Packer(use_bin_type=True, strict_types=True, default=_default)
         self._zstd = zstandard.ZstdCompressor(level=level)
 
     def packed(self, kind: int, obj: Any, compress: bool = True) -> bytes:
@@ -146,15 +148,38 @@ class Encoder:
             yield block(BLOB, BLOB_PREFIX.pack(blob_id, pos) + stored, codec)
 
 
+#: type -> encoder, for types the recorder puts in records unencoded (its launch arguments,
+#: registered by recorder.py) so the hot path stays cheap and encoding happens in the batch.
+_hooks: dict[type, Any] = {}
+
+
+def register_encoder(kind: type, encode: Any) -> None:
+    _hooks[kind] = encode
+
+
 def _default(value: Any) -> Any:
-    """msgpack fallback: NumPy numbers as Python numbers, anything else as unrecordable."""
+    """msgpack fallback: registered types, tuples as arrays, NumPy numbers and subclasses of
+    built-in types as the built-in value, anything else as unrecordable."""
+    hook = _hooks.get(type(value))
+    if hook is not None:
+        return hook(value)
+    if isinstance(value, tuple):
+        return list(value)
     import numpy as np
-    if isinstance(value, np.integer):
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, (int, np.integer)):
         return int(value)
-    if isinstance(value, np.floating):
+    if isinstance(value, (float, np.floating)):
         return float(value)
-    if isinstance(value, (bytearray, memoryview)):
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
+    if isinstance(value, list):
+        return list(value)
+    if isinstance(value, dict):
+        return dict(value)
     return {UNRECORDABLE: _short_repr(value)}
 
 
@@ -196,7 +221,8 @@ def scan_blocks(f: BinaryIO, path: str, start: int, size: int, *,
                 ) -> Iterator[tuple[int, int, int, int, bytes | None] | Tail]:
     """Walk the blocks from `start` to `size`, checking every header and the CRC of every body
     it reads. Yields (offset, kind, codec, length, body) per block (body None for kinds not in
-    `read_kinds`, which are skipped unread), then one `Tail`.
+    `read_kinds`, which are skipped unread, as are kinds this version does not know: a later
+    minor version may add them), then one `Tail`.
 
     A block that runs past `size`, a header cut short, or a tail of zero bytes (what some
     file systems leave after a crash) ends the scan as torn. Anything else wrong raises
@@ -217,13 +243,13 @@ def scan_blocks(f: BinaryIO, path: str, start: int, size: int, *,
                 return
             what = "no block mark" if sync != BLOCK_SYNC else "block header checksum mismatch"
             raise TraceCorruptError(path, offset, what)
-        if kind not in BLOCK_NAMES or codec not in (RAW, ZSTD) or length > MAX_BODY:
+        if kind == 0 or codec not in (RAW, ZSTD) or length > MAX_BODY:
             raise TraceCorruptError(path, offset, f"impossible block (kind {kind}, codec {codec}, "
                                                   f"{length} bytes)")
         end = offset + BLOCK_HEADER_SIZE + length
         if end > size:
-            yield Tail(offset, f"an incomplete {BLOCK_NAMES[kind]} block ({size - offset} of "
-                               f"{end - offset} bytes)")
+            yield Tail(offset, f"an incomplete {BLOCK_NAMES.get(kind, 'unknown')} block "
+                               f"({size - offset} of {end - offset} bytes)")
             return
         body = None
         if kind in read_kinds:

@@ -5,8 +5,8 @@
         for call in trace.calls():
             print(call.seq, call.api, call.duration_ns, call.error)
 
-Opening walks every block header and checks the CRC of every block except
-payload blobs, whose CRC is checked when `blob()` reads them. A torn last block
+Opening walks every block and checks its CRCs (with `verify=False`, payload
+blobs are skipped and checked only when `blob()` reads them). A torn last block
 (a writer that died mid-write) is dropped with a `TraceTruncatedWarning`; damage
 anywhere else raises `TraceCorruptError`, which names the byte offset.
 """
@@ -90,19 +90,20 @@ class TraceFile:
     """An open trace file. Warnings about its end are in `warnings` and are also issued with
     the `warnings` module (`TraceTruncatedWarning`, `TraceIncompleteWarning`)."""
 
-    def __init__(self, path: str | os.PathLike, *, warn: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike, *, warn: bool = True, verify: bool = True
+                 ) -> None:
         self.path = os.fspath(path)
         try:
             self._file = open(self.path, "rb")
         except OSError as exc:
             raise TraceError(f"cannot open trace {self.path}: {exc.strerror or exc}") from None
         try:
-            self._open(warn)
+            self._open(warn, verify)
         except BaseException:
             self._file.close()
             raise
 
-    def _open(self, warn: bool) -> None:
+    def _open(self, warn: bool, verify: bool) -> None:
         f = self._file
         self.size = os.fstat(f.fileno()).st_size
         self.version = fmt.read_file_header(f, self.path)
@@ -114,7 +115,9 @@ class TraceFile:
         self.position = fmt.FILE_HEADER_SIZE
         tail = None
         first = True
-        for item in fmt.scan_blocks(f, self.path, fmt.FILE_HEADER_SIZE, self.size):
+        kinds = frozenset((HEADER, CALLS, END) + ((fmt.BLOB,) if verify else ()))
+        for item in fmt.scan_blocks(f, self.path, fmt.FILE_HEADER_SIZE, self.size,
+                                    read_kinds=kinds):
             if isinstance(item, fmt.Tail):
                 tail = item
                 break
@@ -129,7 +132,14 @@ class TraceFile:
             elif kind == CALLS:
                 self.call_blocks += 1
             elif kind == fmt.BLOB:
-                self._blobs.setdefault(-1, []).append((offset, codec, length))
+                if body is not None:
+                    if len(body) < fmt.BLOB_PREFIX.size:
+                        raise TraceCorruptError(self.path, offset,
+                                                "blob block shorter than its prefix")
+                    blob_id = fmt.BLOB_PREFIX.unpack_from(body)[0]
+                    self._blobs.setdefault(blob_id, []).append((offset, codec, length))
+                else:
+                    self._blobs.setdefault(-1, []).append((offset, codec, length))
             elif kind == END:
                 self.end = fmt.decode_body(codec, body, self.path, offset)
             elif kind == HEADER:
@@ -199,11 +209,11 @@ class TraceFile:
             self.position = offset + fmt.BLOCK_HEADER_SIZE + length
             if kind != CALLS:
                 continue
-            records = fmt.decode_body(codec, body, self.path, offset)
-            if not isinstance(records, list):
-                raise TraceCorruptError(self.path, offset, "a calls block is not a list")
+            flat = fmt.decode_body(codec, body, self.path, offset)
+            if not isinstance(flat, list):
+                raise TraceCorruptError(self.path, offset, "a calls block is not an array")
             here = f.tell()
-            for rec in records:
+            for rec in _records(flat, self.path, offset):
                 yield _call(rec, origin, self.path, offset)
             f.seek(here)    # a consumer may have read a blob in between
 
@@ -238,6 +248,22 @@ class TraceFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+_ARITY = {op: fmt.FIELDS_AT + len(spec[1]) for op, spec in OPS.items()}
+
+
+def _records(flat: list, path: str, offset: int) -> Iterator[list]:
+    """Split a CALLS block's flat array into records: each takes 5 + its op's field count."""
+    i, n = 0, len(flat)
+    while i < n:
+        op = flat[i]
+        size = _ARITY.get(op) if type(op) is int else None
+        if size is None or i + size > n:
+            raise TraceCorruptError(path, offset, f"malformed call record at element {i} of the "
+                                                  f"block (op {op!r})")
+        yield flat[i:i + size]
+        i += size
 
 
 def _call(rec: Any, origin: int, path: str, offset: int) -> Call:

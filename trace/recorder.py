@@ -1,18 +1,21 @@
 """`TraceRecorder`: a `Device` that passes every call to another one and records it.
 
 The hot path (an asynchronous call such as `launch`) takes two clock readings
-and appends one tuple to a queue; encoding (msgpack), compression (zstandard)
-and the write happen in batches, at the next sync call, every `FLUSH_CALLS`
-calls, at least once a second while calls arrive, and on close. Each batch is
-one framed block, so a crash loses at most the calls not yet written plus the
-block being written (see docs/trace-format.md).
+and adds one record's fields to a queue, nothing more. Encoding (msgpack),
+compression (zstandard) and the write happen in batches: at every sync call,
+before it returns, in the caller's thread; between sync calls every
+`FLUSH_INTERVAL` seconds in one background thread shared by all recorders
+(zstandard and the write release the GIL); and on close. Each batch is one
+framed block, so a crash loses at most the calls of the last `FLUSH_INTERVAL`
+since the last sync call, plus a block torn mid-write (see docs/trace-format.md).
+A failing trace file (a full disk) is logged and recording stops; the program's
+calls are never affected.
 
 The recorder changes nothing the program sees: the same results, the same
 exceptions (the very objects the inner device raised), the same call numbers.
 """
 from __future__ import annotations
 
-import collections
 import hashlib
 import itertools
 import logging
@@ -25,6 +28,7 @@ import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
+import msgpack
 import numpy as np
 
 from harp.device import Device, Dims
@@ -37,10 +41,8 @@ from .format import (ALLOC, CLOSE, COPY, ELAPSED, EVENT, FILL, FREE, FUNCTION, L
 
 log = logging.getLogger("harp.trace")
 
-#: Calls held in memory before a block is written even without a sync call (a power of 2).
-FLUSH_CALLS = 4096
-#: ... and the longest time (ns) a recorded call waits in memory while calls keep coming.
-FLUSH_NS = 1_000_000_000
+#: Seconds between background writes of the calls queued since the last sync call.
+FLUSH_INTERVAL = 0.05
 #: File suffix of traces.
 SUFFIX = ".harptrace"
 
@@ -49,24 +51,41 @@ _HANDLES = (Buffer, Module, Function, Stream, Event)
 
 
 class TraceWriter:
-    """The file side of a recording: queued call records, blobs, blocks. Thread-safe."""
+    """The file side of a recording: queued call records, blobs, blocks. Thread-safe.
+
+    Records are queued *flat*: each call extends one list with its fields (one C call, atomic
+    under the GIL), and a block is that list's prefix packed as one msgpack array (a quarter
+    faster to pack than an array of small arrays, and no container object per call).
+    """
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._lock = threading.Lock()
         self._encoder = fmt.Encoder()
-        self.calls: collections.deque = collections.deque()
-        self.written_calls = 0
+        self.calls: list = []
         self.closed = False
         self._blob_ids: dict[bytes, int] = {}
         self.blob_bytes = 0
+        self.failed: BaseException | None = None
         self._write(fmt.file_header() + self._encoder.packed(fmt.HEADER, header, compress=False))
+        if self.failed is not None:
+            os.close(self._fd)
+            raise self.failed
+        _flusher.add(self)
 
     def _write(self, data: bytes) -> None:
+        if self.failed is not None:
+            return
         view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view):]
+        try:
+            while view:
+                view = view[os.write(self._fd, view):]
+        except OSError as exc:
+            self.failed = exc
+            self.calls.clear()
+            log.warning("trace %s: cannot write (%s); recording stops, the device carries on",
+                        self.path, exc)
 
     def blob(self, data: Any) -> int:
         """Store a payload (once per distinct content) and return its blob id."""
@@ -86,26 +105,26 @@ class TraceWriter:
     def flush(self) -> None:
         """Write the queued call records as one CALLS block."""
         with self._lock:
-            if self.closed:
-                return
-            self._flush_locked()
+            if not self.closed:
+                self._flush_locked()
 
     def _flush_locked(self) -> None:
         queue = self.calls
-        n = len(queue)
+        n = len(queue)         # a record boundary: each record is added by one extend()
         if not n:
             return
-        pop = queue.popleft
-        records = []
-        for _ in range(n):
-            rec = pop()
-            if rec[0] == LAUNCH and rec[-1]:
-                rec = rec[:-1] + ([_encode_arg(a) for a in rec[-1]],)
-            records.append(rec)
-        self._write(self._encoder.packed(fmt.CALLS, records))
-        self.written_calls += n
+        if self.failed is not None:
+            del queue[:n]
+            return
+        batch = queue[:n]
+        del queue[:n]          # records added meanwhile by other threads stay, after n
+        try:
+            block = self._encoder.packed(fmt.CALLS, batch)
+        except Exception:      # a value msgpack refuses (an int past 64 bits): mark it
+            block = self._encoder.packed(fmt.CALLS, [_packable(v) for v in batch])
+        self._write(block)
 
-    def finish(self, clean: bool = True) -> None:
+    def finish(self, calls: int, clean: bool = True) -> None:
         """Write what is queued and the END block, and close the file (idempotent)."""
         with self._lock:
             if self.closed:
@@ -113,7 +132,7 @@ class TraceWriter:
             try:
                 self._flush_locked()
                 self._write(self._encoder.packed(fmt.END, {
-                    "calls": self.written_calls, "t_end": _now(), "clean": clean,
+                    "calls": calls, "t_end": _now(), "clean": clean,
                     "blobs": len(self._blob_ids), "blob_bytes": self.blob_bytes},
                     compress=False))
             finally:
@@ -121,17 +140,95 @@ class TraceWriter:
                 os.close(self._fd)
 
 
+class _Flusher:
+    """One daemon thread that writes every live recorder's queued calls each FLUSH_INTERVAL."""
+
+    def __init__(self) -> None:
+        self._writers: weakref.WeakSet[TraceWriter] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._pid = 0
+
+    def add(self, writer: TraceWriter) -> None:
+        with self._lock:
+            self._writers.add(writer)
+            if self._pid != os.getpid():       # first use, or a forked child: no thread yet
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="harp-trace-flusher",
+                                 daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(FLUSH_INTERVAL)
+            for writer in list(self._writers):
+                if writer.calls and not writer.closed:
+                    try:
+                        writer.flush()
+                    except Exception:  # never let one trace stop the others
+                        log.exception("trace %s: background write failed", writer.path)
+
+
+_flusher = _Flusher()
+
+
+def _packable(value: Any) -> Any:
+    try:
+        msgpack.packb(value, use_bin_type=True, strict_types=True, default=fmt._default)
+        return value
+    except Exception:
+        return {fmt.UNRECORDABLE: fmt._short_repr(value)}
+
+
+#: NumPy scalar type -> (dtype name, Python conversion): `dtype.name` costs over a
+#: microsecond per call, a dict lookup on the type a few dozen nanoseconds.
+_NP_SCALARS: dict[type, tuple[str, Any]] = {}
+
+
+def _np_scalar(kind: type, arg: Any) -> tuple[str, Any] | None:
+    if not (isinstance(arg, np.generic) and arg.dtype.kind in "biuf"):
+        return None
+    spec = _NP_SCALARS[kind] = (arg.dtype.name, {"b": bool, "f": float}.get(arg.dtype.kind, int))
+    return spec
+
+
+class LaunchArgs(tuple):
+    """A launch's arguments as passed, kept in the record until its block is packed, where
+    `format` encodes them (see `_encode_args`): encoding a handful of arguments costs
+    microseconds inside the hot path, far less in one batch."""
+    __slots__ = ()
+
+
+#: Launch records without arguments share this (never mutated) empty list.
+_NO_ARGS: list = []
+
+
+def _encode_args(args: LaunchArgs) -> list:
+    out = []
+    for arg in args:                     # the two common kinds inline, the rest in _encode_arg
+        kind = type(arg)
+        if kind is Buffer:
+            out.append([fmt.ARG_BUFFER, arg.id, arg.nbytes, 0])
+            continue
+        spec = _NP_SCALARS.get(kind)
+        out.append([fmt.ARG_SCALAR, spec[1](arg), spec[0]] if spec is not None
+                   else _encode_arg(arg))
+    return out
+
+
+fmt.register_encoder(LaunchArgs, _encode_args)
+
+
 def _encode_arg(arg: Any) -> Any:
     """One launch argument as its tagged list (see docs/trace-format.md)."""
     kind = type(arg)
     if kind is Buffer:
         return [fmt.ARG_BUFFER, arg.id, arg.nbytes, 0]
+    spec = _NP_SCALARS.get(kind) or _np_scalar(kind, arg)
+    if spec is not None:
+        return [fmt.ARG_SCALAR, spec[1](arg), spec[0]]
     if kind is BufferArg and type(arg.buffer) is Buffer:
         return [fmt.ARG_BUFFER, arg.buffer.id, arg.buffer.nbytes, arg.offset]
     if kind is Scalar:
         return [fmt.ARG_SCALAR, arg.value, arg.dtype]
-    if isinstance(arg, np.generic) and arg.dtype.kind in "biuf":
-        return [fmt.ARG_SCALAR, arg.item(), arg.dtype.name]
     if kind is ArrayArg and type(arg.buffer) is Buffer:
         return [fmt.ARG_ARRAY, arg.buffer.id, arg.buffer.nbytes, arg.dtype, list(arg.shape),
                 arg.offset, list(arg.strides) if arg.strides is not None else None]
@@ -204,6 +301,9 @@ def claim_path(path: str | os.PathLike) -> Path:
 class TraceRecorder(Device):
     """Wraps `device`, records every call into the trace at `path`, and behaves exactly like it.
 
+    Wrap a session from its first call: the recorder counts calls to know each one's
+    sequence number, as the device numbers them.
+
     `payloads=True` also stores the bytes of every write (compressed, each distinct payload
     once), which replay needs to check read digests. Module images are always stored.
     `read_digests=False` skips hashing read data. `meta` goes into the trace header.
@@ -230,11 +330,10 @@ class TraceRecorder(Device):
             "python": platform.python_version(), "meta": dict(meta or {}),
         }
         self._writer = TraceWriter(self.path, header)
-        self._append = self._writer.calls.append
+        self._extend = self._writer.calls.extend
         self._count = itertools.count(1)
-        self._deadline = _now() + FLUSH_NS
         self._closed = False
-        self._finalizer = weakref.finalize(self, self._writer.finish, False)
+        self._finalizer = weakref.finalize(self, _finish_abandoned, self._writer, self._count)
 
     # -- recording machinery -------------------------------------------------------
     @property
@@ -251,17 +350,12 @@ class TraceRecorder(Device):
     def flush(self) -> None:
         """Write every call recorded so far to the file."""
         self._writer.flush()
-        self._deadline = _now() + FLUSH_NS
-
-    def _tick(self, seq: int, t1: int) -> None:
-        if t1 > self._deadline or not seq & (FLUSH_CALLS - 1):
-            self.flush()
 
     def _failed(self, op: int, seq: int, t0: int, exc: BaseException, *fields: Any) -> None:
-        self._append((op, seq, t0, _now(), error_record(exc), *fields))
+        self._extend((op, seq, t0, _now(), error_record(exc), *fields))
 
     def _synced(self, rec: tuple) -> None:
-        self._append(rec)
+        self._extend(rec)
         self.flush()
 
     # -- facts ---------------------------------------------------------------------
@@ -288,9 +382,7 @@ class TraceRecorder(Device):
         except Exception as exc:
             self._failed(ALLOC, seq, t0, exc, nbytes, None)
             raise
-        t1 = _now()
-        self._append((ALLOC, seq, t0, t1, None, buf.nbytes, buf.id))
-        self._tick(seq, t1)
+        self._extend((ALLOC, seq, t0, _now(), None, buf.nbytes, buf.id))
         return buf
 
     def free(self, buf: Buffer) -> None:
@@ -300,9 +392,7 @@ class TraceRecorder(Device):
         except Exception as exc:
             self._failed(FREE, seq, t0, exc, _hid(buf), _bn(buf))
             raise
-        t1 = _now()
-        self._append((FREE, seq, t0, t1, None, buf.id, buf.nbytes))
-        self._tick(seq, t1)
+        self._extend((FREE, seq, t0, _now(), None, buf.id, buf.nbytes))
 
     def write(self, buf: Buffer, offset: int, data: Any, stream: Stream | None = None) -> None:
         seq, t0 = next(self._count), _now()
@@ -322,9 +412,8 @@ class TraceRecorder(Device):
             nbytes, blob = view.nbytes, self._writer.blob(view)
         else:
             nbytes, blob = memoryview(data).nbytes, None
-        self._append((WRITE, seq, t0, t1, None, buf.id, buf.nbytes, offset, nbytes,
+        self._extend((WRITE, seq, t0, t1, None, buf.id, buf.nbytes, offset, nbytes,
                       None if stream is None else stream.id, blob))
-        self._tick(seq, t1)
 
     def read(self, buf: Buffer, offset: int, nbytes: int, out: Any = None,
              stream: Stream | None = None) -> Any:
@@ -353,10 +442,8 @@ class TraceRecorder(Device):
             self._failed(COPY, seq, t0, exc, _hid(dst), _bn(dst), dst_offset, _hid(src), _bn(src),
                          src_offset, nbytes, _sid(stream))
             raise
-        t1 = _now()
-        self._append((COPY, seq, t0, t1, None, dst.id, dst.nbytes, dst_offset, src.id,
+        self._extend((COPY, seq, t0, _now(), None, dst.id, dst.nbytes, dst_offset, src.id,
                       src.nbytes, src_offset, nbytes, None if stream is None else stream.id))
-        self._tick(seq, t1)
 
     def fill(self, buf: Buffer, value: int, offset: int = 0, nbytes: int | None = None,
              stream: Stream | None = None) -> None:
@@ -367,10 +454,8 @@ class TraceRecorder(Device):
             self._failed(FILL, seq, t0, exc, _hid(buf), _bn(buf), value, offset, nbytes,
                          _sid(stream))
             raise
-        t1 = _now()
-        self._append((FILL, seq, t0, t1, None, buf.id, buf.nbytes, value, offset, nbytes,
+        self._extend((FILL, seq, t0, _now(), None, buf.id, buf.nbytes, value, offset, nbytes,
                       None if stream is None else stream.id))
-        self._tick(seq, t1)
 
     # -- code ----------------------------------------------------------------------
     def load_module(self, image: bytes | str, format: str) -> Module:
@@ -383,8 +468,7 @@ class TraceRecorder(Device):
         t1 = _now()
         is_str = isinstance(image, str)
         blob = self._writer.blob(image.encode("utf-8") if is_str else image)
-        self._append((LOAD_MODULE, seq, t0, t1, None, module.format, blob, is_str, module.id))
-        self._tick(seq, t1)
+        self._extend((LOAD_MODULE, seq, t0, t1, None, module.format, blob, is_str, module.id))
         return module
 
     def function(self, module: Module, name: str) -> Function:
@@ -394,15 +478,14 @@ class TraceRecorder(Device):
         except Exception as exc:
             self._failed(FUNCTION, seq, t0, exc, _hid(module), name, None)
             raise
-        t1 = _now()
-        self._append((FUNCTION, seq, t0, t1, None, module.id, fn.name, fn.id))
-        self._tick(seq, t1)
+        self._extend((FUNCTION, seq, t0, _now(), None, module.id, fn.name, fn.id))
         return fn
 
     def launch(self, fn: Function, grid: Dims, block: Dims, args: Sequence[Any],
                shared_mem: int = 0, stream: Stream | None = None) -> None:
         seq, t0 = next(self._count), _now()
-        if type(args) is not list and type(args) is not tuple and \
+        kind = type(args)
+        if kind is not tuple and kind is not list and \
                 not isinstance(args, (str, bytes)) and hasattr(args, "__iter__"):
             args = list(args)        # a one-shot iterable: the inner device would consume it
         try:
@@ -411,12 +494,11 @@ class TraceRecorder(Device):
             self._failed(LAUNCH, seq, t0, exc, _hid(fn), _dims(grid), _dims(block), shared_mem,
                          _sid(stream), _safe_args(args))
             raise
-        t1 = _now()
-        self._append((LAUNCH, seq, t0, t1, None, fn.id,
-                      grid if type(grid) is int else tuple(grid),
-                      block if type(block) is int else tuple(block), shared_mem,
-                      None if stream is None else stream.id, tuple(args)))
-        self._tick(seq, t1)
+        self._extend((LAUNCH, seq, t0, _now(), None, fn.id,
+                      grid if type(grid) is int else list(grid),
+                      block if type(block) is int else list(block), shared_mem,
+                      None if stream is None else stream.id,
+                      LaunchArgs(args) if args else _NO_ARGS))
 
     # -- order ---------------------------------------------------------------------
     def stream(self) -> Stream:
@@ -426,9 +508,7 @@ class TraceRecorder(Device):
         except Exception as exc:
             self._failed(STREAM, seq, t0, exc, None)
             raise
-        t1 = _now()
-        self._append((STREAM, seq, t0, t1, None, stream.id))
-        self._tick(seq, t1)
+        self._extend((STREAM, seq, t0, _now(), None, stream.id))
         return stream
 
     def event(self) -> Event:
@@ -438,9 +518,7 @@ class TraceRecorder(Device):
         except Exception as exc:
             self._failed(EVENT, seq, t0, exc, None)
             raise
-        t1 = _now()
-        self._append((EVENT, seq, t0, t1, None, event.id))
-        self._tick(seq, t1)
+        self._extend((EVENT, seq, t0, _now(), None, event.id))
         return event
 
     def record(self, event: Event, stream: Stream | None = None) -> None:
@@ -450,10 +528,8 @@ class TraceRecorder(Device):
         except Exception as exc:
             self._failed(RECORD, seq, t0, exc, _hid(event), _sid(stream))
             raise
-        t1 = _now()
-        self._append((RECORD, seq, t0, t1, None, event.id,
+        self._extend((RECORD, seq, t0, _now(), None, event.id,
                       None if stream is None else stream.id))
-        self._tick(seq, t1)
 
     def wait(self, stream: Stream, event: Event) -> None:
         seq, t0 = next(self._count), _now()
@@ -462,9 +538,7 @@ class TraceRecorder(Device):
         except Exception as exc:
             self._failed(WAIT, seq, t0, exc, _sid(stream), _hid(event))
             raise
-        t1 = _now()
-        self._append((WAIT, seq, t0, t1, None, None if stream is None else stream.id, event.id))
-        self._tick(seq, t1)
+        self._extend((WAIT, seq, t0, _now(), None, None if stream is None else stream.id, event.id))
 
     def synchronize(self, stream: Stream | None = None) -> None:
         seq, t0 = next(self._count), _now()
@@ -502,9 +576,14 @@ class TraceRecorder(Device):
             error = error_record(exc)
             raise
         finally:
-            self._append((CLOSE, seq, t0, _now(), error))
+            self._extend((CLOSE, seq, t0, _now(), error))
             self._finalizer.detach()
-            self._writer.finish(clean=True)
+            self._writer.finish(seq, clean=True)
+
+
+def _finish_abandoned(writer: TraceWriter, count: Any) -> None:
+    """A recorder collected (or the process exiting) without close: write what it has."""
+    writer.finish(next(count) - 1, clean=False)
 
 
 def _dims(dims: Any) -> Any:
@@ -516,7 +595,7 @@ def _dims(dims: Any) -> Any:
 
 def _safe_args(args: Any) -> Any:
     try:
-        return tuple(args)
+        return [_encode_arg(a) for a in args]
     except TypeError:
         return {fmt.UNRECORDABLE: fmt._short_repr(args)}
 
@@ -549,4 +628,4 @@ def session_recorder(device: Device, trace_dir: str | os.PathLike, session_id: s
 
 
 __all__ = ["TraceRecorder", "TraceWriter", "record_to", "session_recorder", "claim_path",
-           "error_record", "FLUSH_CALLS", "SUFFIX"]
+           "error_record", "FLUSH_INTERVAL", "SUFFIX"]

@@ -70,6 +70,13 @@ class SyncPoint:
     waited_ops: int
     blocked: bool
     excess_ns: float      # duration beyond the fastest call of its kind
+    waited_until: float | None = None   # when the device work it waited for ended
+
+    @property
+    def overhead_ns(self) -> float:
+        """The part of the call's time not spent waiting for device work (its own cost)."""
+        waited = 0.0 if self.waited_until is None else max(0.0, self.waited_until - self.call.t0)
+        return max(0.0, self.call.duration_ns - waited)
 
 
 @dataclass
@@ -83,6 +90,7 @@ class Timeline:
     idle_gaps: list[tuple[float, float]] = field(default_factory=list)
     kernel_names: dict[int, str] = field(default_factory=dict)
     by_seq: dict[int, DeviceOp] = field(default_factory=dict)
+    sync_by_seq: dict[int, SyncPoint] = field(default_factory=dict)
 
     @property
     def span_ns(self) -> int:
@@ -221,11 +229,14 @@ class _Estimator:
                     windows.append((marker.stream, ops[:cut]))
                     self.pending[marker.stream] = ops[cut:]
         waited = 0
+        until = None
         for stream, ops in windows:
             waited += len(ops)
             self.place(stream, ops, target, blocked)
+            if ops:
+                until = max(until or 0.0, ops[-1].end)
         self.syncs.append(SyncPoint(call, [s for s, _ in windows], waited, blocked,
-                                    max(0.0, excess - base.get(call.op, 0.0))))
+                                    max(0.0, excess - base.get(call.op, 0.0)), until))
 
     def place(self, stream: int, ops: list[DeviceOp], target: float | None,
               blocked: bool) -> None:
@@ -316,4 +327,4 @@ def estimate(calls: Iterable[Call]) -> Timeline:
     busy, gaps = _union(est.ops, start, end)
     return Timeline(calls=calls, ops=est.ops, syncs=est.syncs, start_ns=start, end_ns=end,
                     busy_ns=busy, idle_gaps=gaps, kernel_names=est.kernel_names,
-                    by_seq=est.by_seq)
+                    by_seq=est.by_seq, sync_by_seq={p.call.seq: p for p in est.syncs})

@@ -83,7 +83,7 @@ def _embedded_pool(tmp: Path, results: list, args: argparse.Namespace) -> None:
     workload once on a direct session and once through a lease with a memory quota."""
     import harp
     from harp.backends import load_backend
-    from harp.client import SchedulerClient, connect_lease
+    from harp.client import SchedulerClient
     from harp.scheduler import open_scheduler
     from harp.security import channel_credentials, ephemeral_pool, server_credentials
     from harp.server import PoolServer
@@ -109,7 +109,7 @@ def _embedded_pool(tmp: Path, results: list, args: argparse.Namespace) -> None:
         with SchedulerClient(f"harp://{scheduler_address}", tls=client_files) as pool:
             lease = pool.attach("cpu", memory=256 << 20, share=0.5, client_name="harp demo")
             try:
-                with connect_lease(lease, tls=client_files) as dev:
+                with harp.connect(lease, tls=client_files) as dev:
                     results.append((f"lease {lease.lease_id} (256 MiB quota)",
                                     workload(dev, args.size, args.gemm)))
             finally:

@@ -33,6 +33,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     serve.add_argument("--memory", default=None, help="cpu backend: memory per device, e.g. 4GiB")
     serve.add_argument("--devices", type=int, default=1, help="cpu backend: number of devices")
     serve.add_argument("--max-sessions", type=int, default=64)
+    serve.add_argument("--trace-dir", default=None,
+                       help="record every session into DIR/SESSION.harptrace (harp trace ...)")
     drain = sub.add_parser("drain", help="give a pool server no new leases (--undo: again)")
     drain.add_argument("server", help="server name or endpoint")
     drain.add_argument("--undo", action="store_true")
@@ -59,8 +61,16 @@ def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
     ok, reason = backend.available()
     if not ok:
         raise BackendError(f"backend {args.backend} is unavailable here: {reason}")
+    wrap = None
+    if getattr(args, "trace_dir", None):
+        from pathlib import Path
+        from harp.trace import session_recorder
+        trace_dir = Path(args.trace_dir)
+        trace_dir.mkdir(parents=True, exist_ok=True)
+        wrap = lambda device, session_id: session_recorder(device, trace_dir, session_id)  # noqa: E731
     server = PoolServer(backend, name=name or args.name or "pending",
-                        trust_client_code=args.trust_client_code, max_sessions=args.max_sessions)
+                        trust_client_code=args.trust_client_code, max_sessions=args.max_sessions,
+                        wrap_device=wrap)
     bound = server.start(args.listen or ["127.0.0.1:50051"], server_credentials(args))
     if not (name or args.name):
         tcp = next((a for a in bound if not a.startswith("unix")), bound[0])

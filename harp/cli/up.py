@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         server, registrar, endpoints = start_pool_server(argparse.Namespace(
             **base, backend="cpu", listen=[args.server_listen, f"unix:{sock}"], name="",
             scheduler=scheduler_url, advertise=[], trust_client_code=False, memory=args.memory,
-            devices=1, max_sessions=64), name=f"{socket.gethostname()}-cpu")
+            devices=1, max_sessions=64, trace_dir=None), name=f"{socket.gethostname()}-cpu")
         servers.append((server, registrar))
         print(f"HARP is up: scheduler {scheduler_url}, pool server {server.name} "
               f"on {', '.join(endpoints)}", flush=True)
