@@ -22,10 +22,18 @@ def connect(target: str | None = None, **options):  # noqa: ANN201 - returns a D
     return _connect(target, **options)
 
 
+def __getattr__(name: str):  # noqa: ANN202 - lazy exports, so `import harp` stays light
+    if name in ("RawKernel", "RawModule"):
+        from harp.client import raw
+        return getattr(raw, name)
+    raise AttributeError(f"module 'harp' has no attribute {name!r}")
+
+
 __all__ = [
     "connect", "Device", "CATALOG_IMAGE", "Buffer", "BufferArg", "ArrayArg", "Scalar", "Module",
     "Function", "Stream", "Event", "DeviceInfo", "MemInfo", "HarpError", "ArgumentError",
     "InvalidHandleError", "UnsupportedError", "PermissionDeniedError", "DeviceError",
     "OutOfMemoryError", "QuotaError", "NoCapacityError", "AuthError", "LeaseError", "ProtocolError",
     "VersionMismatchError", "TransportError", "BackendError", "InternalError",
+    "RawKernel", "RawModule",
 ]

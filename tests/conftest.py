@@ -12,7 +12,12 @@ import pytest
 
 import harp
 
-DEVICE_KINDS = ["local-cpu", "remote-cpu"]
+DEVICE_KINDS = [
+    "local-cpu", "remote-cpu",
+    # the cuda backend, on a real GPU (skipped without one, see pytest_collection_modifyitems)
+    pytest.param("local-cuda", marks=pytest.mark.gpu),
+    pytest.param("remote-cuda", marks=pytest.mark.gpu),
+]
 
 
 def _gpu_present() -> bool:
@@ -39,19 +44,26 @@ def _open_device(kind: str, request) -> harp.Device:
     if kind == "remote-cpu":
         pool = request.getfixturevalue("pool_server")
         return harp.connect(pool.url, tls=pool.client_tls)
+    if kind == "local-cuda":
+        return harp.connect("local:cuda", memory="2GiB")
+    if kind == "remote-cuda":
+        pool = request.getfixturevalue("cuda_pool_server")
+        return harp.connect(pool.url, tls=pool.client_tls)
     raise ValueError(kind)
 
 
 class Pool:
     """An in-process pool server on loopback with mutual TLS, and what a client needs."""
 
+    backend = "cpu"
+
     def __init__(self, tmp_path, **server_options):
         from harp.backends import load_backend
         from harp.security import ephemeral_pool, server_credentials
         from harp.server import PoolServer
         self.server_tls, self.client_tls = ephemeral_pool(tmp_path)
-        self.server = PoolServer(load_backend("cpu", memory="2GiB"), trust_client_code=True,
-                                 **server_options)
+        self.server = PoolServer(load_backend(self.backend, memory="2GiB"),
+                                 trust_client_code=True, **server_options)
         self.address = self.server.start(["127.0.0.1:0"], server_credentials(self.server_tls))[0]
         self.url = f"harp://{self.address}"
 
@@ -66,6 +78,19 @@ class Pool:
 def pool_server(tmp_path_factory):
     """One pool server (cpu backend, 2 GiB, trusted) shared by the whole run."""
     pool = Pool(tmp_path_factory.mktemp("pool"))
+    yield pool
+    pool.stop()
+
+
+class CudaPool(Pool):
+    """The same, serving the cuda backend's GPU 0 (2 GiB per device)."""
+    backend = "cuda"
+
+
+@pytest.fixture(scope="session")
+def cuda_pool_server(tmp_path_factory):
+    """One pool server over the cuda backend, shared by the whole run (needs a GPU)."""
+    pool = CudaPool(tmp_path_factory.mktemp("cuda-pool"))
     yield pool
     pool.stop()
 

@@ -71,7 +71,7 @@ def _entry_points() -> dict[str, metadata.EntryPoint]:
 def _builtin() -> dict[str, str]:
     # Built-ins are listed here too, so HARP works from a source tree that was
     # never installed (no entry-point metadata).
-    return {"cpu": "harp.backends.cpu:CpuBackend"}
+    return {"cpu": "harp.backends.cpu:CpuBackend", "cuda": "harp.backends.cuda:CudaBackend"}
 
 
 def backend_names() -> list[str]:

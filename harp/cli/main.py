@@ -24,6 +24,7 @@ COMMANDS = {
     "detach": ("harp.cli.detach", "end a lease"),
     "leases": ("harp.cli.leases", "list leases"),
     "trace": ("harp.cli.trace", "study recorded traces: report, replay, export, what-if"),
+    "run": ("harp.cli.run", "run an unmodified program with its numba.cuda calls served by HARP"),
 }
 
 

@@ -1,0 +1,365 @@
+"""`cuda.jit`: kernels and device functions, compiled on the client, launched on the HARP device.
+
+A kernel is compiled for the device's best format (see `Session.kernel_format`):
+
+- "ptx" (CUDA devices): numba compiles the kernel to PTX on the client, once per
+  signature (argument types), for the device's compute capability; arrays go as
+  `ArrayArg` (the backend expands them to numba's array ABI) and the kernel is
+  numba's mangled entry name from the PTX.
+- "numba-python" (a cpu device that trusts client code): the kernel's source,
+  with the device functions and module globals it uses, runs in Numba's CUDA
+  simulator on the device.
+
+Each image is loaded once per session and reused by every launch.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from harp.types import Scalar
+
+from .devicearray import DeviceNDArray, stream_handle, to_device
+from .errors import UnsupportedAttributeError, unsupported
+from .session import Session, current
+
+#: `cuda.jit` options HARP takes. Those that only tune performance on a real GPU
+#: and that PTX cannot carry (max_registers, cache, boundscheck,
+#: shared_memory_carveout) are accepted and have no effect.
+OPTIONS = frozenset({"device", "inline", "forceinline", "debug", "opt", "lineinfo", "cache",
+                     "fastmath", "max_registers", "boundscheck", "launch_bounds",
+                     "shared_memory_carveout"})
+REFUSED_OPTIONS = {
+    "link": "linking extra device code into a kernel",
+    "lto": "link-time optimisation",
+    "extensions": "kernel argument extensions",
+    "argtypes": "argtypes= (give a signature instead)",
+    "restype": "restype= (give a signature instead)",
+}
+
+#: Threads per block that `kernel.forall(n)` uses (numba asks the driver's occupancy
+#: calculator, which a remote device does not offer; any kernel written for forall
+#: is correct for any block size).
+FORALL_BLOCK = 128
+
+_TOKENS = itertools.count(1)
+
+
+def _dims(value: Any, what: str) -> tuple[int, ...]:
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return (int(value),)
+    if isinstance(value, (tuple, list)) and 1 <= len(value) <= 3 and \
+            all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"{what} must be an int or a tuple of 1 to 3 ints, got {value!r}")
+
+
+class _ArgHint:
+    """numba's `cuda.In`/`Out`/`InOut`: a host array copied in, out, or both around a launch."""
+
+    copy_in = copy_out = True
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class In(_ArgHint):
+    copy_out = False
+
+
+class Out(_ArgHint):
+    copy_in = False
+
+
+class InOut(_ArgHint):
+    pass
+
+
+class _Prepared:
+    __slots__ = ("arg", "key", "array", "writeback")
+
+    def __init__(self, arg: Any, key: tuple, array: DeviceNDArray | None = None,
+                 writeback: np.ndarray | None = None) -> None:
+        self.arg, self.key, self.array, self.writeback = arg, key, array, writeback
+
+
+def _scalar(value: Any, index: int, name: str) -> _Prepared:
+    if isinstance(value, (bool, np.bool_)):
+        return _Prepared(Scalar(bool(value), "bool"), ("scalar", "bool"))
+    if isinstance(value, int):
+        if -(1 << 63) <= value < (1 << 63):
+            dtype = "int64"
+        elif 0 <= value < (1 << 64):
+            dtype = "uint64"
+        else:
+            raise OverflowError(f"kernel {name}: argument {index} ({value}) does not fit 64 bits")
+        return _Prepared(Scalar(value, dtype), ("scalar", dtype))
+    if isinstance(value, float):
+        return _Prepared(Scalar(value, "float64"), ("scalar", "float64"))
+    if isinstance(value, (np.integer, np.floating)):
+        return _Prepared(Scalar(value.item(), value.dtype.name), ("scalar", value.dtype.name))
+    if isinstance(value, (complex, np.complexfloating)):
+        unsupported(f"a complex scalar kernel argument (kernel {name}, argument {index})",
+                    "pass it as two floats, or in an array")
+    unsupported(f"a kernel argument of type {type(value).__name__} (kernel {name}, "
+                f"argument {index})", "kernel arguments are device arrays, NumPy arrays, "
+                "and int/float/bool or NumPy scalars")
+
+
+class _Function:
+    """What kernels and device functions share: the Python function and its options."""
+
+    device = False
+
+    def __init__(self, py_func: Callable, sigs: Sequence[Any], options: dict[str, Any]) -> None:
+        if not callable(py_func) or not hasattr(py_func, "__code__"):
+            raise TypeError(f"cuda.jit takes a Python function, got {type(py_func).__name__}")
+        self.py_func = py_func
+        self.sigs = list(sigs)
+        self.targetoptions = options
+        self._lock = threading.RLock()
+        functools.update_wrapper(self, py_func)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") and name.endswith("__"):
+            raise AttributeError(name)
+        raise UnsupportedAttributeError(
+            f"{type(self).__name__}.{name} of numba's dispatcher is not supported under HARP")
+
+
+class DeviceFunction(_Function):
+    """A `@cuda.jit(device=True)` function: callable from kernels, compiled with them."""
+
+    device = True
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError(f"device function {self.py_func.__name__} can be called only from a "
+                        "kernel or another device function")
+
+    def __repr__(self) -> str:
+        return f"<HARP cuda device function {self.py_func.__qualname__}>"
+
+
+class Dispatcher(_Function):
+    """A `@cuda.jit` kernel: `kernel[grid, block](args)`, `kernel[grid, block, stream, shmem]`."""
+
+    def __init__(self, py_func: Callable, sigs: Sequence[Any], options: dict[str, Any]) -> None:
+        super().__init__(py_func, sigs, options)
+        self._source: str | None = None        # numba-python image, built once
+        self._ptx: dict[tuple, tuple[str, str]] = {}   # (cc, arg key) -> (PTX, entry name)
+        self._explicit: list[tuple] | None = None      # parsed explicit signatures
+        self._seen: list[tuple] = []                    # argument keys launched with
+        self._token = next(_TOKENS)                     # this kernel's key in session caches
+        self._print: bool | None = None                 # whether it calls print()
+
+    def __repr__(self) -> str:
+        return f"<HARP cuda kernel {self.py_func.__qualname__}>"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(f"kernel {self.py_func.__name__}: no launch configuration; launch it as "
+                         "kernel[blocks, threads_per_block](args...)")
+
+    def __getitem__(self, config: Any) -> "_Launch":
+        if not isinstance(config, tuple) or not 2 <= len(config) <= 4:
+            raise ValueError("must specify at least the griddim and blockdim: "
+                             "kernel[griddim, blockdim] or kernel[griddim, blockdim, stream, "
+                             "sharedmem]")
+        grid, block = _dims(config[0], "griddim"), _dims(config[1], "blockdim")
+        stream = config[2] if len(config) > 2 else 0
+        shared = config[3] if len(config) > 3 else 0
+        return _Launch(self, grid, block, stream, int(shared))
+
+    def forall(self, ntasks: int, tpb: int = 0, stream: Any = 0, sharedmem: int = 0) -> "_Launch":
+        """A launch with enough threads for `ntasks` (`FORALL_BLOCK` per block unless `tpb`)."""
+        if ntasks < 0:
+            raise ValueError(f"Can't create ForAll with negative task count: {ntasks}")
+        tpb = int(tpb) or FORALL_BLOCK
+        blocks = max(1, math.ceil(ntasks / tpb))
+        return _Launch(self, (blocks,), (tpb,), stream, int(sharedmem))
+
+    @property
+    def signatures(self) -> list[tuple]:
+        """The argument-type keys this kernel has been launched with, in order."""
+        return list(self._seen)
+
+    # -- arguments -----------------------------------------------------------------
+    def _prepare(self, session: Session, args: Sequence[Any], stream: Any) -> list[_Prepared]:
+        name = self.py_func.__name__
+        out = []
+        for i, value in enumerate(args):
+            hint: _ArgHint | None = None
+            if isinstance(value, _ArgHint):
+                hint, value = value, value.value
+            if isinstance(value, DeviceNDArray):
+                out.append(_Prepared(value.kernel_arg(session), _array_key(value), value))
+            elif isinstance(value, np.ndarray):
+                # numba copies a host array to the device for the launch and back after it
+                copy_in = hint is None or hint.copy_in
+                dev = to_device(value, stream=stream, copy=copy_in, session=session)
+                back = value if (hint is None or hint.copy_out) else None
+                out.append(_Prepared(dev.kernel_arg(session), _array_key(dev), dev, back))
+            elif getattr(value, "__cuda_array_interface__", None) is not None:
+                unsupported(f"a foreign CUDA array as a kernel argument (kernel {name}, "
+                            f"argument {i})", "its memory is not on the HARP device")
+            else:
+                out.append(_scalar(value, i, name))
+        return out
+
+    def _apply_signature(self, prepared: list[_Prepared]) -> list[_Prepared]:
+        """With explicit signatures, pick the one the arguments match and cast scalars to it."""
+        if not self.sigs:
+            return prepared
+        from . import ptx
+        if self._explicit is None:
+            self._explicit = [ptx.signature_keys(s) for s in self.sigs]
+        name = self.py_func.__name__
+        for keys in self._explicit:
+            if len(keys) != len(prepared):
+                continue
+            if all(want[0] == "scalar" or (got.key[0] == "array" and got.key[1] == want[1]
+                                           and got.key[2] == want[2]
+                                           and want[3] in ("A", got.key[3]))
+                   for want, got in zip(keys, prepared)):
+                out = []
+                for want, got in zip(keys, prepared):
+                    if want[0] == "scalar":
+                        if got.key[0] != "scalar":
+                            break
+                        value = np.array(got.arg.value).astype(want[1]).item()
+                        got = _Prepared(Scalar(value, want[1]), want)
+                    else:
+                        got = _Prepared(got.arg, want, got.array, got.writeback)
+                    out.append(got)
+                else:
+                    return out
+        raise TypeError(f"kernel {name}: no matching definition for argument types "
+                        f"{[p.key for p in prepared]} among its signatures {self.sigs}")
+
+    # -- compiling -----------------------------------------------------------------
+    def _function(self, session: Session, fmt: str, key: tuple) -> Any:
+        if self._print is None:
+            self._print = self._prints()
+        if self._print and session.remote:
+            unsupported(f"print() in kernel {self.py_func.__name__} on a remote device",
+                        "its output would appear on the pool server, not here; copy values "
+                        "to the host and print them there")
+        if fmt == "numba-python":
+            with self._lock:
+                if self._source is None:
+                    from .source import kernel_source
+                    self._source = kernel_source(self)
+            return session.function(("numba-python", self._token), self._source, fmt,
+                                    self.py_func.__name__)
+        cc = session.info.compute_capability or ptx_default_cc()
+        ptx_text, entry = self.compile_ptx(key, cc)
+        return session.function(("ptx", self._token, cc, key), ptx_text, "ptx", entry)
+
+    def _prints(self) -> bool:
+        """Whether the kernel, or a device function it calls, calls print()."""
+        from .intrinsics import global_names
+        todo, seen = [self.py_func], set()
+        while todo:
+            fn = todo.pop()
+            if id(fn) in seen:
+                continue
+            seen.add(id(fn))
+            for name in global_names(fn.__code__):
+                value = fn.__globals__.get(name)
+                if name == "print" and value is None:
+                    return True
+                if isinstance(value, DeviceFunction):
+                    todo.append(value.py_func)
+        return False
+
+    def compile_ptx(self, key: tuple, cc: tuple[int, int]) -> tuple[str, str]:
+        """PTX and entry name for argument-type `key` at compute capability `cc` (cached)."""
+        with self._lock:
+            hit = self._ptx.get((cc, key))
+            if hit is None:
+                from . import ptx
+                hit = self._ptx[(cc, key)] = ptx.compile_kernel(self, key, cc)
+            return hit
+
+    def inspect_asm(self, signature: tuple | None = None,
+                    cc: tuple[int, int] | None = None) -> Any:
+        """PTX of this kernel, as numba's `inspect_asm`: for one argument-type key, or a dict
+        for every key it was launched with. `cc` defaults to the session device's (or 9.0)."""
+        if cc is None:
+            session = current()
+            cc = session.info.compute_capability or ptx_default_cc()
+        if signature is not None:
+            return self.compile_ptx(tuple(signature), tuple(cc))[0]
+        return {key: self.compile_ptx(key, tuple(cc))[0] for key in self._seen}
+
+    # -- launching -----------------------------------------------------------------
+    def launch(self, grid: tuple, block: tuple, stream: Any, shared: int, args: Sequence[Any]
+               ) -> None:
+        session = current()
+        fmt = session.require_kernel_format()
+        stream_h = stream_handle(stream, session)
+        prepared = self._apply_signature(self._prepare(session, args, stream))
+        key = tuple(p.key for p in prepared)
+        fn = self._function(session, fmt, key)
+        with self._lock:
+            if key not in self._seen:
+                self._seen.append(key)
+        with session.lock:
+            handle = session.enter(stream_h)
+            session.device.launch(fn, grid, block, [p.arg for p in prepared], shared_mem=shared,
+                                  stream=handle)
+        for p in prepared:
+            if p.writeback is not None and p.array is not None:
+                p.array.copy_to_host(p.writeback, stream=stream)
+
+
+def ptx_default_cc() -> tuple[int, int]:
+    """The compute capability PTX is compiled for when a device reports none."""
+    return (9, 0)
+
+
+def _array_key(array: DeviceNDArray) -> tuple:
+    return ("array", array.dtype.str, array.ndim, array.layout)
+
+
+class _Launch:
+    """`kernel[grid, block, stream, shared]`: call it with the kernel's arguments."""
+
+    __slots__ = ("kernel", "grid", "block", "stream", "shared")
+
+    def __init__(self, kernel: Dispatcher, grid: tuple, block: tuple, stream: Any,
+                 shared: int) -> None:
+        self.kernel, self.grid, self.block, self.stream, self.shared = \
+            kernel, grid, block, stream, shared
+
+    def __call__(self, *args: Any) -> None:
+        self.kernel.launch(self.grid, self.block, self.stream, self.shared, args)
+
+
+def jit(func_or_sig: Any = None, device: bool = False, **options: Any) -> Any:
+    """numba's `cuda.jit`: a kernel (or, with `device=True`, a device function)."""
+    for name in options:
+        if name in REFUSED_OPTIONS:
+            unsupported(f"cuda.jit({name}=...)", REFUSED_OPTIONS[name])
+        if name not in OPTIONS:
+            raise TypeError(f"cuda.jit got an unexpected option {name!r}")
+    options = dict(options, device=bool(device))
+
+    def make(fn: Callable, sigs: Sequence[Any]) -> _Function:
+        if getattr(fn, "__name__", "") == "<lambda>":
+            unsupported("cuda.jit of a lambda", "define the kernel with def")
+        if isinstance(fn, _Function):
+            fn = fn.py_func
+        return (DeviceFunction if device else Dispatcher)(fn, sigs, options)
+
+    if func_or_sig is None:
+        return lambda fn: make(fn, ())
+    if callable(func_or_sig) and hasattr(func_or_sig, "__code__"):
+        return make(func_or_sig, ())
+    # as numba: a list holds several signatures; a str, a tuple of types or a Signature is one
+    sigs = list(func_or_sig) if isinstance(func_or_sig, list) else [func_or_sig]
+    return lambda fn: make(fn, sigs)

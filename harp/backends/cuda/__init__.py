@@ -1,0 +1,145 @@
+"""The `cuda` backend: NVIDIA GPUs through CuPy (`pip install 'harp[cuda]'`).
+
+**Not yet run on GPU hardware**: written against CuPy 14's documented API on a
+machine without a GPU. What needs no GPU is tested everywhere (the catalog's
+CUDA C compiles with NVRTC and assembles with ptxas, and runs correctly in a
+host emulation of CUDA's thread model; PTX parsing; numba's array ABI against
+numba's own PTX); the conformance suite runs on it where a GPU is present.
+
+On a machine without CuPy, without a driver, without a visible GPU or without
+NVRTC, the backend is listed and reports itself unavailable with the reason;
+opening it raises `BackendError`, never anything else.
+
+Options: `memory` (or `HARP_CUDA_MEMORY`) caps the bytes HARP hands out per GPU
+(default: the card's total memory).
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any
+
+from .. import Backend
+from ...device import Device
+from ...errors import BackendError
+from ...types import DeviceInfo
+from ...units import parse_size
+from . import nvml, nvrtc
+
+__all__ = ["CudaBackend"]
+
+
+class CudaBackend(Backend):
+    """Drives the CUDA GPUs this process can see (CuPy's device numbering)."""
+
+    name = "cuda"
+
+    def __init__(self, *, memory: int | str | None = None, **options: Any) -> None:
+        super().__init__(**options)
+        memory = memory if memory is not None else os.environ.get("HARP_CUDA_MEMORY")
+        self.memory_cap = parse_size(memory) if memory not in (None, "") else None
+        self._lock = threading.Lock()
+        self._status: tuple[bool, str] | None = None
+        self._cp: Any = None
+        self._count = 0
+        self._cards: dict[int, Any] = {}
+
+    # -- availability ------------------------------------------------------------------
+    def available(self) -> tuple[bool, str]:
+        with self._lock:
+            if self._status is None:
+                try:
+                    self._status = self._probe()
+                except Exception as exc:   # never raise from here
+                    self._status = (False, f"the cuda backend failed to start: "
+                                           f"{type(exc).__name__}: {exc}")
+            return self._status
+
+    def _probe(self) -> tuple[bool, str]:
+        try:
+            import cupy
+        except Exception as exc:   # ImportError, or CuPy failing to find its CUDA libraries
+            return False, (f"CuPy is not installed or does not load (pip install 'harp[cuda]'): "
+                           f"{type(exc).__name__}: {exc}")
+        try:
+            count = int(cupy.cuda.runtime.getDeviceCount())
+        except Exception as exc:   # no driver, driver too old, no device node
+            return False, f"no usable CUDA driver or GPU: {type(exc).__name__}: {exc}"
+        if count == 0:
+            return False, "no CUDA GPU is visible to this process (check CUDA_VISIBLE_DEVICES)"
+        ok, why = nvrtc.available()
+        if not ok:
+            return False, f"the kernel catalog needs NVRTC to compile: {why}"
+        self._cp, self._count = cupy, count
+        return True, ""
+
+    def _require(self) -> None:
+        ok, reason = self.available()
+        if not ok:
+            raise BackendError(f"the cuda backend is unavailable here: {reason}")
+
+    def device_count(self) -> int:
+        ok, _ = self.available()
+        return self._count if ok else 0
+
+    # -- devices -----------------------------------------------------------------------
+    def _card(self, index: int) -> Any:
+        with self._lock:
+            card = self._cards.get(index)
+            if card is None:
+                from .card import CudaCard
+                props = self._cp.cuda.runtime.getDeviceProperties(index)
+                total = int(props["totalGlobalMem"])
+                capacity = total if self.memory_cap is None else min(self.memory_cap, total)
+                card = CudaCard(self._cp, index, capacity, props)
+                self._cards[index] = card
+            return card
+
+    def _info(self, card: Any, memory: int) -> DeviceInfo:
+        props = card.props
+        name = props.get("name", b"")
+        name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+        pci = None
+        if "pciBusID" in props:
+            pci = (f"{int(props.get('pciDomainID', 0)):08x}:{int(props['pciBusID']):02x}:"
+                   f"{int(props.get('pciDeviceID', 0)):02x}.0")
+        extra: dict[str, Any] = {
+            "total_memory": int(props["totalGlobalMem"]),
+            "multiprocessors": int(props.get("multiProcessorCount", 0)),
+            "max_threads_per_block": card.max_threads,
+            "pci_bus_id": pci,
+            "cupy_version": str(getattr(self._cp, "__version__", "")),
+        }
+        rt = self._cp.cuda.runtime
+        for key, probe in (("cuda_driver_version", rt.driverGetVersion),
+                           ("cuda_runtime_version", rt.runtimeGetVersion)):
+            try:
+                extra[key] = int(probe())
+            except Exception:
+                pass
+        ok, compiler = nvrtc.available()
+        extra["nvrtc"] = compiler if ok else None
+        extra.update(nvml.facts(card.index, pci))
+        if card.broken:
+            extra["broken"] = card.broken
+        from .device import FORMATS
+        formats = FORMATS if ok else tuple(f for f in FORMATS if f != "cuda-source")
+        return DeviceInfo(kind="gpu", name=name or f"CUDA GPU {card.index}", backend="cuda",
+                          index=card.index, memory=memory, compute_capability=card.arch,
+                          formats=formats, extra=extra)
+
+    def describe(self, index: int) -> DeviceInfo:
+        self._require()
+        self.check_index(index)
+        card = self._card(index)
+        return self._info(card, card.capacity)
+
+    def open(self, index: int = 0, *, memory_quota: int | None = None,
+             trust_client_code: bool = False) -> Device:
+        self._require()
+        self.check_index(index)
+        from .device import CudaDevice
+        card = self._card(index)
+        memory = card.capacity if memory_quota is None else min(memory_quota, card.capacity)
+        return CudaDevice(card, self._info(card, memory), memory_quota=memory_quota,
+                          trust_client_code=trust_client_code)

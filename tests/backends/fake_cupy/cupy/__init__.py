@@ -1,0 +1,20 @@
+"""NOT CuPy: a host-memory stand-in for the few CuPy APIs that harp.backends.cuda uses.
+
+For tests on machines without a GPU only. With this directory's parent on
+PYTHONPATH, `import cupy` finds this package, the cuda backend reports one
+emulated GPU, and the whole conformance suite can run against `CudaDevice`:
+
+    PYTHONPATH=tests/backends/fake_cupy pytest tests/conformance -k cuda
+
+"Device" memory is host memory, so a device pointer is a host address; every
+copy, memset and catalog launch checks that its pointers fall inside live
+allocations (catching out-of-range spans, use after free, destroyed streams),
+new allocations are filled with garbage (so zeroing is checked), and catalog
+kernels run the real catalog CUDA C in the host emulation of
+`harp_cuda_emulation`. Work runs synchronously when issued, so this checks
+HARP's bookkeeping (sequence numbers, deferred errors, handles, accounting,
+argument marshalling), not concurrency, and nothing about real GPUs or CuPy.
+"""
+from . import cuda  # noqa: F401
+
+__version__ = "0.0+harp.emulation"
