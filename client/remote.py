@@ -20,8 +20,8 @@ import msgpack
 from harp import wire
 from harp.device import Device, Dims
 from harp.errors import HarpError, ProtocolError, TransportError
-from harp.frontend import (HandleIds, as_bytes_view, check_buffer, check_count, check_dims,
-                           check_event, check_fill_value, check_function, check_module,
+from harp.frontend import (HandleIds, as_bytes_view, check_buffer, check_copy, check_count,
+                           check_dims, check_event, check_fill, check_function, check_module,
                            check_range, check_stream, normalize_args, out_view)
 from harp.proto import session_pb2 as pb
 from harp.transport import error_from_rpc
@@ -238,8 +238,7 @@ class RemoteDevice(Device):
              stream: Stream | None = None) -> None:
         with self._lock:
             seq = self._next()
-            dst_offset, nbytes = check_range(dst, dst_offset, nbytes, "copy destination")
-            src_offset, _ = check_range(src, src_offset, nbytes, "copy source")
+            dst_offset, src_offset, nbytes = check_copy(dst, dst_offset, src, src_offset, nbytes)
             self._issue([wire.COPY, seq, dst.id, dst_offset, src.id, src_offset, nbytes,
                          check_stream(stream).id])
 
@@ -247,12 +246,7 @@ class RemoteDevice(Device):
              stream: Stream | None = None) -> None:
         with self._lock:
             seq = self._next()
-            check_buffer(buf)
-            value = check_fill_value(value)
-            offset = check_count(offset, "offset")
-            if nbytes is None:
-                nbytes = max(0, buf.nbytes - offset)
-            offset, nbytes = check_range(buf, offset, nbytes, "fill")
+            value, offset, nbytes = check_fill(buf, value, offset, nbytes)
             self._issue([wire.FILL, seq, buf.id, value, offset, nbytes, check_stream(stream).id])
 
     # -- code ------------------------------------------------------------------------

@@ -153,6 +153,25 @@ def check_fill_value(value: Any) -> int:
     return byte
 
 
+def check_fill(buf: Any, value: Any, offset: Any, nbytes: Any) -> tuple[int, int, int]:
+    """The checked (value, offset, nbytes) of a fill; `nbytes=None` means to the end."""
+    check_buffer(buf)
+    value = check_fill_value(value)
+    offset = check_count(offset, "offset")
+    if nbytes is None:
+        nbytes = max(0, buf.nbytes - offset)
+    offset, nbytes = check_range(buf, offset, nbytes, "fill")
+    return value, offset, nbytes
+
+
+def check_copy(dst: Any, dst_offset: Any, src: Any, src_offset: Any,
+               nbytes: Any) -> tuple[int, int, int]:
+    """The checked (dst_offset, src_offset, nbytes) of a device-to-device copy."""
+    dst_offset, nbytes = check_range(dst, dst_offset, nbytes, "copy destination")
+    src_offset, _ = check_range(src, src_offset, nbytes, "copy source")
+    return dst_offset, src_offset, nbytes
+
+
 def as_bytes_view(data: Any) -> memoryview:
     """A flat byte view of any C-contiguous buffer-protocol object, without copying."""
     try:

@@ -63,9 +63,9 @@ from ... import catalog
 from ...device import Device, Dims
 from ...errors import (ArgumentError, DeviceError, HarpError, InvalidHandleError,
                        OutOfMemoryError, QuotaError, UnsupportedError)
-from ...frontend import (DeferredErrors, HandleIds, as_bytes_view, check_buffer, check_count,
-                         check_dims, check_event, check_fill_value, check_function, check_module,
-                         check_range, check_stream, normalize_args, out_view)
+from ...frontend import (DeferredErrors, HandleIds, as_bytes_view, check_buffer, check_copy,
+                         check_count, check_dims, check_event, check_fill, check_function,
+                         check_module, check_range, check_stream, normalize_args, out_view)
 from ...types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
                       Scalar, Stream)
 from ..cpu.kernels import check_catalog_args
@@ -343,8 +343,7 @@ class CudaDevice(Device):
     def copy(self, dst: Buffer, dst_offset: int, src: Buffer, src_offset: int, nbytes: int,
              stream: Stream | None = None) -> None:
         seq = self._next()
-        dst_offset, nbytes = check_range(dst, dst_offset, nbytes, "copy destination")
-        src_offset, _ = check_range(src, src_offset, nbytes, "copy source")
+        dst_offset, src_offset, nbytes = check_copy(dst, dst_offset, src, src_offset, nbytes)
         stream = check_stream(stream)
         try:
             to = self._span(dst, dst_offset, nbytes, "copy destination")
@@ -385,12 +384,7 @@ class CudaDevice(Device):
     def fill(self, buf: Buffer, value: int, offset: int = 0, nbytes: int | None = None,
              stream: Stream | None = None) -> None:
         seq = self._next()
-        check_buffer(buf)
-        value = check_fill_value(value)
-        offset = check_count(offset, "offset")
-        if nbytes is None:
-            nbytes = max(0, buf.nbytes - offset)
-        offset, nbytes = check_range(buf, offset, nbytes, "fill")
+        value, offset, nbytes = check_fill(buf, value, offset, nbytes)
         stream = check_stream(stream)
         try:
             ptr, state = self._span(buf, offset, nbytes, "fill"), self._stream(stream)
