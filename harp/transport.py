@@ -85,6 +85,31 @@ def is_loopback(address: str) -> bool:
             return False
 
 
+def serve(server: grpc.Server, listen: list[str], credentials: grpc.ServerCredentials | None,
+          health_services: tuple[str, ...]) -> list[str]:
+    """Bind `server` to each address (mutual TLS, or plain text on loopback only), add the
+    standard health service reporting SERVING for `health_services`, start it, and return
+    the bound addresses (port 0 replaced by the port chosen)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+    if credentials is None:
+        remote = [a for a in listen if not is_loopback(a)]
+        if remote:
+            raise AuthError(f"refusing plain text on non-loopback address(es) "
+                            f"{', '.join(remote)}: use mutual TLS")
+    health_servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    bound = []
+    for address in listen:
+        port = server.add_secure_port(address, credentials) if credentials is not None \
+            else server.add_insecure_port(address)
+        bound.append(address if address.startswith("unix") else
+                     f"{address.rpartition(':')[0]}:{port}")
+    server.start()
+    for service in ("", *health_services):
+        health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return bound
+
+
 def error_from_rpc(exc: grpc.RpcError, what: str) -> HarpError:
     """A `HarpError` for a failed gRPC call: certificate trouble is `AuthError`, the rest `TransportError`."""
     code = exc.code() if hasattr(exc, "code") else None

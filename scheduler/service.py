@@ -15,14 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from harp import wire
-from harp.errors import ArgumentError, AuthError, HarpError, LeaseError, NoCapacityError
+from harp.errors import ArgumentError, HarpError, LeaseError, NoCapacityError
 from harp.proto import scheduler_pb2 as pb
 from harp.proto import scheduler_pb2_grpc as pb_grpc
 from harp.tokens import Claims, SigningKey
-from harp.transport import is_loopback, server_options
+from harp.transport import serve, server_options
 from harp.types import DeviceInfo
 
 from .placement import Request
@@ -63,27 +62,12 @@ class Scheduler(pb_grpc.SchedulerServicer):
 
     # -- lifetime ------------------------------------------------------------------
     def start(self, listen: list[str], credentials: grpc.ServerCredentials | None) -> list[str]:
-        if credentials is None:
-            remote = [a for a in listen if not is_loopback(a)]
-            if remote:
-                raise AuthError(f"refusing plain text on non-loopback address(es) "
-                                f"{', '.join(remote)}: use mutual TLS")
         self.store.forgive_silence(time.time(), grace=self.down_after_s)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16,
                                                         thread_name_prefix="harp-scheduler"),
                              options=server_options())
         pb_grpc.add_SchedulerServicer_to_server(self, server)
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        bound = []
-        for address in listen:
-            port = server.add_secure_port(address, credentials) if credentials is not None \
-                else server.add_insecure_port(address)
-            bound.append(address if address.startswith("unix") else
-                         f"{address.rpartition(':')[0]}:{port}")
-        server.start()
-        for service in ("", "harp.v1.Scheduler"):
-            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        bound = serve(server, listen, credentials, ("harp.v1.Scheduler",))
         self._server, self.addresses = server, bound
         self._reaper.start()
         log.info("scheduler serving on %s (key %s)", bound, self.key.key_id)

@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from harp import wire
 from harp.backends import Backend
-from harp.errors import AuthError, HarpError, LeaseError, ProtocolError
+from harp.errors import HarpError, LeaseError, ProtocolError
 from harp.proto import session_pb2 as pb
-from harp.transport import is_loopback, server_options
+from harp.transport import serve, server_options
 
 from .session import ChunkSink, Session
 
@@ -77,31 +76,13 @@ class PoolServer:
     def start(self, listen: list[str], credentials: grpc.ServerCredentials | None) -> list[str]:
         """Listen on each address (port 0 picks one); `credentials=None` is plain text,
         allowed on loopback addresses only. Returns the bound addresses."""
-        if credentials is None:
-            remote = [a for a in listen if not is_loopback(a)]
-            if remote:
-                raise AuthError(f"refusing plain text on non-loopback address(es) "
-                                f"{', '.join(remote)}: use mutual TLS")
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_sessions + 4,
                                                         thread_name_prefix="harp-session"),
                              options=server_options(),
                              maximum_concurrent_rpcs=self.max_sessions + 4)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "harp.v1.Session", {"Open": grpc.stream_stream_rpc_method_handler(self._serve)}),))
-        health_servicer = health.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        bound = []
-        for address in listen:
-            port = server.add_secure_port(address, credentials) if credentials is not None \
-                else server.add_insecure_port(address)
-            if address.startswith("unix"):
-                bound.append(address)
-            else:
-                host = address.rpartition(":")[0]
-                bound.append(f"{host}:{port}")
-        server.start()
-        for service in ("", wire.HEALTH_SERVICE):
-            health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        bound = serve(server, listen, credentials, (wire.HEALTH_SERVICE,))
         self._server, self.addresses = server, bound
         self._reaper = threading.Thread(target=self._reap_loop, name="harp-lease-reaper",
                                         daemon=True)
