@@ -75,6 +75,10 @@ def emit(obj):
     sys.stdout.flush()
 
 
+#: CPU sets for server and client processes (--placement split); empty = unpinned.
+PLACEMENT: dict[str, set] = {"server": set(), "client": set()}
+
+
 def _pdeathsig():
     """Child processes die with this script, even if it is SIGKILLed (Linux)."""
     try:
@@ -384,9 +388,15 @@ class Child:
     def __init__(self, name, argv, env=None, stdin=False):
         self.name = name
         self.lines = queue.Queue()
+        cpus = PLACEMENT["server" if "server" in name else "client"]
+
+        def setup():
+            _pdeathsig()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
                                      stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-                                     preexec_fn=_pdeathsig)
+                                     preexec_fn=setup)
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self):
@@ -1090,6 +1100,8 @@ def machine_meta(a):
     except OSError:
         pass
     meta = {"cpu_model": cpu, "cpus": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)),
+            "placement": {k: sorted(v) for k, v in PLACEMENT.items()} if PLACEMENT["server"]
+            else "free",
             "python": platform.python_version(), "grpc": grpc.__version__,
             "numpy": numpy.__version__, "msgpack": ".".join(map(str, msgpack.version)),
             "harp": harp.__version__, "kernel": platform.release(),
@@ -1305,6 +1317,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small sizes, 3 reps (< 1 min)")
     ap.add_argument("--reps", type=int, default=None, help="repetitions (default 5; quick 3)")
     ap.add_argument("--json", help="write raw per-rep values, medians and meta here")
+    ap.add_argument("--placement", choices=["split", "free"], default="split",
+                    help="split (default on 2+ cores): servers on core 0, clients on core 1, "
+                         "for HARP and every limit alike, so runs compare; free: unpinned")
     ap.add_argument("--sections", default="bulk,sync,launch,local",
                     help="comma list of: bulk, sync, launch, local")
     ap.add_argument("--bulk-mib", type=int, default=None, help="bulk size (default 256; quick 64)")
@@ -1335,6 +1350,10 @@ def main():
         roles[a.role](a)
         return 0
 
+    cpus = sorted(os.sched_getaffinity(0))
+    if a.placement == "split" and len(cpus) >= 2:
+        PLACEMENT["server"], PLACEMENT["client"] = {cpus[0]}, {cpus[1]}
+        os.sched_setaffinity(0, PLACEMENT["client"])
     q = a.quick
     a.reps = a.reps or (3 if q else 5)
     a.bulk = (a.bulk_mib or (64 if q else 256)) * MiB
