@@ -197,6 +197,8 @@ class PoolServer:
             chunk_size=self.chunk_size, server_name=self.name).SerializeToString()
 
     def _run(self, session: Session, frames: Iterator[bytes]) -> Iterator[bytes]:
+        """Execute each frame's calls under the session's lock, and send replies outside it,
+        so a slow reader never keeps the lease reaper from ending the session."""
         sink: ChunkSink | None = None
         execute = session.execute
         for frame in frames:
@@ -211,16 +213,36 @@ class PoolServer:
                         sink = None
                     continue
                 calls = wire.unpack_batch(frame)
-                last = len(calls) - 1
-                for i, call in enumerate(calls):
-                    result = execute(call)
-                    if result is None:
-                        continue
-                    if isinstance(result, ChunkSink):
-                        if i != last:
-                            raise ProtocolError("a chunked write must end its batch")
-                        sink = result
-                    else:
-                        yield from result.frames()
+            i, last = 0, len(calls) - 1
+            while i <= last:
+                reply = None
+                with session.lock:
+                    if session.closed:
+                        return
+                    while i <= last and reply is None:
+                        result = execute(calls[i])
+                        i += 1
+                        if isinstance(result, ChunkSink):
+                            if i <= last:
+                                raise ProtocolError("a chunked write must end its batch")
+                            sink = result
+                        elif result is not None:
+                            reply = result
+                if reply is not None:
+                    yield from self._reply_frames(session, reply)
+            if session.closed:
+                return
+
+    @staticmethod
+    def _reply_frames(session: Session, reply: Any) -> Iterator[bytes]:
+        """A reply's frames; payload chunks are read from the device under the lock, one by one."""
+        frames = reply.frames()
+        yield next(frames)                      # the reply record: no device access
+        while True:
+            with session.lock:
                 if session.closed:
                     return
+                frame = next(frames, None)
+            if frame is None:
+                return
+            yield frame
