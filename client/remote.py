@@ -21,8 +21,8 @@ from harp import wire
 from harp.device import Device, Dims
 from harp.errors import HarpError, ProtocolError, TransportError
 from harp.frontend import (HandleIds, as_bytes_view, check_buffer, check_copy, check_count,
-                           check_dims, check_event, check_fill, check_function, check_module,
-                           check_range, check_stream, normalize_args, out_view)
+                           check_dims, check_event, check_fill, check_function, check_image,
+                           check_module, check_range, check_stream, normalize_args, out_view)
 from harp.proto import session_pb2 as pb
 from harp.transport import error_from_rpc
 from harp.types import Buffer, DeviceInfo, Event, Function, MemInfo, Module, Stream
@@ -47,6 +47,7 @@ class RemoteDevice(Device):
         self._ids = HandleIds()
         self._seq = 0
         self._batch: list[list] = []
+        self._batch_bytes = 0
         self._lock = threading.RLock()
         self._broken: HarpError | None = None
         self._closed = False
@@ -133,12 +134,16 @@ class RemoteDevice(Device):
     def _flush(self) -> None:
         if self._batch:
             frame = wire.pack(self._batch)
-            self._batch = []
+            self._batch, self._batch_bytes = [], 0
             self._send(frame)
 
-    def _issue(self, record: list) -> None:
+    def _issue(self, record: list, payload: int = 0) -> None:
+        """Queue an async call; the batch leaves when it is full (calls or bytes)."""
+        if payload and self._batch_bytes + payload > wire.BATCH_BYTES:
+            self._flush()                       # keep every frame under the frame limit
         self._batch.append(record)
-        if len(self._batch) >= wire.BATCH_CALLS:
+        self._batch_bytes += payload
+        if len(self._batch) >= wire.BATCH_CALLS or self._batch_bytes >= wire.BATCH_BYTES:
             self._flush()
 
     def _next(self) -> int:
@@ -199,7 +204,7 @@ class RemoteDevice(Device):
             offset, nbytes = check_range(buf, offset, view.nbytes, "write")
             sid = check_stream(stream).id
             if nbytes <= wire.INLINE_LIMIT:
-                self._issue([wire.WRITE, seq, buf.id, offset, sid, view.tobytes()])
+                self._issue([wire.WRITE, seq, buf.id, offset, sid, view.tobytes()], nbytes)
                 return
             self._batch.append([wire.WRITE_CHUNKED, seq, buf.id, offset, sid, nbytes])
             self._flush()
@@ -253,12 +258,11 @@ class RemoteDevice(Device):
     def load_module(self, image: bytes | str, format: str) -> Module:
         with self._lock:
             seq = self._next()
+            image = check_image(image)
             if isinstance(image, str):
                 image = image.encode("utf-8")
-            if not isinstance(image, (bytes, bytearray, memoryview)):
-                raise TypeError(f"a module image is bytes or str, got {type(image).__name__}")
             module = Module(self._ids.new(), str(format))
-            self._issue([wire.LOAD_MODULE, seq, module.id, module.format, bytes(image)])
+            self._issue([wire.LOAD_MODULE, seq, module.id, module.format, image], len(image))
         return module
 
     def function(self, module: Module, name: str) -> Function:

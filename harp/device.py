@@ -108,7 +108,7 @@ class Device(abc.ABC):
     # -- lifetime ------------------------------------------------------------
     @abc.abstractmethod
     def close(self) -> None:
-        """End the session: wait for its work, free everything it holds."""
+        """End the session: drop work not yet started, free everything it holds."""
 
     def __enter__(self) -> "Device":
         return self

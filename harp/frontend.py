@@ -36,17 +36,27 @@ class HandleIds:
 
 
 class DeferredErrors:
-    """Failures of asynchronous calls, held until the next sync call raises them."""
+    """Failures of asynchronous calls, held until the next sync call raises them.
+
+    At most `MAX_KEPT` are kept between two sync calls; later ones are only counted,
+    so a client cannot grow a server's memory by failing calls without syncing.
+    """
+
+    MAX_KEPT = 1000
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._errors: list[HarpError] = []
+        self._dropped = 0
 
     def add(self, error: HarpError, call: str, seq: int) -> None:
         if error.call is None:
             error.call, error.seq = call, seq
         with self._lock:
-            self._errors.append(error)
+            if len(self._errors) < self.MAX_KEPT:
+                self._errors.append(error)
+            else:
+                self._dropped += 1
 
     def __bool__(self) -> bool:
         return bool(self._errors)
@@ -57,8 +67,10 @@ class DeferredErrors:
             if not self._errors:
                 return None
             first, rest = self._errors[0], self._errors[1:]
-            self._errors = []
+            dropped, self._errors, self._dropped = self._dropped, [], 0
         first.later = rest  # type: ignore[attr-defined]
+        if dropped:
+            first.message += f" ({dropped} more asynchronous failures were not kept)"
         return first
 
     def raise_pending(self) -> None:
@@ -162,6 +174,18 @@ def check_fill(buf: Any, value: Any, offset: Any, nbytes: Any) -> tuple[int, int
         nbytes = max(0, buf.nbytes - offset)
     offset, nbytes = check_range(buf, offset, nbytes, "fill")
     return value, offset, nbytes
+
+
+def check_image(image: Any) -> bytes | str:
+    """A module image: bytes-like or str, at most `wire.MAX_IMAGE` bytes (the same limit for
+    every device, so a module that loads locally also loads remotely)."""
+    from .wire import MAX_IMAGE
+    if not isinstance(image, (bytes, bytearray, memoryview, str)):
+        raise TypeError(f"a module image is bytes or str, got {type(image).__name__}")
+    size = len(image.encode("utf-8")) if isinstance(image, str) else memoryview(image).nbytes
+    if size > MAX_IMAGE:
+        raise ArgumentError(f"module image of {size} bytes is over the {MAX_IMAGE} byte limit")
+    return image if isinstance(image, (str, bytes)) else bytes(image)
 
 
 def check_copy(dst: Any, dst_offset: Any, src: Any, src_offset: Any,

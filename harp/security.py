@@ -30,6 +30,12 @@ __all__ = [
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _ROLE_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+#: What each role's certificate may do. A server certificate also authenticates its holder
+#: as a client: a pool server uses it to register with the scheduler, which admits only
+#: server certificates to Register/Heartbeat (a user's client certificate cannot pose as a
+#: pool server).
+_ROLE_USAGES = {"server": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
+                "client": [ExtendedKeyUsageOID.CLIENT_AUTH]}
 _SERVER_DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -147,7 +153,7 @@ def issue(directory: Path, role: Literal["server", "client"], name: str, *,
         .not_valid_after(now + _dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(leaf=True), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([_ROLE_EKU[role]]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(_ROLE_USAGES[role]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
                        critical=False)
@@ -239,6 +245,16 @@ def _extension(cert: x509.Certificate, cls: type[Any]) -> Any:
         return cert.extensions.get_extension_for_class(cls).value
     except x509.ExtensionNotFound:
         return None
+
+
+def is_server_certificate(pem: bytes) -> bool:
+    """Whether a PEM certificate may act as a server (its key usage includes serverAuth)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return ExtendedKeyUsageOID.SERVER_AUTH in eku
 
 
 def describe(cert_path: Path | str) -> dict[str, Any]:

@@ -40,10 +40,13 @@ HEALTH_SERVICE = "harp.v1.Session"
 CHUNK_SIZE = 1 << 20
 #: Writes up to this size travel inside the batch; larger ones in chunks.
 INLINE_LIMIT = 64 << 10
-#: A batch is sent when it holds this many calls (or at the next sync call).
+#: A batch is sent when it holds this many calls or bytes (or at the next sync call).
 BATCH_CALLS = 512
-#: Largest frame either side accepts; bulk data never needs more than a chunk.
-MAX_FRAME = 8 << 20
+BATCH_BYTES = 4 << 20
+#: Largest frame either side accepts: a batch, or one module image with its record.
+MAX_FRAME = 64 << 20
+#: Largest module image (kernel code) a device accepts, local or remote alike.
+MAX_IMAGE = 48 << 20
 #: Most records one batch may hold.
 MAX_BATCH_CALLS = 4096
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import grpc
 
-from harp import wire
+from harp import security, wire
 from harp.errors import ArgumentError, HarpError, LeaseError, NoCapacityError
 from harp.proto import scheduler_pb2 as pb
 from harp.proto import scheduler_pb2_grpc as pb_grpc
@@ -58,10 +58,12 @@ class Scheduler(pb_grpc.SchedulerServicer):
         self._stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="harp-reaper", daemon=True)
         self._server: grpc.Server | None = None
+        self.insecure = False
         self.addresses: list[str] = []
 
     # -- lifetime ------------------------------------------------------------------
     def start(self, listen: list[str], credentials: grpc.ServerCredentials | None) -> list[str]:
+        self.insecure = credentials is None
         self.store.forgive_silence(time.time(), grace=self.down_after_s)
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=16,
                                                         thread_name_prefix="harp-scheduler"),
@@ -97,7 +99,22 @@ class Scheduler(pb_grpc.SchedulerServicer):
                 log.exception("reaper failed")
 
     # -- pool servers ----------------------------------------------------------------
+    def _require_pool_server(self, context: grpc.ServicerContext) -> None:
+        """Register and Heartbeat are for pool servers: their peer must hold a server
+        certificate of the pool (a user's client certificate cannot take a server's name)."""
+        pems = context.auth_context().get("x509_pem_cert")
+        if not pems:
+            if self.insecure:
+                return                  # plain text on loopback: development only
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "AUTH: registering needs a pool server certificate")
+        if not security.is_server_certificate(pems[0]):
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          "AUTH: only pool servers (server certificates) may register or "
+                          "heartbeat; this peer holds a client certificate")
+
     def Register(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_pool_server(context)
         if not request.name:
             _abort(context, ArgumentError("a pool server registers with a name"))
         devices = []
@@ -113,6 +130,7 @@ class Scheduler(pb_grpc.SchedulerServicer):
                                 heartbeat_interval_s=self.heartbeat_s)
 
     def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_pool_server(context)
         leases, draining, unknown = self.store.heartbeat(
             request.name, request.instance, request.sessions, request.memory_used,
             list(request.lease_ids), time.time())

@@ -47,14 +47,17 @@ class Registrar:
 
     # -- admission ---------------------------------------------------------------------
     def authorize(self, request: Any) -> Grant:
-        """A session's grant from its token: signed by the pinned key, for this device, unexpired."""
+        """A session's grant from its token: signed by the pinned key, for this device, unexpired.
+
+        The session lasts until the lease's expiry plus one heartbeat (see `heartbeat`)."""
         if self.public_key is None:
             raise AuthError("this pool server has not yet registered with its scheduler; "
                             "try again shortly")
         claims = tokens.verify(request.token, self.public_key, server=self.server.name,
                                device=request.device_index)
         return Grant(device_index=claims.device, memory_quota=claims.memory or None,
-                     share=claims.share, lease_id=claims.lease_id, expires_at=claims.expires_at)
+                     share=claims.share, lease_id=claims.lease_id,
+                     expires_at=claims.expires_at + self.heartbeat_s)
 
     # -- lifetime ----------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> None:
@@ -108,7 +111,9 @@ class Registrar:
             return
         self.draining = reply.draining
         for status in reply.leases:
-            expires = status.expires_at if status.state == "active" else 0.0
+            # Renewals reach this server only by heartbeat: an active lease gets one
+            # heartbeat of grace, so a renewed lease is never cut between two of them.
+            expires = status.expires_at + self.heartbeat_s if status.state == "active" else 0.0
             self.server.set_lease_expiry(status.lease_id, expires)
 
     def _loop(self) -> None:

@@ -29,6 +29,9 @@ from .session import ChunkSink, Session
 
 log = logging.getLogger("harp.server")
 
+#: Seconds a new stream may take to send its handshake.
+HANDSHAKE_TIMEOUT_S = 10.0
+
 
 @dataclass(frozen=True)
 class Grant:
@@ -120,8 +123,11 @@ class PoolServer:
         while not self._stopping.wait(0.2):
             now = time.time()
             for session in self.lease_sessions():
-                if session.expires_at <= now and not session.closed:
-                    self.end_session(session, f"lease {session.lease_id} is over")
+                if session.expires_at <= now and not session.closed and not session.ending:
+                    session.ending = True       # one closer per session, off this thread
+                    threading.Thread(target=self.end_session, name="harp-end-session",
+                                     args=(session, f"lease {session.lease_id} is over"),
+                                     daemon=True).start()
 
     def end_session(self, session: Session, why: str) -> None:
         """End a session from outside its stream: free its resources, then end the RPC."""
@@ -139,10 +145,15 @@ class PoolServer:
     def _serve(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         session: Session | None = None
         try:
+            # A stream that never says hello must not hold a session slot forever.
+            watchdog = threading.Timer(HANDSHAKE_TIMEOUT_S, context.cancel)
+            watchdog.start()
             try:
                 first = next(frames)
             except StopIteration:
                 return
+            finally:
+                watchdog.cancel()
             session, reply = self._handshake(first, context)
             yield reply
             if session is None:

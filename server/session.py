@@ -9,6 +9,7 @@ payload frames that follow it.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import threading
 from typing import Any, Iterator
@@ -100,6 +101,7 @@ class Session:
         self.last_seq = 0
         self.closed = False
         self.lease_id = ""
+        self.ending = False              # the lease reaper is closing it
         self.expires_at = float("inf")   # the lease's end; the server ends the session then
         self.lock = threading.Lock()     # one frame's calls, or the close, at a time
         self.context: Any = None         # the gRPC call, to end it from outside
@@ -135,6 +137,18 @@ class Session:
         except (HarpError, TypeError, ValueError) as exc:
             self.errors.add(_as_harp(exc), name, seq)
             return None
+
+    @contextlib.contextmanager
+    def _pending_first(self, seq: int) -> Iterator[None]:
+        """A sync call refused here, before the backend saw it, must still raise the
+        backend's earlier failures first, as a local device does: ask the backend for them
+        with a sync call of its own (`mem_info` raises what is pending)."""
+        try:
+            yield
+        except HarpError:
+            self._backend_call(seq)
+            self.device.mem_info()
+            raise
 
     def _sync(self, seq: int, name: str, fn: Any, payload: Any = None) -> Reply:
         """Run a sync call; its reply carries the earliest failure since the last sync."""
@@ -216,10 +230,11 @@ class Session:
         state: dict[str, Any] = {}
 
         def run() -> list:
-            target, queue = self.handles.get(Buffer, buf), self.handles.get(Stream, stream)
-            if offset < 0 or nbytes < 0 or offset + nbytes > target.nbytes:
-                raise ArgumentError(f"read [{offset}, {offset + nbytes}) is outside the buffer "
-                                    f"of {target.nbytes} bytes")
+            with self._pending_first(seq):
+                target, queue = self.handles.get(Buffer, buf), self.handles.get(Stream, stream)
+                if offset < 0 or nbytes < 0 or offset + nbytes > target.nbytes:
+                    raise ArgumentError(f"read [{offset}, {offset + nbytes}) is outside the "
+                                        f"buffer of {target.nbytes} bytes")
             state["args"] = (target, queue)
             if nbytes <= wire.INLINE_LIMIT:  # small reads ride in the reply record itself
                 return [nbytes, self._read_chunk(seq, target, offset, nbytes, queue)
@@ -322,14 +337,16 @@ class Session:
 
     def _synchronize(self, seq: int, stream: int | None) -> Reply:
         def run() -> None:
-            target = None if stream is None else self.handles.get(Stream, stream)
+            with self._pending_first(seq):
+                target = None if stream is None else self.handles.get(Stream, stream)
             self._backend_call(seq)
             self.device.synchronize(target)
         return self._sync(seq, "synchronize", run)
 
     def _elapsed(self, seq: int, start: int, end: int) -> Reply:
         def run() -> float:
-            a, b = self.handles.get(Event, start), self.handles.get(Event, end)
+            with self._pending_first(seq):
+                a, b = self.handles.get(Event, start), self.handles.get(Event, end)
             self._backend_call(seq)
             return self.device.elapsed(a, b)
         return self._sync(seq, "elapsed", run)

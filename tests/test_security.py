@@ -75,7 +75,7 @@ def test_issue_server_cert(tmp_path):
     cert, ca = _load(cert_path), _load(ca_path)
     cert.verify_directly_issued_by(ca)
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
-    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
     dns, ips = _sans(cert)
     assert dns == {"gpu1.example", "localhost"}
     assert ips == {"10.0.0.7", "127.0.0.1", "::1"}

@@ -102,7 +102,7 @@ def _embedded_pool(tmp: Path, results: list, args: argparse.Namespace) -> None:
         import grpc
         from harp.transport import channel_options
         registrar = Registrar(server, grpc.secure_channel(
-            scheduler_address, channel_credentials(client_files), options=channel_options()),
+            scheduler_address, channel_credentials(server_files), options=channel_options()),
             endpoints=[f"harp://{address}"])
         server.authorizer = registrar.authorize
         registrar.start()

@@ -80,8 +80,14 @@ def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
     registrar = None
     if args.scheduler:
         from harp.client.pool import scheduler_channel
+        from harp.security import tls_files
         from harp.server.registration import Registrar
-        registrar = Registrar(server, scheduler_channel(scheduler_address(args),
+        # The server's own certificate (server + client usage) proves to the scheduler
+        # that this peer is a pool server.
+        tls = None if args.insecure else tls_files(
+            "server", args.cert_name, directory=args.cert_dir, ca=args.tls_ca,
+            cert=args.tls_cert, key=args.tls_key)
+        registrar = Registrar(server, scheduler_channel(scheduler_address(args), tls=tls,
                                                          cert_dir=args.cert_dir),
                               endpoints=endpoints)
         server.authorizer = registrar.authorize

@@ -229,3 +229,38 @@ def test_server_cli_stops_cleanly_on_sigterm(tmp_path):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
     proc.stdout.close()
+
+
+def test_many_inline_writes_stay_under_the_frame_limit(pool_server):
+    """Batches are cut by size too: 200 writes of 64 KiB before one sync."""
+    with pool_server.connect() as dev:
+        buf = dev.alloc(200 * 65536)
+        for i in range(200):
+            dev.write(buf, i * 65536, bytes([i % 251]) * 65536)
+        dev.synchronize()
+        got = dev.read(buf, 0, 200 * 65536)
+        assert all(got[i * 65536] == i % 251 for i in range(200))
+
+
+def test_module_images_over_the_limit_are_refused_alike(device):
+    from harp import wire
+    with pytest.raises(harp.ArgumentError, match="byte limit"):
+        device.load_module(b"x" * (wire.MAX_IMAGE + 1), "catalog")
+
+
+def test_a_stream_that_never_says_hello_is_cut_off(fresh_pool, monkeypatch):
+    import harp.server.service as service
+    monkeypatch.setattr(service, "HANDSHAKE_TIMEOUT_S", 0.5)
+    creds = security.channel_credentials(fresh_pool.client_tls)
+    import queue
+    silent = queue.Queue()
+    with grpc.secure_channel(fresh_pool.address, creds) as channel:
+        call = channel.stream_stream(wire.METHOD)(iter(silent.get, None), timeout=20)
+        t0 = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            list(call)
+        assert info.value.code() == grpc.StatusCode.CANCELLED
+        assert time.monotonic() - t0 < 5
+        silent.put(None)
+    with fresh_pool.connect() as dev:
+        _round_trip(dev)

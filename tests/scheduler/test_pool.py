@@ -243,3 +243,24 @@ def test_cli_commands_against_a_live_scheduler(cluster):
     cluster.kill(cluster.scheduler)
     refused = cluster.cli("pool", "ls", check=False)
     assert refused.returncode == 1 and "unreachable" in refused.stderr
+
+
+def test_only_pool_servers_may_register_or_heartbeat(cluster):
+    """A user's client certificate cannot take over a pool server's name (and its leases)."""
+    import grpc
+    from harp.client.pool import scheduler_channel
+    from harp.proto import scheduler_pb2 as pb
+    from harp.proto import scheduler_pb2_grpc as pb_grpc
+    cluster.start_server("p1")
+    with cluster.scheduler_client() as s:
+        lease = s.attach("cpu")
+    with scheduler_channel(cluster.url, tls=cluster.client_tls) as channel:
+        stub = pb_grpc.SchedulerStub(channel)
+        for call, request in ((stub.Register, pb.RegisterRequest(name="p1", instance="evil")),
+                              (stub.Heartbeat, pb.HeartbeatRequest(name="p1", instance="x"))):
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert "server certificates" in info.value.details()
+    with cluster.scheduler_client() as s:
+        assert s.renew(lease.lease_id).state == "active"      # the lease was not lost

@@ -17,7 +17,8 @@ from ...errors import (ArgumentError, DeviceError, HarpError, InvalidHandleError
                        PermissionDeniedError, QuotaError, UnsupportedError)
 from ...frontend import (DeferredErrors, HandleIds, as_bytes_view, check_buffer, check_copy,
                          check_count, check_dims, check_event, check_fill, check_function,
-                         check_module, check_range, check_stream, normalize_args, out_view)
+                         check_image, check_module, check_range, check_stream, normalize_args,
+                         out_view)
 from ...types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
                       Scalar, Stream)
 from .card import CpuCard
@@ -227,13 +228,10 @@ class CpuDevice(Device):
     # -- code ------------------------------------------------------------------
     def load_module(self, image: bytes | str, format: str) -> Module:
         seq = self._next()
-        if not isinstance(image, (bytes, bytearray, memoryview, str)):
-            raise TypeError(f"a module image is bytes or str, got {type(image).__name__}")
+        image = check_image(image)
         module = Module(self._ids.new(), str(format))
         try:
-            self._modules[module.id] = (module.format, self._load(bytes(image) if not
-                                                                   isinstance(image, str) else image,
-                                                                   module.format))
+            self._modules[module.id] = (module.format, self._load(image, module.format))
         except HarpError as exc:
             self._errors.add(exc, "load_module", seq)
         return module

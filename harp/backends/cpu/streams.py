@@ -25,6 +25,7 @@ class StreamWorker:
         # GIL keeps them consistent without a lock.
         self._submitted = 0
         self._completed = 0
+        self._cancelled = False
 
     @property
     def idle(self) -> bool:
@@ -48,8 +49,10 @@ class StreamWorker:
         done.wait()
 
     def stop(self) -> None:
-        """Finish queued work and end the thread."""
+        """End the thread, dropping queued work: a closing session's pending calls are void,
+        and a client that queued a great deal must not hold its memory for as long."""
         if self._thread is not None:
+            self._cancelled = True
             self._queue.put(None)
             self._thread.join()
             self._thread = None
@@ -61,6 +64,9 @@ class StreamWorker:
             if item is None:
                 return
             call, seq, op, args = item
+            if self._cancelled:
+                self._completed += 1
+                continue
             try:
                 op(*args)
             except BaseException as exc:  # reported at the session's next sync call

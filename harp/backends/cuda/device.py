@@ -65,7 +65,8 @@ from ...errors import (ArgumentError, DeviceError, HarpError, InvalidHandleError
                        OutOfMemoryError, QuotaError, UnsupportedError)
 from ...frontend import (DeferredErrors, HandleIds, as_bytes_view, check_buffer, check_copy,
                          check_count, check_dims, check_event, check_fill, check_function,
-                         check_module, check_range, check_stream, normalize_args, out_view)
+                         check_image, check_module, check_range, check_stream, normalize_args,
+                         out_view)
 from ...types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
                       Scalar, Stream)
 from ..cpu.kernels import check_catalog_args
@@ -403,11 +404,9 @@ class CudaDevice(Device):
     # -- code ------------------------------------------------------------------
     def load_module(self, image: bytes | str, format: str) -> Module:
         seq = self._next()
-        if not isinstance(image, (bytes, bytearray, memoryview, str)):
-            raise TypeError(f"a module image is bytes or str, got {type(image).__name__}")
+        raw = check_image(image)
         module = Module(self._ids.new(), str(format))
         try:
-            raw = image if isinstance(image, str) else bytes(image)
             self._modules[module.id] = self._load(raw, module.format)
         except Exception as exc:
             self._defer(exc, "load_module", seq)

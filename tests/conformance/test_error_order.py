@@ -1,0 +1,40 @@
+"""Deferred errors surface in the same order, with the same names, on every device."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+import harp
+
+
+def test_a_refused_sync_call_raises_earlier_failures_first(device):
+    buf = device.alloc(16)                      # 1
+    device.free(buf)                            # 2
+    device.alloc(1 << 50)                       # 3: fails, deferred
+    with pytest.raises(harp.HarpError) as info:
+        device.read(buf, 0, 8)                  # 4: a freed buffer, but #3 comes first
+    assert (info.value.call, info.value.seq) == ("alloc", 3)
+    device.synchronize()                        # nothing left over
+    device.alloc(1 << 50)                       # 6
+    with pytest.raises(harp.HarpError) as info:
+        device.synchronize(harp.Stream(12345))  # 7: a forged stream
+    assert (info.value.call, info.value.seq) == ("alloc", 6)
+
+
+def test_close_drops_queued_work_and_frees_at_once(device):
+    s = device.stream()
+    ev = device.event()
+    other = device.stream()
+    lib = device.load_module(harp.CATALOG_IMAGE, "catalog")
+    gemm = device.function(lib, "gemm_f64")
+    m = 512                                     # 1000 gemms: several seconds of work
+    a = device.alloc(m * m * 8)
+    device.record(ev, other)
+    for _ in range(1000):
+        device.launch(gemm, 1, 1, [a, a, a, np.int64(m), np.int64(m), np.int64(m),
+                                   np.float64(1), np.float64(0)], stream=s)
+    t0 = time.monotonic()
+    device.close()
+    assert time.monotonic() - t0 < 1.5          # not run: dropped
