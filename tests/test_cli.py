@@ -52,3 +52,36 @@ def test_connect_without_address_or_lease_says_what_to_do(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=60)
     assert "harp attach" in out.stdout
+
+
+def test_harp_up_serves_a_one_machine_pool_and_stops_on_ctrl_c(tmp_path):
+    """`harp up`: certificates on first use, a scheduler and a cpu pool server; a lease from
+    it works through `harp.connect()`; SIGINT stops everything cleanly."""
+    import signal
+    env = dict(os.environ, HARP_DATA_DIR=str(tmp_path / "data"),
+               HARP_CERT_DIR=str(tmp_path / "certs"), HARP_LEASE=str(tmp_path / "lease.json"))
+    proc = subprocess.Popen([HARP, "up", "--scheduler-listen", "127.0.0.1:0",
+                             "--server-listen", "127.0.0.1:0", "--memory", "256MiB"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = ""
+        while "HARP is up" not in line:
+            line = proc.stdout.readline()
+            assert line, "harp up exited before it was up"
+        env["HARP_SCHEDULER"] = line.split("scheduler ")[1].split(",")[0]
+        assert (tmp_path / "certs" / "ca.pem").exists()
+        pool = json.loads(run("pool", "ls", "--json", env=env).stdout)
+        assert pool[0]["state"] == "up" and pool[0]["devices"][0]["kind"] == "cpu"
+        lease = json.loads(run("attach", "--kind", "cpu", "--memory", "64MiB", "--json",
+                               env=env).stdout)
+        code = ("import harp\nd = harp.connect()\nb = d.alloc(4)\nd.write(b, 0, b'abcd')\n"
+                "print(bytes(d.read(b, 0, 4)).decode(), d.mem_info().total)\nd.close()")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=env, timeout=60)
+        assert out.stdout.split() == ["abcd", str(64 << 20)], out.stderr
+        assert json.loads(run("detach", "--json", env=env).stdout)["state"] == "ended"
+        assert lease["devices"][0]["server"] == pool[0]["name"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(20) == 0
+        proc.stdout.close()
