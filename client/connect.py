@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from harp.errors import ArgumentError, AuthError
+from harp.errors import ArgumentError, AuthError, TransportError
+from harp.security import TlsFiles, channel_credentials, tls_files
+from harp.transport import KEEPALIVE_S, channel_options, diagnose_tls, is_loopback
+
+from .remote import LIVENESS_S, RemoteDevice
 
 if TYPE_CHECKING:
     from harp.lease import Lease
-from harp.security import TlsFiles, channel_credentials, tls_files
-from harp.transport import KEEPALIVE_S, channel_options, is_loopback
-
-from .remote import RemoteDevice
 
 
 def pick_endpoint(endpoints: list[str], host: str) -> str:
@@ -90,13 +90,18 @@ def parse_address(target: str) -> tuple[str, bool]:
 def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | Path | None = None,
                    device_index: int = 0, token: str = "", client_name: str = "",
                    server_name: str | None = None, connect_timeout: float = 10.0,
-                   keepalive_s: float = KEEPALIVE_S, **unknown: Any) -> RemoteDevice:
-    """Open a session on device `device_index` of the pool server at `target`."""
+                   keepalive_s: float = KEEPALIVE_S, liveness_s: float = LIVENESS_S,
+                   **unknown: Any) -> RemoteDevice:
+    """Open a session on device `device_index` of the pool server at `target`.
+
+    `connect_timeout` bounds the handshake; `liveness_s` how long a sync call may go
+    without a word from the server before it fails with `TransportError`."""
     if unknown:
         raise TypeError(f"unknown option(s) for a remote device: {', '.join(sorted(unknown))}")
     address, secure = parse_address(target)
-    options = channel_options(keepalive_s=keepalive_s, server_name=server_name or
-                              ("localhost" if address.startswith("unix") else None))
+    name = server_name or ("localhost" if address.startswith("unix") else None)
+    options = channel_options(keepalive_s=keepalive_s, server_name=name)
+    files = None
     if secure:
         files = tls or tls_files("client", directory=cert_dir)
         channel = grpc.secure_channel(address, channel_credentials(files), options=options)
@@ -107,7 +112,27 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
         channel = grpc.insecure_channel(address, options=options)
     try:
         return RemoteDevice(channel, device_index=device_index, token=token,
-                            client_name=client_name, connect_timeout=connect_timeout)
+                            client_name=client_name, connect_timeout=connect_timeout,
+                            liveness_s=liveness_s, target=target)
+    except TransportError as exc:
+        channel.close()
+        raise _explain_connect_failure(exc, target, address, files, name) from None
     except BaseException:
         channel.close()
         raise
+
+
+def _explain_connect_failure(exc: TransportError, target: str, address: str,
+                             files: TlsFiles | None, server_name: str | None) -> Exception:
+    """A failed connect, said precisely: a TLS refusal (found by a handshake of our own),
+    plain text against a TLS server or the reverse, or the server being unreachable."""
+    if files is not None:
+        why = diagnose_tls(address, str(files.ca), str(files.cert), str(files.key),
+                           server_name=server_name)
+        if why is not None:
+            hint = ""
+            if "wrong version number" in why.lower() or "record layer" in why.lower():
+                hint = ("; the server may be running without TLS (--insecure): reach it with "
+                        f"harp+insecure://{address}")
+            return AuthError(f"cannot open a session on {target}: {why}{hint}")
+    return exc

@@ -6,10 +6,10 @@ from typing import Any
 
 import grpc
 
-from harp import wire
 from harp.errors import ERROR_CLASSES, HarpError, InternalError, TransportError
 from harp.lease import Lease, LeaseDevice
 from harp.proto import scheduler_pb2 as pb
+from harp.proto.codec import facts_from_proto
 from harp.proto import scheduler_pb2_grpc as pb_grpc
 from harp.security import TlsFiles, channel_credentials, tls_files
 from harp.transport import channel_options, error_from_rpc, is_loopback
@@ -54,7 +54,7 @@ def lease_from_proto(msg: Any, scheduler: str) -> Lease:
         created_at=msg.created_at, reason=msg.reason,
         devices=[LeaseDevice(server=d.server, index=d.index, endpoints=list(d.endpoints),
                              host=d.host, token=d.token,
-                             info=wire.facts_from_proto(d.facts) if d.HasField("facts") else None)
+                             info=facts_from_proto(d.facts) if d.HasField("facts") else None)
                  for d in msg.devices])
 
 
@@ -62,7 +62,7 @@ def server_to_dict(s: Any) -> dict[str, Any]:
     return {"name": s.name, "host": s.host, "state": s.state, "endpoints": list(s.endpoints),
             "last_heartbeat": s.last_heartbeat, "sessions": s.sessions,
             "memory_used": s.memory_used, "leases": s.leases,
-            "devices": [dict(wire.facts_from_proto(d.facts).to_dict(), index=d.index)
+            "devices": [dict(facts_from_proto(d.facts).to_dict(), index=d.index)
                         for d in s.devices]}
 
 

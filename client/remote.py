@@ -1,10 +1,18 @@
 """`RemoteDevice`: the `Device` interface over one gRPC stream to a pool server.
 
-Asynchronous calls are encoded as records and queued; they leave in batches
-when a batch fills or at the next sync call, which waits for its reply. The
-client picks every handle id itself, so creating a buffer or a stream never
-waits for the network. Argument checks are the same functions the local
-backends use, so a bad argument fails the same way local and remote.
+A thin pump around `harp.protocol.ClientProtocol`, which owns the rules
+(batches, frame kinds, reply checks): asynchronous calls are encoded as
+records and queued; they leave in batches when a batch fills or at the next
+sync call, which waits for its reply. The client picks every handle id
+itself, so creating a buffer or a stream never waits for the network.
+Argument checks are the same functions the local backends use, so a bad
+argument fails the same way local and remote.
+
+A session the server ends (its lease is over, its worker died) ends the gRPC
+call with the reason as a typed error, which this device raises from then
+on. While a sync call waits, the server sends a TICK frame every couple of
+seconds; with no frame at all for `liveness_s` (a dead link, a frozen
+server) the call fails with `TransportError` instead of waiting forever.
 """
 from __future__ import annotations
 
@@ -12,21 +20,28 @@ import os
 import queue
 import socket
 import threading
+import time
+import weakref
 from typing import Any, Iterator, Sequence
 
 import grpc
-import msgpack
 
 from harp import wire
 from harp.device import Device, Dims
 from harp.errors import HarpError, ProtocolError, TransportError
 from harp.frontend import (HandleIds, as_bytes_view, check_buffer, check_copy, check_count,
-                           check_dims, check_event, check_fill, check_function, check_image,
-                           check_module, check_range, check_stream, normalize_args, out_view)
+                           check_dims, check_event, check_fill, check_format, check_function,
+                           check_image, check_kernel_name, check_module, check_range,
+                           check_stream, normalize_args, out_view)
 from harp.proto import session_pb2 as pb
+from harp.proto.codec import error_from_bytes, error_from_message, facts_from_proto
+from harp.protocol import ClientProtocol, Payload, Reply
 from harp.transport import error_from_rpc
 from harp.types import Buffer, DeviceInfo, Event, Function, MemInfo, Module, Stream
 
+#: Seconds a sync call may go without any frame from the server before the link counts
+#: as dead (the server sends a TICK every 2 s while it works on the call).
+LIVENESS_S = 15.0
 
 
 class _BulkJob:
@@ -38,20 +53,67 @@ class _BulkJob:
         self.view, self.chunk, self.done = view, chunk, threading.Event()
 
 
+class _Watchdog:
+    """One thread for every remote device of the process: cancels a call that has
+    waited for the server longer than its device's liveness bound."""
+
+    def __init__(self) -> None:
+        self._devices: "weakref.WeakSet[RemoteDevice]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, device: "RemoteDevice") -> None:
+        with self._lock:
+            self._devices.add(device)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="harp-liveness",
+                                                daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(0.25)
+            now = time.monotonic()
+            with self._lock:
+                devices = list(self._devices)
+            for device in devices:
+                device._check_liveness(now)
+
+
+_watchdog = _Watchdog()
+
+
+def ended_error(exc: grpc.RpcError, what: str) -> HarpError:
+    """The server's reason when it ended the session, else what the gRPC failure means."""
+    try:
+        trailers = exc.trailing_metadata() or ()
+    except Exception:
+        trailers = ()
+    for key, value in trailers:
+        if key == wire.ERROR_METADATA:
+            return error_from_bytes(value)
+    return error_from_rpc(exc, what)
+
+
 class RemoteDevice(Device):
     """A session on a pool server's device. Safe to share between threads (calls are serialized)."""
 
     def __init__(self, channel: grpc.Channel, *, device_index: int = 0, token: str = "",
-                 client_name: str = "", connect_timeout: float = 10.0) -> None:
+                 client_name: str = "", connect_timeout: float = 10.0,
+                 liveness_s: float = LIVENESS_S, target: str = "") -> None:
         self._channel = channel
+        self._target = target
         self._ids = HandleIds()
         self._seq = 0
-        self._batch: list[list] = []
-        self._batch_bytes = 0
+        self._proto = ClientProtocol(error_from_bytes)
         self._lock = threading.RLock()
         self._broken: HarpError | None = None
         self._closed = False
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._liveness = liveness_s
+        self._waiting_since = 0.0            # monotonic time a wait for the server began
+        self._waiting_for = ""
+        self._timed_out: HarpError | None = None
         #: Hooks run at close, and a way to explain a broken session (set by lease connects).
         self.on_close: list[Any] = []
         self.explain: Any = None
@@ -64,23 +126,19 @@ class RemoteDevice(Device):
             client_name=client_name or f"pid {os.getpid()}", client_host=socket.gethostname())
         self._requests.put(request.SerializeToString())
         reply = pb.HandshakeReply()
-        # A server that accepts the connection but never answers must not hang us.
-        watchdog = threading.Timer(connect_timeout, self._call.cancel)
-        watchdog.start()
+        _watchdog.watch(self)
         try:
-            reply.ParseFromString(self._next_frame("handshake"))
+            reply.ParseFromString(self._next_frame("handshake", connect_timeout))
         except HarpError:
             self._shutdown()
             raise
-        finally:
-            watchdog.cancel()
         if reply.HasField("error"):
             self._shutdown()
-            raise wire.error_from_proto(reply.error.SerializeToString())
+            raise error_from_message(reply.error)
         self.session_id = reply.session_id
         self.server_name = reply.server_name
         self.protocol_version = reply.version
-        self._info = wire.facts_from_proto(reply.device)
+        self._info = facts_from_proto(reply.device)
 
     # -- transport -----------------------------------------------------------------
     def _frames(self) -> Iterator[bytes]:
@@ -92,6 +150,7 @@ class RemoteDevice(Device):
         no thread hands chunks to another.
         """
         get = self._requests.get
+        tag = wire.PAYLOAD_TAG
         while True:
             item = get()
             if item is None:
@@ -99,23 +158,51 @@ class RemoteDevice(Device):
             if type(item) is _BulkJob:
                 view, chunk = item.view, item.chunk
                 for pos in range(0, view.nbytes, chunk):
-                    yield view[pos:pos + chunk].tobytes()
+                    yield tag + view[pos:pos + chunk]
                 item.done.set()
                 continue
             yield item
 
-    def _next_frame(self, what: str) -> bytes:
+    def _check_liveness(self, now: float) -> None:
+        since = self._waiting_since
+        if since and now - since > self._bound:
+            self._timed_out = TransportError(
+                f"{self._waiting_for}: no answer from the server {self._target} for "
+                f"{self._bound:g} s; the server or the network is gone")
+            self._call.cancel()
+
+    def _next_frame(self, what: str, bound: float | None = None) -> bytes:
+        self._bound = bound if bound is not None else self._liveness
+        self._waiting_for = what
+        self._waiting_since = time.monotonic()
         try:
             return next(self._responses)
         except StopIteration:
             self._broken = TransportError(f"{what}: the server ended the session")
         except grpc.RpcError as exc:
-            self._broken = error_from_rpc(exc, what)
-            if exc.code() == grpc.StatusCode.CANCELLED and what == "handshake":
-                self._broken = TransportError("handshake: no answer from the server in time")
+            if self._timed_out is not None:
+                self._broken = self._timed_out
+            else:
+                self._broken = ended_error(exc, what)
+        finally:
+            self._waiting_since = 0.0
         if self.explain is not None:
             self._broken = self.explain(self._broken)
         raise self._broken
+
+    def _frame(self, what: str) -> Reply | Payload:
+        """The next meaningful frame (TICKs only reset the liveness clock)."""
+        proto = self._proto
+        while True:
+            frame = self._next_frame(what)
+            try:
+                event = proto.receive(frame)
+            except ProtocolError as exc:
+                self._broken = exc
+                raise
+            if type(event) is not Reply and type(event) is not Payload:
+                continue
+            return event
 
     def _send(self, frame: bytes) -> None:
         if self._broken is not None:
@@ -128,23 +215,24 @@ class RemoteDevice(Device):
         self._send(job)  # type: ignore[arg-type]
         while not job.done.wait(1.0):
             if not self._call.is_active():
-                self._broken = TransportError("the connection to the server is gone")
+                self._broken = self._reason("write")
                 raise self._broken
 
-    def _flush(self) -> None:
-        if self._batch:
-            frame = wire.pack(self._batch)
-            self._batch, self._batch_bytes = [], 0
-            self._send(frame)
+    def _reason(self, what: str) -> HarpError:
+        """Why the call is over, once it is (the server's error when it gave one)."""
+        try:
+            for key, value in self._call.trailing_metadata() or ():
+                if key == wire.ERROR_METADATA:
+                    return error_from_bytes(value)
+        except Exception:
+            pass
+        return TransportError(f"{what}: the connection to the server is gone")
 
     def _issue(self, record: list, payload: int = 0) -> None:
         """Queue an async call; the batch leaves when it is full (calls or bytes)."""
-        if payload and self._batch_bytes + payload > wire.BATCH_BYTES:
-            self._flush()                       # keep every frame under the frame limit
-        self._batch.append(record)
-        self._batch_bytes += payload
-        if len(self._batch) >= wire.BATCH_CALLS or self._batch_bytes >= wire.BATCH_BYTES:
-            self._flush()
+        frame = self._proto.call(record, payload)
+        if frame is not None:
+            self._send(frame)
 
     def _next(self) -> int:
         if self._closed:
@@ -156,23 +244,12 @@ class RemoteDevice(Device):
         """Send `record` with the pending batch and return its reply's result."""
         if self._broken is not None:
             raise self._broken
-        self._batch.append(record)
-        self._flush()
-        frame = self._next_frame(wire.SCHEMA[record[0]][0])
-        try:
-            seq, error, result = msgpack.unpackb(frame, raw=False)
-        except Exception:
-            self._broken = ProtocolError("the server sent a malformed reply")
-            raise self._broken from None
-        if error is not None:
-            err = wire.error_from_proto(error)
-            if seq == 0:  # the server ended the session over a protocol error
-                self._broken = err
-            raise err
-        if seq != record[1]:
-            self._broken = ProtocolError(f"reply for call #{seq} while waiting for #{record[1]}")
+        self._send(self._proto.sync(record))
+        event = self._frame(wire.SCHEMA[record[0]][0])
+        if type(event) is not Reply:
+            self._broken = ProtocolError("the server sent payload where a reply was due")
             raise self._broken
-        return result
+        return event.result
 
     # -- facts -----------------------------------------------------------------------
     @property
@@ -206,8 +283,8 @@ class RemoteDevice(Device):
             if nbytes <= wire.INLINE_LIMIT:
                 self._issue([wire.WRITE, seq, buf.id, offset, sid, view.tobytes()], nbytes)
                 return
-            self._batch.append([wire.WRITE_CHUNKED, seq, buf.id, offset, sid, nbytes])
-            self._flush()
+            self._send(self._proto.chunked_write(
+                [wire.WRITE_CHUNKED, seq, buf.id, offset, sid, nbytes]))
             self._send_bulk(view)
 
     def read(self, buf: Buffer, offset: int, nbytes: int, out: Any = None,
@@ -218,20 +295,20 @@ class RemoteDevice(Device):
             sid = check_stream(stream).id
             dst = None if out is None else out_view(out, nbytes)
             result = self._sync([wire.READ, seq, buf.id, offset, nbytes, sid])
-            if len(result) == 2:                 # a small read: the data is in the reply
-                if len(result[1]) != nbytes:
-                    self._broken = ProtocolError("the server sent a read reply of the wrong size")
-                    raise self._broken
+            try:
+                inline = self._proto.read_data(result, nbytes)
+            except ProtocolError as exc:
+                self._broken = exc
+                raise
+            if inline is not None:                 # a small read: the data is in the reply
                 if dst is None:
-                    return result[1]
-                dst[:] = result[1]
+                    return inline
+                dst[:] = inline
                 return out
             chunks, pos = [], 0
             while pos < nbytes:
-                chunk = self._next_frame("read")
-                if not chunk or pos + len(chunk) > nbytes:
-                    self._broken = ProtocolError("the server sent more read data than asked")
-                    raise self._broken
+                event = self._frame("read")
+                chunk = event.data                 # type: ignore[union-attr]
                 if dst is None:
                     chunks.append(chunk)
                 else:
@@ -261,14 +338,14 @@ class RemoteDevice(Device):
             image = check_image(image)
             if isinstance(image, str):
                 image = image.encode("utf-8")
-            module = Module(self._ids.new(), str(format))
+            module = Module(self._ids.new(), check_format(format))
             self._issue([wire.LOAD_MODULE, seq, module.id, module.format, image], len(image))
         return module
 
     def function(self, module: Module, name: str) -> Function:
         with self._lock:
             seq = self._next()
-            fn = Function(self._ids.new(), str(name))
+            fn = Function(self._ids.new(), check_kernel_name(name))
             self._issue([wire.FUNCTION, seq, fn.id, check_module(module).id, fn.name])
         return fn
 
@@ -279,7 +356,7 @@ class RemoteDevice(Device):
             check_function(fn)
             grid3, block3 = check_dims(grid, "grid"), check_dims(block, "block")
             shared_mem = check_count(shared_mem, "shared_mem")
-            encoded = [wire.encode_arg(a) for a in normalize_args(args)]
+            encoded = [wire.encode_arg(a) for a in normalize_args(args)] if args else []
             self._issue([wire.LAUNCH, seq, fn.id, list(grid3), list(block3), shared_mem,
                          check_stream(stream).id, encoded])
 

@@ -52,6 +52,7 @@ class DeferredErrors:
     def add(self, error: HarpError, call: str, seq: int) -> None:
         if error.call is None:
             error.call, error.seq = call, seq
+        bound_message(error)
         with self._lock:
             if len(self._errors) < self.MAX_KEPT:
                 self._errors.append(error)
@@ -77,6 +78,19 @@ class DeferredErrors:
         err = self.take()
         if err is not None:
             raise err
+
+
+def bound_message(error: HarpError) -> HarpError:
+    """Cut an error's message and detail to `limits.MAX_ERROR_MESSAGE` characters, so kept
+    errors cannot hold a server's memory (a 1 MiB kernel name in every message)."""
+    from .limits import MAX_ERROR_MESSAGE
+    for attr in ("message", "detail"):
+        text = getattr(error, attr)
+        if text and len(text) > MAX_ERROR_MESSAGE:
+            setattr(error, attr, text[:MAX_ERROR_MESSAGE] + f"... ({len(text)} characters)")
+            if attr == "message":
+                error.args = (error.message,)
+    return error
 
 
 def check_count(value: Any, what: str) -> int:
@@ -186,6 +200,30 @@ def check_image(image: Any) -> bytes | str:
     if size > MAX_IMAGE:
         raise ArgumentError(f"module image of {size} bytes is over the {MAX_IMAGE} byte limit")
     return image if isinstance(image, (str, bytes)) else bytes(image)
+
+
+MAX_FORMAT = 64
+
+
+def check_format(format: Any) -> str:
+    """An image format name (the device says whether it takes it)."""
+    if not isinstance(format, str):
+        raise TypeError(f"an image format is a str, got {type(format).__name__}")
+    if len(format) > MAX_FORMAT:
+        raise ArgumentError(f"image format name of {len(format)} characters; formats are "
+                            "names such as 'ptx' or 'catalog'")
+    return format
+
+
+def check_kernel_name(name: Any) -> str:
+    """A kernel name, at most `wire.MAX_NAME` characters (the same bound local and remote)."""
+    from .wire import MAX_NAME
+    if not isinstance(name, str):
+        raise TypeError(f"a kernel name is a str, got {type(name).__name__}")
+    if len(name) > MAX_NAME:
+        raise ArgumentError(f"kernel name of {len(name)} characters is over the {MAX_NAME} "
+                            "character limit")
+    return name
 
 
 def check_copy(dst: Any, dst_offset: Any, src: Any, src_offset: Any,

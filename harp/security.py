@@ -1,12 +1,19 @@
-"""Mutual-TLS certificates for a HARP pool: one private CA, server and client leaves.
+"""Mutual-TLS certificates for a HARP pool: one private CA, and the identities it issues.
 
 Every server and client in a pool holds a leaf certificate signed by the pool's CA,
 and each side refuses a peer whose certificate that CA did not sign. Keys are EC
 P-256 and are written owner-only (0o600) from the moment the file exists.
+
+A certificate also says who its holder is and what it may do: its subject's common
+name is the holder's identity (`alice`, `gpu-host-1`), and its organizational unit
+its role: `client` (attach, and see, renew and detach its own leases), `server` (a
+pool server: register and heartbeat under its own name), or `admin` (everything,
+every lease). `peer_identity` reads both from a gRPC peer's certificate.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import ipaddress
 import os
 import re
@@ -29,13 +36,16 @@ __all__ = [
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_ROLE_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+ROLES = ("client", "server", "admin")
+_ROLE_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH,
+             "admin": ExtendedKeyUsageOID.CLIENT_AUTH}
 #: What each role's certificate may do. A server certificate also authenticates its holder
 #: as a client: a pool server uses it to register with the scheduler, which admits only
 #: server certificates to Register/Heartbeat (a user's client certificate cannot pose as a
 #: pool server).
 _ROLE_USAGES = {"server": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
-                "client": [ExtendedKeyUsageOID.CLIENT_AUTH]}
+                "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
+                "admin": [ExtendedKeyUsageOID.CLIENT_AUTH]}
 _SERVER_DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -121,14 +131,17 @@ def _general_name(san: str) -> x509.GeneralName:
         return x509.DNSName(san)
 
 
-def issue(directory: Path, role: Literal["server", "client"], name: str, *,
+def issue(directory: Path, role: Literal["server", "client", "admin"], name: str, *,
           sans: Sequence[str] = (), days: int = 825, overwrite: bool = False) -> tuple[Path, Path]:
     """Issue a `role` leaf cert `{name}.pem`/`{name}.key` signed by the CA in `directory`.
 
-    Server certs always also cover localhost, 127.0.0.1 and ::1 so local pools work unconfigured.
+    The subject is CN=`name`, OU=`role`. Server certs always also cover localhost,
+    127.0.0.1 and ::1 so local pools work unconfigured.
     """
     if role not in _ROLE_EKU:
-        raise CertError(f"bad role {role!r}: expected 'server' or 'client'")
+        raise CertError(f"bad role {role!r}: expected one of {', '.join(ROLES)}")
+    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
+        raise CertError(f"a certificate must be valid for at least 1 day, not {days!r}")
     _check_name(name)
     directory = Path(directory).expanduser()
     ca_cert_path, ca_key_path = directory / CA_CERT, directory / CA_KEY
@@ -146,7 +159,8 @@ def issue(directory: Path, role: Literal["server", "client"], name: str, *,
     now = _dt.datetime.now(_dt.timezone.utc)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                                 x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
         .not_valid_before(now - _dt.timedelta(minutes=5))
@@ -247,6 +261,61 @@ def _extension(cert: x509.Certificate, cls: type[Any]) -> Any:
         return None
 
 
+@dataclass(frozen=True)
+class Identity:
+    """Who a peer is (its certificate's common name) and its role."""
+    name: str
+    role: str              # "client", "server", "admin"
+
+    def __str__(self) -> str:
+        return f"{self.role} {self.name}"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+#: The identity of every peer of a plain-text (--insecure, loopback-only) service: there are
+#: no certificates to tell peers apart, so loopback development has no access control.
+ANONYMOUS = Identity("anonymous", "admin")
+
+
+@functools.lru_cache(maxsize=1024)
+def identity_from_pem(pem: bytes) -> Identity:
+    """The identity a PEM certificate states (role from its OU; from its key usage for
+    certificates issued before roles were written into the subject)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise AuthError("the peer's certificate is unreadable") from None
+    name = _common_name(cert.subject) or ""
+    units = [str(a.value) for a in
+             cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    role = next((u for u in units if u in ROLES), None)
+    if role is None:
+        eku = _extension(cert, x509.ExtendedKeyUsage)
+        role = "server" if eku is not None and ExtendedKeyUsageOID.SERVER_AUTH in eku else "client"
+    return Identity(name, role)
+
+
+def peer_identity(auth_context: dict, *, insecure: bool = False) -> Identity:
+    """The identity of a gRPC peer, from its verified client certificate."""
+    pems = auth_context.get("x509_pem_cert")
+    if not pems:
+        if insecure:
+            return ANONYMOUS
+        raise AuthError("the peer presented no client certificate")
+    return identity_from_pem(bytes(pems[0]))
+
+
+def certificate_name(path: Path | str) -> str:
+    """The common name of the certificate in a PEM file (the identity it gives its holder)."""
+    try:
+        return identity_from_pem(Path(path).read_bytes()).name
+    except OSError as exc:
+        raise CertError(f"cannot read certificate {path}: {exc.strerror or exc}") from None
+
+
 def is_server_certificate(pem: bytes) -> bool:
     """Whether a PEM certificate may act as a server (its key usage includes serverAuth)."""
     try:
@@ -269,12 +338,11 @@ def describe(cert_path: Path | str) -> dict[str, Any]:
     san = _extension(cert, x509.SubjectAlternativeName)
     sans = [str(v) for v in (*san.get_values_for_type(x509.DNSName),
                              *san.get_values_for_type(x509.IPAddress))] if san is not None else []
-    eku = _extension(cert, x509.ExtendedKeyUsage)
     basic = _extension(cert, x509.BasicConstraints)
-    if eku is not None:
-        role = next((r for r, oid in _ROLE_EKU.items() if oid in eku), None)
+    if basic is not None and basic.ca:
+        role = "ca"
     else:
-        role = "ca" if basic is not None and basic.ca else None
+        role = identity_from_pem(cert.public_bytes(serialization.Encoding.PEM)).role
     return {
         "subject": _common_name(cert.subject),
         "issuer": _common_name(cert.issuer),

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import ssl
 from typing import Any
 
 import grpc
 
-from .errors import AuthError, HarpError, TransportError
+from .errors import AuthError, HarpError, NoCapacityError, TransportError
 from .wire import MAX_FRAME
 
 #: Seconds between keepalive pings, and how long an unanswered ping may take.
@@ -33,9 +34,10 @@ def channel_options(*, keepalive_s: float = KEEPALIVE_S,
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.enable_retries", 0),
         # Reconnect quickly after a peer restarts (the scheduler, say): gRPC's default
-        # backoff grows to minutes, which would outlast a lease.
+        # backoff grows to minutes, which would outlast a lease. Not
+        # grpc.min_reconnect_backoff_ms: gRPC core also uses it as the time one connection
+        # attempt may take, and 200 ms fails TLS handshakes against a busy server.
         ("grpc.initial_reconnect_backoff_ms", 200),
-        ("grpc.min_reconnect_backoff_ms", 200),
         ("grpc.max_reconnect_backoff_ms", 1000),
         # A fresh channel per session: sessions never share a connection's fate.
         ("grpc.use_local_subchannel_pool", 1),
@@ -111,13 +113,68 @@ def serve(server: grpc.Server, listen: list[str], credentials: grpc.ServerCreden
 
 
 def error_from_rpc(exc: grpc.RpcError, what: str) -> HarpError:
-    """A `HarpError` for a failed gRPC call: certificate trouble is `AuthError`, the rest `TransportError`."""
+    """A `HarpError` for a failed gRPC call, by its status code: UNAUTHENTICATED and
+    PERMISSION_DENIED are `AuthError`, RESOURCE_EXHAUSTED `NoCapacityError`, the rest
+    `TransportError`. (A TLS handshake that fails shows as UNAVAILABLE, like an
+    unreachable server; `diagnose_tls` tells the two apart with a handshake of its own.)"""
     code = exc.code() if hasattr(exc, "code") else None
     details = (exc.details() if hasattr(exc, "details") else None) or str(exc)
-    lowered = details.lower()
-    if code == grpc.StatusCode.UNAUTHENTICATED or any(
-            s in lowered for s in ("ssl", "certificate", "handshake", "tls")):
-        return AuthError(f"{what}: the TLS handshake failed ({details}); check that both sides "
-                         "hold certificates from the same pool CA")
     name = code.name if code is not None else "UNKNOWN"
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AuthError(f"{what}: refused: {details}")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return NoCapacityError(f"{what}: the server is full: {details}")
     return TransportError(f"{what}: {name}: {details}")
+
+
+def diagnose_tls(address: str, ca: str, cert: str, key: str, *, server_name: str | None = None,
+                 timeout: float = 3.0) -> str | None:
+    """Why a mutual-TLS handshake with `address` fails, in words, or None when it does not
+    (then the connection failed for another reason: the server is down or busy).
+
+    Uses Python's own TLS with the same files, and reads the failure from the `ssl`
+    module's exception types: a server certificate this CA did not sign, or an alert from
+    a server that refused the client's certificate (TLS 1.3 sends it after the handshake)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(ca)
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        return f"this client's TLS files cannot be used: {exc}"
+    context.set_alpn_protocols(["h2"])
+    try:
+        if address.startswith("unix:"):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            sock.connect(address[len("unix:"):].removeprefix("//"))
+            host = server_name or "localhost"
+        else:
+            host, port = split_host_port(address)
+            sock = socket.create_connection((host, int(port)), timeout=timeout)
+            host = server_name or host
+    except (OSError, ValueError):
+        return None                                   # unreachable: not a TLS matter
+    try:
+        tls = context.wrap_socket(sock, server_hostname=host)
+    except ssl.SSLCertVerificationError as exc:
+        sock.close()
+        return (f"the server's certificate does not verify with this client's pool CA "
+                f"({exc.verify_message}): client and server hold certificates of different "
+                "pools, or the server is not the one meant")
+    except ssl.SSLError as exc:
+        sock.close()
+        return f"the TLS handshake failed ({exc.reason or exc})"
+    except OSError:
+        sock.close()
+        return None
+    try:
+        tls.settimeout(min(timeout, 1.0))
+        tls.recv(1)                                   # an alert, or the server's HTTP/2 hello
+    except ssl.SSLError as exc:
+        return (f"the server refused this client's certificate ({exc.reason or exc}): it is "
+                "not signed by the server's pool CA, or it has expired")
+    except OSError:
+        pass
+    finally:
+        tls.close()
+    return None

@@ -1,19 +1,31 @@
-"""The session wire format, without any I/O: what the client and the pool server
-put in the frames of a session stream, and how each side checks what it gets.
+"""The session wire format, without any I/O: frames, call records, and their checks.
 
 A session is one gRPC bidirectional stream of raw byte frames:
 
 1. client -> server: a protobuf `HandshakeRequest`; server -> client: a
    protobuf `HandshakeReply` (proto/session.proto).
-2. client -> server: *batch* frames, each a msgpack array of call records
-   `[op, seq, *args]`. A chunked write (`WRITE_CHUNKED`) is always the last
-   record of its batch and is followed by `ceil(nbytes / chunk)` bare payload
-   frames, sent as they are, with no header and no re-encoding.
-3. server -> client: one *reply* frame for each sync call, a msgpack array
-   `[seq, error, result]` where `error` is a serialized protobuf `ErrorRecord`
-   or nil. A successful `READ` of up to `INLINE_LIMIT` bytes carries its data
-   in the result (`[nbytes, data]`); a larger one (`[nbytes]`) is followed by
-   its bare payload frames.
+2. client -> server: frames that start with a *kind* byte:
+   - `BATCH` / `BATCH_SYNC`, then a msgpack array of call records
+     `[op, seq, *args]` (the ops and their arguments: `harp.api`). A
+     `BATCH_SYNC` batch ends with a sync call and gets exactly one reply; a
+     sync call ends its batch. A chunked write (`WRITE_CHUNKED`) also ends its
+     batch, and `PAYLOAD` frames carrying its `nbytes` follow it.
+   - `PAYLOAD`, then bytes of the chunked write in progress, as they are.
+3. server -> client, with no kind byte (the client always knows what comes
+   next): one *reply* frame for each sync call, a msgpack array
+   `[seq, error, result]` where `error` is a serialized protobuf
+   `ErrorRecord` or nil. A successful `READ` of up to `INLINE_LIMIT` bytes
+   carries its data in the result (`[nbytes, data]`); a larger one
+   (`[nbytes]`) is followed by bare payload frames. While a sync call runs,
+   the server may send `TICK` frames, which say only that it is alive.
+4. When the server ends a session (a protocol error, a lease that is over, a
+   worker that died), it ends the gRPC call with status `ABORTED` and the
+   `ErrorRecord` in the trailing metadata key `ERROR_METADATA`.
+
+The kind byte costs nothing where it matters: the client makes the one copy
+of each payload chunk it must make anyway (`PAYLOAD + view`), and lets a pool
+server route frames (payload into shared memory, batches to the session's
+worker) without decoding them.
 
 msgpack carries the batches because a call record is a small array of ints
 and a few bytes: it packs and unpacks at several million records a second in
@@ -21,20 +33,22 @@ C, with no schema step (see ARCHITECTURE.md for the measurement).
 """
 from __future__ import annotations
 
-import json
+import reprlib
 from typing import Any
 
 import msgpack
 
-from .errors import HarpError, ProtocolError, VersionMismatchError, from_record
-from .types import DeviceInfo
+from . import api
+from .errors import ProtocolError, VersionMismatchError
 
-#: Protocol versions this build speaks (inclusive).
-PROTOCOL_MIN = 1
-PROTOCOL_MAX = 1
+#: Protocol versions this build speaks (inclusive). Version 2: frame kinds, ABORTED ends.
+PROTOCOL_MIN = 2
+PROTOCOL_MAX = 2
 
 METHOD = "/harp.v1.Session/Open"
 HEALTH_SERVICE = "harp.v1.Session"
+#: Trailing metadata key of the `ErrorRecord` that says why the server ended a session.
+ERROR_METADATA = "harp-error-bin"
 
 #: Payload bytes per bulk frame (1 MiB: the fastest over gRPC with TLS here).
 CHUNK_SIZE = 1 << 20
@@ -49,59 +63,68 @@ MAX_FRAME = 64 << 20
 MAX_IMAGE = 48 << 20
 #: Most records one batch may hold.
 MAX_BATCH_CALLS = 4096
+#: Longest string a record may carry (an image format, a kernel name, a dtype).
+MAX_NAME = 4096
+#: Most kernel arguments one launch may carry, and most dimensions of an array argument.
+MAX_KERNEL_ARGS = 1024
+MAX_ARRAY_DIMS = 32
 
-# Asynchronous calls.
-ALLOC, FREE, WRITE, WRITE_CHUNKED, COPY, FILL = 1, 2, 3, 4, 5, 6
-LOAD_MODULE, FUNCTION, LAUNCH, STREAM, EVENT, RECORD, WAIT = 7, 8, 9, 10, 11, 12, 13
-# Sync calls: each gets exactly one reply frame.
-READ, SYNCHRONIZE, ELAPSED, MEM_INFO, CLOSE = 20, 21, 22, 23, 24
+# Client frame kinds (the first byte of every client frame after the handshake).
+BATCH, BATCH_SYNC, PAYLOAD = 1, 2, 3
+BATCH_TAG, BATCH_SYNC_TAG, PAYLOAD_TAG = bytes((BATCH,)), bytes((BATCH_SYNC,)), bytes((PAYLOAD,))
+#: A server frame that only says "still working on your sync call" (msgpack nil).
+TICK = b"\xc0"
+
+# Op numbers, from the API table.
+ALLOC, FREE, WRITE, WRITE_CHUNKED = api.op("alloc"), api.op("free"), api.op("write"), \
+    api.op("write_chunked")
+COPY, FILL, LOAD_MODULE, FUNCTION = api.op("copy"), api.op("fill"), api.op("load_module"), \
+    api.op("function")
+LAUNCH, STREAM, EVENT, RECORD, WAIT = api.op("launch"), api.op("stream"), api.op("event"), \
+    api.op("record"), api.op("wait")
+READ, SYNCHRONIZE, ELAPSED, MEM_INFO, CLOSE = api.op("read"), api.op("synchronize"), \
+    api.op("elapsed"), api.op("mem_info"), api.op("close")
 
 # Kernel argument tags inside a LAUNCH record.
 ARG_BUFFER, ARG_SCALAR, ARG_ARRAY = 0, 1, 2
 
-I, B, S, L, N = int, bytes, str, list, type(None)
 #: For each op: its API name and the types of its arguments after [op, seq].
-SCHEMA: dict[int, tuple[str, tuple]] = {
-    ALLOC: ("alloc", (I, I)),                          # id, nbytes
-    FREE: ("free", (I,)),                              # buffer
-    WRITE: ("write", (I, I, I, B)),                    # buffer, offset, stream, data
-    WRITE_CHUNKED: ("write", (I, I, I, I)),            # buffer, offset, stream, nbytes
-    COPY: ("copy", (I, I, I, I, I, I)),                # dst, dst_off, src, src_off, nbytes, stream
-    FILL: ("fill", (I, I, I, I, I)),                   # buffer, value, offset, nbytes, stream
-    LOAD_MODULE: ("load_module", (I, S, B)),           # id, format, image
-    FUNCTION: ("function", (I, I, S)),                 # id, module, name
-    LAUNCH: ("launch", (I, L, L, I, I, L)),            # fn, grid, block, shared, stream, args
-    STREAM: ("stream", (I,)),                          # id
-    EVENT: ("event", (I,)),                            # id
-    RECORD: ("record", (I, I)),                        # event, stream
-    WAIT: ("wait", (I, I)),                            # stream, event
-    READ: ("read", (I, I, I, I)),                      # buffer, offset, nbytes, stream
-    SYNCHRONIZE: ("synchronize", ((I, N),)),           # stream or nil (all)
-    ELAPSED: ("elapsed", (I, I)),                      # start, end
-    MEM_INFO: ("mem_info", ()),
-    CLOSE: ("close", ()),
-}
-SYNC_OPS = frozenset((READ, SYNCHRONIZE, ELAPSED, MEM_INFO, CLOSE))
+SCHEMA: dict[int, tuple[str, tuple]] = {c.op: (c.name, c.types) for c in api.CALLS}
+SYNC_OPS = frozenset(c.op for c in api.CALLS if c.sync)
 
 _packer = msgpack.Packer(use_bin_type=True)
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_short.maxlevel = 3
+
+
+def short(value: Any) -> str:
+    """A bounded repr of a value from the wire (any size, any nesting)."""
+    return _short.repr(value)
 
 
 def pack(obj: Any) -> bytes:
-    """msgpack-encode one frame."""
+    """msgpack-encode one frame body."""
     return _packer.pack(obj)
 
 
-def unpack_batch(frame: bytes) -> list:
-    """Decode and check a batch frame: a list of well-formed call records.
+def batch_frame(calls: list, sync: bool) -> bytes:
+    """A client batch frame: its kind byte, then the records."""
+    return (BATCH_SYNC_TAG if sync else BATCH_TAG) + _packer.pack(calls)
+
+
+def unpack_batch(body: Any) -> list:
+    """Decode and check a batch body: a non-empty list of well-formed call records.
 
     Anything else raises `ProtocolError`; a server ends the session on it.
     """
     try:
-        calls = msgpack.unpackb(frame, raw=False, use_list=True, strict_map_key=True,
+        calls = msgpack.unpackb(body, raw=False, use_list=True, strict_map_key=True,
                                 max_array_len=MAX_BATCH_CALLS, max_bin_len=MAX_FRAME,
-                                max_str_len=1 << 20, max_map_len=0, max_ext_len=0)
+                                max_str_len=MAX_NAME, max_map_len=0, max_ext_len=0)
     except Exception as exc:
-        raise ProtocolError(f"malformed batch frame ({len(frame)} bytes): {exc}") from None
+        raise ProtocolError(f"malformed batch frame ({len(body)} bytes): "
+                            f"{type(exc).__name__}") from None
     if not isinstance(calls, list) or not calls:
         raise ProtocolError("a batch frame must be a non-empty array of call records")
     for call in calls:
@@ -110,15 +133,16 @@ def unpack_batch(frame: bytes) -> list:
 
 
 def check_record(call: Any) -> None:
-    """Check one record's op, arity and argument types against `SCHEMA`."""
-    if not isinstance(call, list) or len(call) < 2:
-        raise ProtocolError(f"a call record is [op, seq, ...], got {_short(call)}")
+    """Check one record's op, arity and argument types against `SCHEMA`, the kernel
+    arguments of a launch included, without recursion (any nesting is refused flat)."""
+    if type(call) is not list or len(call) < 2:
+        raise ProtocolError(f"a call record is [op, seq, ...], got {short(call)}")
     op, seq = call[0], call[1]
     spec = SCHEMA.get(op) if type(op) is int else None
     if spec is None:
-        raise ProtocolError(f"unknown call op {_short(op)}")
+        raise ProtocolError(f"unknown call op {short(op)}")
     if type(seq) is not int or seq < 1:
-        raise ProtocolError(f"bad sequence number {_short(seq)} in {spec[0]}")
+        raise ProtocolError(f"bad sequence number {short(seq)} in {spec[0]}")
     types = spec[1]
     if len(call) != 2 + len(types):
         raise ProtocolError(f"{spec[0]} record has {len(call) - 2} arguments, "
@@ -127,36 +151,41 @@ def check_record(call: Any) -> None:
         if type(value) is bool or not isinstance(value, want):
             raise ProtocolError(f"{spec[0]} record has an argument of type "
                                 f"{type(value).__name__}")
+    if op == LAUNCH:
+        _check_dims(call[3], "grid")
+        _check_dims(call[4], "block")
+        _check_kernel_args(call[7])
 
 
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def _check_dims(dims: list, what: str) -> None:
+    if not 1 <= len(dims) <= 3 or any(type(d) is not int for d in dims):
+        raise ProtocolError(f"launch {what} must be 1 to 3 ints, got {short(dims)}")
 
 
-# -- errors ----------------------------------------------------------------------
-
-def error_to_proto(error: HarpError) -> bytes:
-    """A `HarpError` as a serialized `ErrorRecord`."""
-    from harp.proto import session_pb2 as pb
-    return pb.ErrorRecord(code=error.code, message=error.message, call=error.call or "",
-                          seq=error.seq or 0, detail=error.detail or "",
-                          later=len(getattr(error, "later", ()) or ())).SerializeToString()
+def _is_int(v: Any) -> bool:
+    return type(v) is int
 
 
-def error_from_proto(data: bytes) -> HarpError:
-    """The `HarpError` subclass a serialized `ErrorRecord` names."""
-    from harp.proto import session_pb2 as pb
-    rec = pb.ErrorRecord()
-    try:
-        rec.ParseFromString(data)
-    except Exception:
-        return ProtocolError("the server sent an unreadable error record")
-    message = rec.message
-    if rec.later:
-        message += f" ({rec.later} later asynchronous failure(s) also occurred)"
-    return from_record({"code": rec.code, "message": message, "call": rec.call or None,
-                        "seq": rec.seq or None, "detail": rec.detail or None})
+def _check_kernel_args(args: list) -> None:
+    if len(args) > MAX_KERNEL_ARGS:
+        raise ProtocolError(f"a launch carries at most {MAX_KERNEL_ARGS} kernel arguments")
+    for a in args:
+        if type(a) is not list or not a:
+            raise ProtocolError(f"a kernel argument is a tagged array, got {short(a)}")
+        tag = a[0]
+        if tag == ARG_BUFFER and len(a) == 3 and _is_int(a[1]) and _is_int(a[2]):
+            continue
+        if tag == ARG_SCALAR and len(a) == 3 and type(a[2]) is str \
+                and type(a[1]) in (int, float, bool):
+            continue
+        if tag == ARG_ARRAY and len(a) == 6 and _is_int(a[1]) and type(a[2]) is str \
+                and type(a[3]) is list and _is_int(a[4]) \
+                and (a[5] is None or type(a[5]) is list):
+            dims = a[3] + (a[5] or [])
+            if len(a[3]) <= MAX_ARRAY_DIMS and len(a[5] or ()) <= MAX_ARRAY_DIMS and \
+                    all(type(d) is int for d in dims):
+                continue
+        raise ProtocolError(f"malformed kernel argument {short(a)}")
 
 
 # -- handshake ---------------------------------------------------------------------
@@ -169,21 +198,6 @@ def choose_version(client_min: int, client_max: int) -> int:
             f"no common protocol version: the client speaks {client_min}..{client_max}, "
             f"this server {PROTOCOL_MIN}..{PROTOCOL_MAX}; upgrade the older side")
     return high
-
-
-def facts_to_proto(info: DeviceInfo) -> Any:
-    from harp.proto import session_pb2 as pb
-    return pb.DeviceFacts(kind=info.kind, name=info.name, backend=info.backend, index=info.index,
-                          memory=info.memory, compute_capability=list(info.compute_capability or ()),
-                          formats=list(info.formats), extra_json=json.dumps(info.extra))
-
-
-def facts_from_proto(facts: Any) -> DeviceInfo:
-    cc = tuple(facts.compute_capability)
-    return DeviceInfo(kind=facts.kind, name=facts.name, backend=facts.backend, index=facts.index,
-                      memory=facts.memory, compute_capability=cc if cc else None,
-                      formats=tuple(facts.formats),
-                      extra=json.loads(facts.extra_json) if facts.extra_json else {})
 
 
 def encode_arg(arg: Any) -> list:

@@ -16,10 +16,11 @@ from typing import Any
 
 import grpc
 
-from harp import security, wire
+from harp import security
 from harp.errors import ArgumentError, HarpError, LeaseError, NoCapacityError
 from harp.proto import scheduler_pb2 as pb
 from harp.proto import scheduler_pb2_grpc as pb_grpc
+from harp.proto.codec import facts_from_proto, facts_to_proto
 from harp.tokens import Claims, SigningKey
 from harp.transport import serve, server_options
 from harp.types import DeviceInfo
@@ -119,7 +120,7 @@ class Scheduler(pb_grpc.SchedulerServicer):
             _abort(context, ArgumentError("a pool server registers with a name"))
         devices = []
         for offer in request.devices:
-            info = wire.facts_from_proto(offer.facts)
+            info = facts_from_proto(offer.facts)
             devices.append((offer.index, info.kind, info.memory, info.to_dict()))
         lost = self.store.register(request.name, request.instance, request.host,
                                    list(request.endpoints), devices, time.time())
@@ -187,7 +188,7 @@ class Scheduler(pb_grpc.SchedulerServicer):
             name=s["name"], host=s["host"], state=s["state"], endpoints=s["endpoints"],
             last_heartbeat=s["last_heartbeat"], sessions=s["sessions"],
             memory_used=s["memory_used"], leases=s["leases"],
-            devices=[pb.DeviceOffer(index=d["index"], facts=wire.facts_to_proto(
+            devices=[pb.DeviceOffer(index=d["index"], facts=facts_to_proto(
                 DeviceInfo.from_dict(d["facts"]))) for d in s["devices"]])
 
     def _lease_reply(self, lease: LeaseRecord, tokens: bool = True) -> Any:
@@ -207,7 +208,7 @@ class Scheduler(pb_grpc.SchedulerServicer):
             devices.append(pb.LeaseDevice(
                 server=d["server"], index=d["index"], endpoints=server["endpoints"],
                 host=server["host"], token=token,
-                facts=wire.facts_to_proto(DeviceInfo.from_dict(facts)) if facts else None))
+                facts=facts_to_proto(DeviceInfo.from_dict(facts)) if facts else None))
         return pb.Lease(lease_id=lease.id, state=lease.state, expires_at=lease.expires_at,
                         ttl_s=lease.ttl, memory=lease.memory, share=lease.share, devices=devices,
                         client_name=lease.client_name, created_at=lease.created_at,

@@ -17,10 +17,11 @@ from typing import Any
 
 import grpc
 
-from harp import tokens, wire
+from harp import tokens
 from harp.errors import AuthError, LeaseError
 from harp.proto import scheduler_pb2 as pb
 from harp.proto import scheduler_pb2_grpc as pb_grpc
+from harp.proto.codec import facts_to_proto
 
 from .service import Grant, PoolServer
 
@@ -82,7 +83,7 @@ class Registrar:
 
     def register(self) -> None:
         backend = self.server.backend
-        offers = [pb.DeviceOffer(index=i, facts=wire.facts_to_proto(backend.describe(i)))
+        offers = [pb.DeviceOffer(index=i, facts=facts_to_proto(backend.describe(i)))
                   for i in range(backend.device_count())]
         reply = self.stub.Register(pb.RegisterRequest(
             name=self.server.name, instance=self.instance, host=self.host,
@@ -99,9 +100,9 @@ class Registrar:
                  reply.scheduler_key_id)
 
     def heartbeat(self) -> None:
-        sessions = list(self.server.sessions.values())
+        sessions = self.server.session_records()
         lease_ids = sorted({s.lease_id for s in sessions if s.lease_id})
-        used = sum(getattr(s.device, "used_bytes", 0) for s in sessions)
+        used = self.server.memory_used()
         reply = self.stub.Heartbeat(pb.HeartbeatRequest(
             name=self.server.name, instance=self.instance, sessions=len(sessions),
             memory_used=used, lease_ids=lease_ids), timeout=10)

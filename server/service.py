@@ -1,9 +1,18 @@
-"""The pool server's gRPC service: one bidirectional stream per session.
+"""The pool server's gRPC service: admission, then one relayed session per stream.
 
-The handler reads the handshake, opens a session on the backend device, then
-feeds decoded call records to `Session` and streams its replies back. Whatever
-ends the stream (a clean close, a crashed client, a broken connection, a
-malformed frame), the session's resources are freed in `finally`.
+The handler reads the handshake, checks what the peer may open (its token,
+the server's caps), opens a session host (a worker process of its own by
+default, `hosts.WorkerHost`; `isolation="thread"` runs it here), then relays:
+a reader thread feeds the client's frames to the host while the handler
+sends the client what the host yields. Whatever ends the stream (a clean
+close, a crashed client, a broken connection, a malformed frame, a lease
+that is over, a worker that died), the session's resources are freed in
+`finally`; a session the server ends has its reason delivered as a typed
+error (status ABORTED, the `ErrorRecord` in the trailing metadata).
+
+The server keeps one memory `Ledger` for all its sessions (device capacity,
+quotas per lease across sessions) and one `DeviceArbiter` per device (compute
+shares), so workers account against the same books wherever they run.
 """
 from __future__ import annotations
 
@@ -14,23 +23,30 @@ import secrets
 import threading
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import grpc
 
 from harp import wire
 from harp.backends import Backend
-from harp.errors import HarpError, LeaseError, ProtocolError
+from harp.errors import (HarpError, LeaseError, NoCapacityError, ProtocolError,
+                         QuotaError)
 from harp.proto import session_pb2 as pb
+from harp.proto.codec import error_message, error_to_bytes, facts_to_proto
+from harp.security import ANONYMOUS, Identity, peer_identity
+from harp.tenancy import Ledger, Tenancy
 from harp.transport import serve, server_options
 
-from .session import ChunkSink, Session
+from .fairshare import DeviceArbiter
+from .hosts import SessionEnded, SessionHost, ThreadHost, WorkerHost
+from .workers import ControlLoop, WorkerPool
 
 log = logging.getLogger("harp.server")
 
 #: Seconds a new stream may take to send its handshake.
 HANDSHAKE_TIMEOUT_S = 10.0
+ISOLATIONS = ("process", "thread")
 
 
 @dataclass(frozen=True)
@@ -52,98 +68,183 @@ def open_authorizer(request: Any) -> Grant:
     return Grant(device_index=request.device_index)
 
 
+@dataclass
+class SessionRecord:
+    """An admitted session, as the server tracks it."""
+    id: str
+    identity: Identity
+    device: int
+    share: float
+    lease_id: str = ""
+    expires_at: float = float("inf")
+    client_name: str = ""
+    host: SessionHost | None = None
+    admitted: float = field(default_factory=time.time)
+
+
+def clean_text(text: str, limit: int = 80) -> str:
+    """Client-given text made safe for one log line: control characters escaped, cut short."""
+    out = "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text[:limit])
+    return out + ("..." if len(text) > limit else "")
+
+
 class PoolServer:
     """Serves the devices of one backend to sessions over gRPC."""
 
     def __init__(self, backend: Backend, *, name: str = "", trust_client_code: bool = False,
                  authorizer: Authorizer = open_authorizer, chunk_size: int = wire.CHUNK_SIZE,
-                 max_sessions: int = 64,
+                 max_sessions: int = 64, max_sessions_per_lease: int = 8,
+                 max_sessions_per_identity: int = 32, idle_timeout_s: float = 1800.0,
+                 isolation: str = "process", warm_workers: int = 2,
+                 backend_options: dict | None = None,
                  wrap_device: Callable[[Any, str], Any] | None = None) -> None:
+        if isolation not in ISOLATIONS:
+            raise ValueError(f"isolation is one of {', '.join(ISOLATIONS)}, not {isolation!r}")
         self.backend = backend
         self.name = name or f"harp-pool@{os.uname().nodename}"
         self.trust_client_code = trust_client_code
         self.authorizer = authorizer
         self.chunk_size = chunk_size
         self.max_sessions = max_sessions
-        #: Wraps each session's backend device, e.g. in a trace recorder (`--trace-dir`).
+        self.max_sessions_per_lease = max_sessions_per_lease
+        self.max_sessions_per_identity = max_sessions_per_identity
+        self.idle_timeout_s = idle_timeout_s
+        self.isolation = isolation
+        self.warm_workers = warm_workers
+        self.backend_options = dict(backend_options if backend_options is not None
+                                    else backend.options)
+        #: Wraps each session's backend device, e.g. in a trace recorder (`--trace-dir`);
+        #: with process isolation it runs in the worker, so it must pickle.
         self.wrap_device = wrap_device
-        self.sessions: dict[str, Session] = {}
+        self.insecure = False
+        self.sessions: dict[str, SessionRecord] = {}
+        self.ledger = Ledger()
+        self.arbiters: dict[int, DeviceArbiter] = {}
         self._lock = threading.Lock()
         self._counter = itertools.count(1)
         self._server: grpc.Server | None = None
         self._stopping = threading.Event()
         self._reaper: threading.Thread | None = None
+        self.workers: WorkerPool | None = None
+        self.control: ControlLoop | None = None
         self.addresses: list[str] = []
 
     # -- lifetime ----------------------------------------------------------------
     def start(self, listen: list[str], credentials: grpc.ServerCredentials | None) -> list[str]:
         """Listen on each address (port 0 picks one); `credentials=None` is plain text,
         allowed on loopback addresses only. Returns the bound addresses."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_sessions + 4,
+        self.insecure = credentials is None
+        for i in range(self.backend.device_count()):
+            self.ledger.add_device(i, self.backend.describe(i).memory)
+            self.arbiters[i] = DeviceArbiter()
+        if self.isolation == "process":
+            self.control = ControlLoop(self.ledger, self.arbiters)
+            self.control.start()
+            preload = list(getattr(self.backend, "preload", ()))
+            if self.trust_client_code:
+                preload.append("numba.cuda.simulator")      # numba-python kernels, if installed
+            self.workers = WorkerPool(self.backend.name, self.backend_options,
+                                      chunk_size=self.chunk_size, warm=self.warm_workers,
+                                      wrap=self.wrap_device, preload=preload)
+            self.workers.start()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_sessions + 8,
                                                         thread_name_prefix="harp-session"),
                              options=server_options(),
-                             maximum_concurrent_rpcs=self.max_sessions + 4)
+                             maximum_concurrent_rpcs=self.max_sessions + 16)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "harp.v1.Session", {"Open": grpc.stream_stream_rpc_method_handler(self._serve)}),))
         bound = serve(server, listen, credentials, (wire.HEALTH_SERVICE,))
         self._server, self.addresses = server, bound
-        self._reaper = threading.Thread(target=self._reap_loop, name="harp-lease-reaper",
+        self._reaper = threading.Thread(target=self._reap_loop, name="harp-session-reaper",
                                         daemon=True)
         self._reaper.start()
-        log.info("pool server %s serving %s on %s", self.name, self.backend.name, bound)
+        log.info("pool server %s serving %s on %s (%s isolation)", self.name, self.backend.name,
+                 bound, self.isolation)
         return bound
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop accepting, end every session and free what it held."""
         self._stopping.set()
+        for record in self.session_records():
+            if record.host is not None:
+                record.host.end(HarpError(f"the pool server {self.name} is shutting down"))
         if self._server is not None:
             self._server.stop(grace).wait()
             self._server = None
-        with self._lock:
-            sessions = list(self.sessions.values())
-        for session in sessions:
-            session.close()
+        if self.workers is not None:
+            self.workers.stop()
+        if self.control is not None:
+            self.control.stop()
 
     def wait(self) -> None:
         if self._server is not None:
             self._server.wait_for_termination()
 
-    # -- leases ------------------------------------------------------------------
-    def lease_sessions(self) -> list[Session]:
+    # -- views -------------------------------------------------------------------
+    def session_records(self) -> list[SessionRecord]:
         with self._lock:
-            return [s for s in self.sessions.values() if s.lease_id]
+            return list(self.sessions.values())
 
+    def lease_sessions(self) -> list[SessionRecord]:
+        return [s for s in self.session_records() if s.lease_id]
+
+    def memory_used(self) -> int:
+        return sum(self.ledger.used(i) for i in self.arbiters)
+
+    def session_stats(self) -> list[dict[str, Any]]:
+        """Every open session: who, which lease, device time, memory, traffic."""
+        rows = []
+        for r in self.session_records():
+            host = r.host
+            rows.append({
+                "session": r.id, "identity": r.identity.name, "role": r.identity.role,
+                "lease": r.lease_id, "device": r.device, "share": r.share,
+                "client": r.client_name,
+                "isolation": host.isolation if host else self.isolation,
+                "pid": host.pid if host else None,
+                "device_time_s": self.arbiters[r.device].device_ns(r.id) / 1e9
+                if r.device in self.arbiters else 0.0,
+                "memory_used": self.ledger.session_used(r.id),
+                "bytes_in": host.bytes_in if host else 0,
+                "bytes_out": host.bytes_out if host else 0,
+                "frames_in": host.frames_in if host else 0,
+                "idle_s": round(time.monotonic() - host.last_activity, 1) if host else 0.0,
+                "opened_at": r.admitted,
+            })
+        return rows
+
+    # -- leases ------------------------------------------------------------------
     def set_lease_expiry(self, lease_id: str, expires_at: float) -> None:
         """What the scheduler says of a lease (renewed, ended, lost) reaches its sessions."""
-        for session in self.lease_sessions():
-            if session.lease_id == lease_id:
-                session.expires_at = expires_at
+        for record in self.lease_sessions():
+            if record.lease_id == lease_id:
+                record.expires_at = expires_at
 
     def _reap_loop(self) -> None:
         while not self._stopping.wait(0.2):
-            now = time.time()
-            for session in self.lease_sessions():
-                if session.expires_at <= now and not session.closed and not session.ending:
-                    session.ending = True       # one closer per session, off this thread
-                    threading.Thread(target=self.end_session, name="harp-end-session",
-                                     args=(session, f"lease {session.lease_id} is over"),
-                                     daemon=True).start()
+            now, mono = time.time(), time.monotonic()
+            for record in self.session_records():
+                host = record.host
+                if host is None or host.ended is not None:
+                    continue
+                if record.expires_at <= now:
+                    self.end_session(record, LeaseError(
+                        f"lease {record.lease_id} is over; the session has ended"))
+                elif not host.busy and mono - host.last_activity > self.idle_timeout_s:
+                    self.end_session(record, QuotaError(
+                        f"the session was idle for more than {self.idle_timeout_s:g} s; "
+                        f"server {self.name} ended it (open a new one)"))
 
-    def end_session(self, session: Session, why: str) -> None:
-        """End a session from outside its stream: free its resources, then end the RPC."""
-        log.info("ending session %s: %s", session.id, why)
-        got = session.lock.acquire(timeout=1.0)
-        try:
-            session.close()
-        finally:
-            if got:
-                session.lock.release()
-        if session.context is not None:
-            session.context.cancel()
+    def end_session(self, record: SessionRecord, error: HarpError) -> None:
+        """End a session from outside its stream; the client gets `error` as the reason."""
+        log.info("ending session %s: %s", record.id, error.message)
+        if record.host is not None:
+            record.host.end(error)
 
     # -- one session -------------------------------------------------------------
     def _serve(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        session: Session | None = None
+        record: SessionRecord | None = None
+        reader: threading.Thread | None = None
         try:
             # A stream that never says hello must not hold a session slot forever.
             watchdog = threading.Timer(HANDSHAKE_TIMEOUT_S, context.cancel)
@@ -154,106 +255,131 @@ class PoolServer:
                 return
             finally:
                 watchdog.cancel()
-            session, reply = self._handshake(first, context)
+            record, reply = self._handshake(first, context)
             yield reply
-            if session is None:
+            if record is None:
                 return
-            yield from self._run(session, frames)
-        except (ProtocolError, LeaseError) as exc:
-            log.warning("session %s ended: %s", session.id if session else "-", exc)
-            yield wire.pack([0, wire.error_to_proto(exc), None])
+            host = record.host
+            assert host is not None
+            reader = threading.Thread(target=self._read, args=(frames, host),
+                                      name=f"harp-reader-{record.id}", daemon=True)
+            reader.start()
+            yield from host.outgoing()
+        except SessionEnded as ended:
+            log.info("session %s ended: %s", record.id if record else "-", ended.error.message)
+            context.set_trailing_metadata(((wire.ERROR_METADATA, error_to_bytes(ended.error)),))
+            context.abort(grpc.StatusCode.ABORTED, ended.error.message[:500])
+        except ProtocolError as exc:
+            context.set_trailing_metadata(((wire.ERROR_METADATA, error_to_bytes(exc)),))
+            context.abort(grpc.StatusCode.ABORTED, exc.message[:500])
         except grpc.RpcError:
             pass  # the client went away; clean up below
         except Exception:  # never let one session's bug take the server down
-            log.exception("session %s failed", session.id if session else "-")
+            log.exception("session %s failed", record.id if record else "-")
         finally:
-            if session is not None:
+            if record is not None:
                 with self._lock:
-                    self.sessions.pop(session.id, None)
-                session.close()
+                    self.sessions.pop(record.id, None)
+                if record.host is not None:
+                    record.host.dispose()
+                self.ledger.close(record.id)
 
-    def _handshake(self, frame: bytes, context: grpc.ServicerContext) -> tuple[Session | None, bytes]:
+    @staticmethod
+    def _read(frames: Iterator[bytes], host: SessionHost) -> None:
+        try:
+            for frame in frames:
+                if not frame:
+                    raise ProtocolError("an empty frame")
+                host.feed(frame)
+                if host.ended is not None:
+                    break
+        except ProtocolError as exc:
+            host.end(exc)
+        except Exception:           # the client went away (gRPC ends the iterator) or a bug
+            pass
+        finally:
+            host.client_gone()
+
+    def _identity(self, context: grpc.ServicerContext) -> Identity:
+        if self.insecure:
+            return ANONYMOUS
+        return peer_identity(context.auth_context())
+
+    def _admit(self, record: SessionRecord) -> None:
+        """Take a session slot, atomically with the checks of every cap."""
+        with self._lock:
+            if self._stopping.is_set():
+                raise NoCapacityError(f"pool server {self.name} is shutting down")
+            if len(self.sessions) >= self.max_sessions:
+                raise NoCapacityError(f"pool server {self.name} has its maximum of "
+                                      f"{self.max_sessions} sessions open; try again later")
+            if record.lease_id:
+                n = sum(1 for s in self.sessions.values() if s.lease_id == record.lease_id)
+                if n >= self.max_sessions_per_lease:
+                    raise QuotaError(f"lease {record.lease_id} already has {n} sessions on "
+                                     f"{self.name}, its maximum")
+            n = sum(1 for s in self.sessions.values() if s.identity.name == record.identity.name)
+            if n >= self.max_sessions_per_identity and not record.identity.is_admin:
+                raise QuotaError(f"{record.identity} already has {n} sessions on {self.name}, "
+                                 "the most one identity may hold")
+            self.sessions[record.id] = record
+
+    def _handshake(self, frame: bytes,
+                   context: grpc.ServicerContext) -> tuple[SessionRecord | None, bytes]:
         request = pb.HandshakeRequest()
         try:
             request.ParseFromString(frame)
         except Exception:
             raise ProtocolError("the first frame of a session must be a HandshakeRequest") from None
+        record = None
+        client = clean_text(request.client_name)
         try:
             version = wire.choose_version(request.versions.min, request.versions.max)
+            identity = self._identity(context)
             grant = self.authorizer(request)
             self.backend.check_index(grant.device_index)
-            with self._lock:
-                if len(self.sessions) >= self.max_sessions:
-                    raise HarpError(f"server {self.name} has its maximum of "
-                                    f"{self.max_sessions} sessions")
-            session_id = f"s{next(self._counter)}-{secrets.token_hex(4)}"
-            device = self.backend.open(grant.device_index, memory_quota=grant.memory_quota or None,
-                                       trust_client_code=self.trust_client_code)
-            if self.wrap_device is not None:
-                device = self.wrap_device(device, session_id)
+            record = SessionRecord(id=f"s{next(self._counter)}-{secrets.token_hex(4)}",
+                                   identity=identity, device=grant.device_index,
+                                   share=grant.share, lease_id=grant.lease_id,
+                                   expires_at=grant.expires_at, client_name=client)
+            self._admit(record)
+            record.host = self._open_host(record, grant)
         except HarpError as exc:
-            log.info("refused a session from %s: %s", context.peer(), exc)
-            error = pb.ErrorRecord()
-            error.ParseFromString(wire.error_to_proto(exc))
-            return None, pb.HandshakeReply(error=error, server_name=self.name).SerializeToString()
-        session = Session(device, session_id, self.chunk_size)
-        session.lease_id, session.expires_at = grant.lease_id, grant.expires_at
-        session.context = context
-        with self._lock:
-            self.sessions[session_id] = session
-        log.info("session %s opened by %s (%s) on device %d", session_id, context.peer(),
-                 request.client_name, grant.device_index)
-        return session, pb.HandshakeReply(
-            version=version, session_id=session_id, device=wire.facts_to_proto(device.info),
+            if record is not None:
+                with self._lock:
+                    self.sessions.pop(record.id, None)
+                self.ledger.close(record.id)
+            log.info("refused a session from %s (%s): %s", context.peer(), client, exc.message)
+            return None, pb.HandshakeReply(error=error_message(exc),
+                                           server_name=self.name).SerializeToString()
+        log.info("session %s opened by %s (%s, %s) on device %d", record.id, context.peer(),
+                 record.identity, client, grant.device_index)
+        return record, pb.HandshakeReply(
+            version=version, session_id=record.id, device=facts_to_proto(record.host.info),
             chunk_size=self.chunk_size, server_name=self.name).SerializeToString()
 
-    def _run(self, session: Session, frames: Iterator[bytes]) -> Iterator[bytes]:
-        """Execute each frame's calls under the session's lock, and send replies outside it,
-        so a slow reader never keeps the lease reaper from ending the session."""
-        sink: ChunkSink | None = None
-        execute = session.execute
-        for frame in frames:
-            if session.expires_at <= time.time():
-                raise LeaseError(f"lease {session.lease_id} is over; the session has ended")
-            with session.lock:
-                if session.closed:
-                    return
-                if sink is not None:
-                    sink.feed(frame)
-                    if sink.done:
-                        sink = None
-                    continue
-                calls = wire.unpack_batch(frame)
-            i, last = 0, len(calls) - 1
-            while i <= last:
-                reply = None
-                with session.lock:
-                    if session.closed:
-                        return
-                    while i <= last and reply is None:
-                        result = execute(calls[i])
-                        i += 1
-                        if isinstance(result, ChunkSink):
-                            if i <= last:
-                                raise ProtocolError("a chunked write must end its batch")
-                            sink = result
-                        elif result is not None:
-                            reply = result
-                if reply is not None:
-                    yield from self._reply_frames(session, reply)
-            if session.closed:
-                return
+    def _open_host(self, record: SessionRecord, grant: Grant) -> SessionHost:
+        quota = grant.memory_quota or None
+        if self.isolation == "thread":
+            account = self.ledger.open(record.id, grant.device_index, quota=quota,
+                                       lease=grant.lease_id)
+            gate = self.arbiters[grant.device_index].local_gate(record.id, grant.share)
+            device = self.backend.open(grant.device_index, memory_quota=quota,
+                                       trust_client_code=self.trust_client_code,
+                                       tenancy=Tenancy(account, gate))
+            if self.wrap_device is not None:
+                device = self.wrap_device(device, record.id)
+            return ThreadHost(record.id, device, self.chunk_size)
+        assert self.workers is not None and self.control is not None
+        self.ledger.open(record.id, grant.device_index, quota=quota, lease=grant.lease_id)
+        worker = self.workers.take()
+        host = WorkerHost(record.id, worker, self.control)
+        try:
+            host.open({"session": record.id, "device": grant.device_index, "quota": quota,
+                       "trust": self.trust_client_code}, grant.device_index, grant.share)
+        except BaseException:
+            host.dispose()
+            worker.kill()
+            raise
+        return host
 
-    @staticmethod
-    def _reply_frames(session: Session, reply: Any) -> Iterator[bytes]:
-        """A reply's frames; payload chunks are read from the device under the lock, one by one."""
-        frames = reply.frames()
-        yield next(frames)                      # the reply record: no device access
-        while True:
-            with session.lock:
-                if session.closed:
-                    return
-                frame = next(frames, None)
-            if frame is None:
-                return
-            yield frame

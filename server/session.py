@@ -1,23 +1,28 @@
-"""One session's call dispatch, without I/O: records in, backend calls, replies out.
+"""One session's call dispatch, without I/O: call records in, backend calls, replies out.
 
-The gRPC service feeds each decoded call record to `Session.execute`. Async
-calls run on the backend and return nothing; their failures are kept, with the
-client's sequence number, until the next sync call, whose reply carries the
-earliest one. A chunked write returns a `ChunkSink` that the service feeds the
-payload frames that follow it.
+Whatever carries a session's frames (the gRPC handler in thread isolation, a
+session's worker process otherwise) feeds the events of `ServerProtocol` to
+`Session.handle`. Async calls run on the backend and return nothing; their
+failures are kept, with the client's sequence number, until the next sync
+call, whose `Reply` carries the earliest one. A large read's reply carries a
+`ReadPlan`, from which the carrier reads the payload chunk by chunk, into
+bytes or straight into shared memory.
+
+The dispatch table comes from the API table (`harp.api`): call `key` is
+served by the method `_key`.
 """
 from __future__ import annotations
 
 import bisect
 import contextlib
 import logging
-import threading
 from typing import Any, Iterator
 
-from harp import wire
+from harp import api, wire
 from harp.device import Device
 from harp.errors import ArgumentError, HarpError, InternalError, ProtocolError
 from harp.frontend import DeferredErrors
+from harp.protocol import Calls, Chunk
 from harp.types import ArrayArg, Buffer, BufferArg, Event, Function, Module, Scalar, Stream
 
 from .handles import HandleTable
@@ -48,39 +53,55 @@ class SeqMap:
         return backend_seq + self._offsets[max(i, 0)]
 
 
+class ReadPlan:
+    """The payload of a large read: `nbytes` from a buffer, read from the device a chunk
+    at a time as the carrier asks (so a slow reader holds no more than one chunk)."""
+
+    __slots__ = ("session", "seq", "buf", "stream", "offset", "nbytes", "first")
+
+    def __init__(self, session: "Session", seq: int, buf: Buffer, stream: Stream, offset: int,
+                 nbytes: int, first: bytes) -> None:
+        self.session, self.seq, self.buf, self.stream = session, seq, buf, stream
+        self.offset, self.nbytes, self.first = offset, nbytes, first
+
+    def chunks(self) -> Iterator[bytes]:
+        """The payload as bytes, chunk by chunk (the first was read with the reply)."""
+        pos = len(self.first)
+        yield self.first
+        self.first = b""
+        while pos < self.nbytes:
+            chunk = self.session._read_chunk(self.seq, self.buf, self.offset + pos,
+                                             self.nbytes - pos, self.stream)
+            pos += len(chunk)
+            yield chunk
+
+    def read_into(self, pos: int, out: memoryview) -> int:
+        """Read the payload bytes from `pos` into `out` (at most its size); returns how many."""
+        n = min(len(out), self.nbytes - pos)
+        self.session._backend_call(self.seq)
+        self.session.device.read(self.buf, self.offset + pos, n, out[:n], self.stream)
+        return n
+
+
 class Reply:
-    """The frames answering one sync call: a reply record, then any payload frames."""
+    """The answer to one sync call: a result or an error, and a large read's payload."""
 
     __slots__ = ("seq", "error", "result", "payload")
 
     def __init__(self, seq: int, error: HarpError | None = None, result: Any = None,
-                 payload: Iterator[bytes] | None = None) -> None:
+                 payload: ReadPlan | None = None) -> None:
         self.seq, self.error, self.result, self.payload = seq, error, result, payload
-
-    def frames(self) -> Iterator[bytes]:
-        err = wire.error_to_proto(self.error) if self.error is not None else None
-        yield wire.pack([self.seq, err, self.result])
-        if self.error is None and self.payload is not None:
-            yield from self.payload
 
 
 class ChunkSink:
-    """Receives the payload frames of one chunked write and hands them to the backend."""
+    """Receives the payload of one chunked write and hands it to the backend."""
 
     def __init__(self, session: "Session", seq: int, buf: Buffer | None, offset: int,
-                 stream: Stream | None, nbytes: int) -> None:
+                 stream: Stream | None) -> None:
         self.session, self.seq, self.buf, self.stream = session, seq, buf, stream
-        self.offset, self.remaining = offset, nbytes
+        self.offset = offset
 
-    @property
-    def done(self) -> bool:
-        return self.remaining == 0
-
-    def feed(self, chunk: bytes) -> None:
-        if len(chunk) == 0 or len(chunk) > self.remaining:
-            raise ProtocolError(f"payload frame of {len(chunk)} bytes where {self.remaining} "
-                                "remain in the write")
-        self.remaining -= len(chunk)
+    def feed(self, chunk: Any) -> None:
         if self.buf is not None:
             self.session._async(self.seq, "write", self.session.device.write, self.buf,
                                 self.offset, chunk, self.stream)
@@ -100,30 +121,49 @@ class Session:
         self.backend_calls = 0
         self.last_seq = 0
         self.closed = False
-        self.lease_id = ""
-        self.ending = False              # the lease reaper is closing it
-        self.expires_at = float("inf")   # the lease's end; the server ends the session then
-        self.lock = threading.Lock()     # one frame's calls, or the close, at a time
-        self.context: Any = None         # the gRPC call, to end it from outside
-        self._ops = {
-            wire.ALLOC: self._alloc, wire.FREE: self._free, wire.WRITE: self._write,
-            wire.WRITE_CHUNKED: self._write_chunked, wire.COPY: self._copy, wire.FILL: self._fill,
-            wire.LOAD_MODULE: self._load_module, wire.FUNCTION: self._function,
-            wire.LAUNCH: self._launch, wire.STREAM: self._stream, wire.EVENT: self._event,
-            wire.RECORD: self._record, wire.WAIT: self._wait, wire.READ: self._read,
-            wire.SYNCHRONIZE: self._synchronize, wire.ELAPSED: self._elapsed,
-            wire.MEM_INFO: self._mem_info,
-            wire.CLOSE: self._close,
-        }
+        self.calls = 0
+        self._sink: ChunkSink | None = None
+        self._ops = {c.op: getattr(self, "_" + c.key) for c in api.CALLS}
 
     # -- dispatch --------------------------------------------------------------
+    def handle(self, event: Calls | Chunk) -> Reply | None:
+        """Run one protocol event: a batch's calls, or a chunk of the write in progress."""
+        if type(event) is Chunk:
+            sink = self._sink
+            if sink is None:
+                raise ProtocolError("payload without a chunked write")
+            sink.feed(event.data)
+            if event.last:
+                self._sink = None
+            return None
+        reply = None
+        execute = self.execute
+        for record in event.records:
+            reply = execute(record)
+        if type(reply) is ChunkSink:
+            self._sink = reply
+            return None
+        return reply
+
     def execute(self, call: list) -> Reply | ChunkSink | None:
         """Run one checked call record (see `wire.check_record`)."""
         op, seq = call[0], call[1]
         if seq <= self.last_seq:
             raise ProtocolError(f"call #{seq} after call #{self.last_seq}: numbers must increase")
         self.last_seq = seq
-        return self._ops[op](seq, *call[2:])
+        self.calls += 1
+        try:
+            return self._ops[op](seq, *call[2:])
+        except (HarpError, TypeError, ValueError, OverflowError) as exc:
+            # A value the checks let through that the backend refused in a way of its own:
+            # never a traceback, a typed error for the call.
+            if isinstance(exc, ProtocolError):
+                raise
+            error = _as_harp(exc)
+            if op in wire.SYNC_OPS:
+                return Reply(seq, _named(error, wire.SCHEMA[op][0], seq))
+            self.errors.add(error, wire.SCHEMA[op][0], seq)
+            return None
 
     def _backend_call(self, seq: int) -> None:
         self.backend_calls += 1
@@ -134,7 +174,7 @@ class Session:
         self._backend_call(seq)
         try:
             return method(*args)
-        except (HarpError, TypeError, ValueError) as exc:
+        except (HarpError, TypeError, ValueError, OverflowError) as exc:
             self.errors.add(_as_harp(exc), name, seq)
             return None
 
@@ -150,13 +190,13 @@ class Session:
             self.device.mem_info()
             raise
 
-    def _sync(self, seq: int, name: str, fn: Any, payload: Any = None) -> Reply:
+    def _sync(self, seq: int, name: str, fn: Any) -> Reply:
         """Run a sync call; its reply carries the earliest failure since the last sync."""
         error = None
         result = None
         try:
             result = fn()
-        except (HarpError, TypeError, ValueError) as exc:
+        except (HarpError, TypeError, ValueError, OverflowError) as exc:
             error = _as_harp(exc)
             if error.seq is not None and error.call is not None:
                 error.seq = self.seqmap.client(error.seq)
@@ -173,13 +213,23 @@ class Session:
             found.sort(key=lambda e: e.seq or 0)
             error = found[0]
             error.later = found[1:]  # type: ignore[attr-defined]
-        return Reply(seq, error, None if error is not None else result, payload)
+        if error is not None:
+            return Reply(seq, error)
+        if type(result) is Reply:
+            return result
+        return Reply(seq, None, result)
 
     # -- memory ----------------------------------------------------------------
     def _alloc(self, seq: int, client_id: int, nbytes: int) -> None:
         buf = self._async(seq, "alloc", self.device.alloc, nbytes)
         if buf is not None:
-            self.handles.add(client_id, buf)
+            self._bind(seq, "alloc", client_id, buf)
+
+    def _bind(self, seq: int, name: str, client_id: int, obj: Any) -> None:
+        try:
+            self.handles.add(client_id, obj)
+        except HarpError as exc:
+            self.errors.add(exc, name, seq)
 
     def _free(self, seq: int, client_id: int) -> None:
         try:
@@ -201,9 +251,8 @@ class Session:
         if found:
             self._async(seq, "write", self.device.write, found[0], offset, data, found[1])
 
-    def _write_chunked(self, seq: int, buf: int, offset: int, stream: int, nbytes: int) -> ChunkSink:
-        if nbytes <= 0:
-            raise ProtocolError("a chunked write must carry at least one byte")
+    def _write_chunked(self, seq: int, buf: int, offset: int, stream: int,
+                       nbytes: int) -> ChunkSink:
         found = self._lookup(seq, "write", (Buffer, buf), (Stream, stream))
         if found:
             target = found[0]
@@ -212,7 +261,7 @@ class Session:
                                               f"the buffer of {target.nbytes} bytes"), "write", seq)
                 found = None
         return ChunkSink(self, seq, found[0] if found else None, offset,
-                         found[1] if found else None, nbytes)
+                         found[1] if found else None)
 
     def _copy(self, seq: int, dst: int, dst_off: int, src: int, src_off: int, nbytes: int,
               stream: int) -> None:
@@ -227,34 +276,20 @@ class Session:
             self._async(seq, "fill", self.device.fill, found[0], value, offset, nbytes, found[1])
 
     def _read(self, seq: int, buf: int, offset: int, nbytes: int, stream: int) -> Reply:
-        state: dict[str, Any] = {}
-
-        def run() -> list:
+        def run() -> Any:
             with self._pending_first(seq):
                 target, queue = self.handles.get(Buffer, buf), self.handles.get(Stream, stream)
                 if offset < 0 or nbytes < 0 or offset + nbytes > target.nbytes:
                     raise ArgumentError(f"read [{offset}, {offset + nbytes}) is outside the "
                                         f"buffer of {target.nbytes} bytes")
-            state["args"] = (target, queue)
             if nbytes <= wire.INLINE_LIMIT:  # small reads ride in the reply record itself
                 return [nbytes, self._read_chunk(seq, target, offset, nbytes, queue)
                         if nbytes else b""]
             # the first chunk now, so that its failure is this call's reply
-            state["first"] = self._read_chunk(seq, target, offset, nbytes, queue)
-            return [nbytes]
-
-        def payload() -> Iterator[bytes]:
-            if nbytes <= wire.INLINE_LIMIT:
-                return
-            target, queue = state["args"]
-            chunk = state.pop("first")
-            pos = len(chunk)
-            yield chunk
-            while pos < nbytes:
-                chunk = self._read_chunk(seq, target, offset + pos, nbytes - pos, queue)
-                pos += len(chunk)
-                yield chunk
-        return self._sync(seq, "read", run, payload())
+            first = self._read_chunk(seq, target, offset, nbytes, queue)
+            return Reply(seq, None, [nbytes],
+                         ReadPlan(self, seq, target, queue, offset, nbytes, first))
+        return self._sync(seq, "read", run)
 
     def _read_chunk(self, seq: int, buf: Buffer, offset: int, left: int, stream: Stream) -> bytes:
         self._backend_call(seq)
@@ -271,13 +306,13 @@ class Session:
     def _load_module(self, seq: int, client_id: int, format: str, image: bytes) -> None:
         module = self._async(seq, "load_module", self.device.load_module, image, format)
         if module is not None:
-            self.handles.add(client_id, module)
+            self._bind(seq, "load_module", client_id, module)
 
     def _function(self, seq: int, client_id: int, module: int, name: str) -> None:
         found = self._lookup(seq, "function", (Module, module))
         fn = self._async(seq, "function", self.device.function, found[0], name) if found else None
         if fn is not None:
-            self.handles.add(client_id, fn)
+            self._bind(seq, "function", client_id, fn)
 
     def _launch(self, seq: int, fn: int, grid: list, block: list, shared: int, stream: int,
                 args: list) -> None:
@@ -288,42 +323,34 @@ class Session:
         except HarpError as exc:
             self.errors.add(exc, "launch", seq)
             return
-        self._async(seq, "launch", self.device.launch, function, grid, block, kernel_args,
-                    shared, target)
+        self._async(seq, "launch", self.device.launch, function, tuple(grid), tuple(block),
+                    kernel_args, shared, target)
 
-    def _arg(self, a: Any) -> Any:
-        if not isinstance(a, list) or not a:
-            raise ProtocolError("a kernel argument is a tagged array")
+    def _arg(self, a: list) -> Any:
+        """A kernel argument whose shape `wire.check_record` has checked."""
         tag = a[0]
-        if tag == wire.ARG_BUFFER and len(a) == 3 and type(a[2]) is int:
+        if tag == wire.ARG_BUFFER:
             return BufferArg(self.handles.get(Buffer, a[1]), a[2])
-        if tag == wire.ARG_SCALAR and len(a) == 3 and isinstance(a[2], str) \
-                and isinstance(a[1], (int, float)):
-            try:
+        try:
+            if tag == wire.ARG_SCALAR:
                 return Scalar(a[1], a[2])
-            except TypeError as exc:
-                raise ArgumentError(str(exc)) from None
-        if tag == wire.ARG_ARRAY and len(a) == 6 and isinstance(a[3], list) \
-                and type(a[4]) is int and (a[5] is None or isinstance(a[5], list)):
-            if not all(type(s) is int for s in a[3] + (a[5] or [])):
-                raise ProtocolError("array shape and strides are ints")
-            try:
-                return ArrayArg(self.handles.get(Buffer, a[1]), a[2], tuple(a[3]), a[4],
-                                tuple(a[5]) if a[5] is not None else None)
-            except TypeError as exc:
-                raise ArgumentError(str(exc)) from None
-        raise ProtocolError(f"malformed kernel argument {a!r:.60}")
+            return ArrayArg(self.handles.get(Buffer, a[1]), a[2], tuple(a[3]), a[4],
+                            tuple(a[5]) if a[5] is not None else None)
+        except HarpError:
+            raise
+        except (TypeError, ValueError) as exc:
+            raise ArgumentError(f"kernel argument: {exc}") from None
 
     # -- order -----------------------------------------------------------------
     def _stream(self, seq: int, client_id: int) -> None:
         stream = self._async(seq, "stream", self.device.stream)
         if stream is not None:
-            self.handles.add(client_id, stream)
+            self._bind(seq, "stream", client_id, stream)
 
     def _event(self, seq: int, client_id: int) -> None:
         event = self._async(seq, "event", self.device.event)
         if event is not None:
-            self.handles.add(client_id, event)
+            self._bind(seq, "event", client_id, event)
 
     def _record(self, seq: int, event: int, stream: int) -> None:
         found = self._lookup(seq, "record", (Event, event), (Stream, stream))
@@ -365,9 +392,15 @@ class Session:
                 log.exception("closing session %s", self.id)
 
 
+def _named(error: HarpError, call: str, seq: int) -> HarpError:
+    if error.call is None:
+        error.call, error.seq = call, seq
+    return error
+
+
 def _as_harp(exc: BaseException) -> HarpError:
     if isinstance(exc, HarpError):
         return exc
-    if isinstance(exc, (TypeError, ValueError)):
+    if isinstance(exc, (TypeError, ValueError, OverflowError)):
         return ArgumentError(f"{type(exc).__name__}: {exc}")
     return InternalError(f"{type(exc).__name__}: {exc}")

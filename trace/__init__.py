@@ -17,14 +17,14 @@ from .export import write_chrome
 from .format import (TraceCorruptError, TraceError, TraceIncompleteWarning,
                      TraceTruncatedWarning)
 from .reader import Call, CallError, TraceFile, open_trace
-from .recorder import TraceRecorder, record_to, session_recorder
+from .recorder import SessionTracer, TraceRecorder, record_to, session_recorder
 from .replay import ReplayResult, replay
 from .report import build_report, render_report
 from .timeline import estimate
 from .whatif import Link, measure_link, render_whatif, whatif
 
 __all__ = [
-    "TraceRecorder", "record_to", "session_recorder", "TraceFile", "open_trace", "Call",
+    "TraceRecorder", "record_to", "session_recorder", "SessionTracer", "TraceFile", "open_trace", "Call",
     "CallError", "TraceError", "TraceCorruptError", "TraceTruncatedWarning",
     "TraceIncompleteWarning", "replay", "ReplayResult", "build_report", "render_report",
     "write_chrome", "estimate", "whatif", "render_whatif", "Link", "measure_link",

@@ -627,5 +627,18 @@ def session_recorder(device: Device, trace_dir: str | os.PathLike, session_id: s
     return TraceRecorder(device, Path(trace_dir) / f"{safe}{SUFFIX}", meta=meta, **opts)
 
 
-__all__ = ["TraceRecorder", "TraceWriter", "record_to", "session_recorder", "claim_path",
+class SessionTracer:
+    """`session_recorder` for one trace directory, as a value that pickles, so a pool
+    server can hand it to its worker processes (`PoolServer(wrap_device=...)`)."""
+
+    def __init__(self, trace_dir: str | os.PathLike, **opts: Any) -> None:
+        self.trace_dir = str(trace_dir)
+        self.opts = opts
+
+    def __call__(self, device: Device, session_id: str) -> TraceRecorder:
+        return session_recorder(device, self.trace_dir, session_id, **dict(self.opts))
+
+
+__all__ = ["TraceRecorder", "TraceWriter", "record_to", "session_recorder", "SessionTracer",
+           "claim_path",
            "error_record", "FLUSH_INTERVAL", "SUFFIX"]

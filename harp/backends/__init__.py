@@ -16,12 +16,17 @@ import abc
 from importlib import metadata
 from typing import Any
 
+import itertools
+import threading
+
 from ..device import Device
 from ..errors import BackendError
+from ..tenancy import Ledger, MemoryBroker, Tenancy
 from ..types import DeviceInfo
 
 #: The version of this interface; bump it when `Backend` changes incompatibly.
-BACKEND_INTERFACE_VERSION = 1
+#: 2: `open` takes a `Tenancy` (memory broker and compute gate) from the server.
+BACKEND_INTERFACE_VERSION = 2
 ENTRY_POINT_GROUP = "harp.backends"
 
 
@@ -32,9 +37,15 @@ class Backend(abc.ABC):
     interface_version: int = BACKEND_INTERFACE_VERSION
     #: Short name used in addresses such as `local:NAME:INDEX`.
     name: str = ""
+    #: Modules a pool server's fork server may import before it forks session workers
+    #: (importing them must not touch a device).
+    preload: tuple[str, ...] = ()
 
     def __init__(self, **options: Any) -> None:
         self.options = options
+        self._ledger = Ledger()
+        self._ledger_lock = threading.Lock()
+        self._local_ids = itertools.count(1)
 
     def available(self) -> tuple[bool, str]:
         """Whether this machine can run the backend, and if not, why (never raises)."""
@@ -50,12 +61,28 @@ class Backend(abc.ABC):
 
     @abc.abstractmethod
     def open(self, index: int = 0, *, memory_quota: int | None = None,
-             trust_client_code: bool = False) -> Device:
+             trust_client_code: bool = False, tenancy: Tenancy | None = None) -> Device:
         """A new session on device `index`, with its own handles, streams and errors.
 
-        `memory_quota` caps the bytes the session may hold (fail closed);
-        `trust_client_code` allows image formats that run client Python on this host.
+        `tenancy` is what a pool server grants the session: the `MemoryBroker` every byte
+        the session's device memory (and kept module images) must be reserved from, and
+        the `ComputeGate` its kernels run under. Without one (a device used in its own
+        process), the backend accounts memory itself against the device's capacity and
+        `memory_quota` (`local_memory`), and nothing gates kernels.
+        `trust_client_code` allows image formats that run or compile client code here.
         """
+
+    def local_memory(self, index: int, capacity: int, quota: int | None) -> MemoryBroker:
+        """A session's account in this backend's own ledger of device `index`."""
+        with self._ledger_lock:
+            self._ledger.add_device(index, capacity)
+        return self._ledger.open(f"local-{next(self._local_ids)}", index, quota=quota)
+
+    def local_used(self, index: int) -> int:
+        """Bytes the sessions opened without a tenancy hold on device `index`."""
+        with self._ledger_lock:
+            self._ledger.add_device(index, 0)
+        return self._ledger.used(index)
 
     def check_index(self, index: int) -> None:
         """Raise a clear `BackendError` for an index this backend does not have."""
@@ -113,6 +140,7 @@ def load_backend(name: str, **options: Any) -> Backend:
     """An instance of backend `name`, configured with `options`."""
     backend = backend_class(name)(**options)
     backend.name = backend.name or name
+    backend.options = dict(options)      # all of them: a worker process builds its own from these
     return backend
 
 

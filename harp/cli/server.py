@@ -64,10 +64,10 @@ def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
     wrap = None
     if getattr(args, "trace_dir", None):
         from pathlib import Path
-        from harp.trace import session_recorder
+        from harp.trace import SessionTracer
         trace_dir = Path(args.trace_dir)
         trace_dir.mkdir(parents=True, exist_ok=True)
-        wrap = lambda device, session_id: session_recorder(device, trace_dir, session_id)  # noqa: E731
+        wrap = SessionTracer(trace_dir)
     server = PoolServer(backend, name=name or args.name or "pending",
                         trust_client_code=args.trust_client_code, max_sessions=args.max_sessions,
                         wrap_device=wrap)

@@ -438,9 +438,20 @@ def test_conformance_suite_on_the_emulated_gpu():
 
 @pytest.fixture
 def emulated(fake_cupy):
-    dev = harp.connect("local:cuda", memory="1GiB")
+    """A session on the stand-in that trusts client code (so it compiles cuda-source)."""
+    dev = harp.connect("local:cuda", memory="1GiB", trust_client_code=True)
     yield dev, fake_cupy.cuda
     dev.close()
+
+
+def test_cuda_source_needs_trust(fake_cupy):
+    """Without trust the device does not offer cuda-source, and refuses it by policy,
+    saying to compile on the client."""
+    with harp.connect("local:cuda", memory="1GiB") as dev:
+        assert "cuda-source" not in dev.info.formats and "ptx" in dev.info.formats
+        dev.load_module('extern "C" __global__ void k() {}', "cuda-source")
+        with pytest.raises(harp.PermissionDeniedError, match="compile on the client"):
+            dev.synchronize()
 
 
 def test_emulated_info(emulated):

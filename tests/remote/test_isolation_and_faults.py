@@ -15,7 +15,9 @@ import pytest
 
 import harp
 from harp import security, wire
+from harp.client.remote import ended_error
 from harp.proto import session_pb2 as pb
+from harp.proto.codec import error_from_bytes
 
 HANDSHAKE = pb.HandshakeRequest(
     versions=pb.VersionRange(min=wire.PROTOCOL_MIN, max=wire.PROTOCOL_MAX)).SerializeToString()
@@ -53,18 +55,29 @@ def test_sessions_cannot_name_each_others_handles(fresh_pool):
 
 
 def _session_frames(pool, frames, timeout=10):
+    """Send raw frames after a handshake; the frames the server sent back, and at the end
+    the error it ended the session with (from the trailing metadata), if it did."""
     creds = security.channel_credentials(pool.client_tls)
     with grpc.secure_channel(pool.address, creds) as channel:
         call = channel.stream_stream(wire.METHOD)(iter([HANDSHAKE, *frames]), timeout=timeout)
+        got = []
         try:
-            return list(call)
-        except grpc.RpcError as exc:  # the server may end the stream instead of replying
-            return [exc]
+            for frame in call:
+                got.append(frame)
+        except grpc.RpcError as exc:  # the server ended the stream instead of replying
+            got.append(ended_error(exc, "test"))
+        return got
+
+
+def _batch(records, sync=None):
+    if sync is None:
+        sync = records[-1][0] in wire.SYNC_OPS
+    return wire.batch_frame(records, sync)
 
 
 def _real_batch():
-    return wire.pack([[wire.ALLOC, 1, 7, 1024], [wire.WRITE, 2, 7, 0, 0, b"x" * 100],
-                      [wire.READ, 3, 7, 0, 100, 0]])
+    return _batch([[wire.ALLOC, 1, 7, 1024], [wire.WRITE, 2, 7, 0, 0, b"x" * 100],
+                   [wire.READ, 3, 7, 0, 100, 0]])
 
 
 def test_malformed_frames_end_only_their_own_session(fresh_pool):
@@ -74,52 +87,62 @@ def test_malformed_frames_end_only_their_own_session(fresh_pool):
     assert wire.msgpack.unpackb(ok[1])[2] == [100, b"x" * 100]   # small reads come inline
     rng = random.Random(1234)
     real = _real_batch()
-    cases = [b"", b"\xc1", b"not msgpack at all", wire.pack({"a": 1}), wire.pack([]),
-             wire.pack([[99, 1]]), wire.pack([[wire.ALLOC, 0, 1, 1]]),
-             wire.pack([[wire.ALLOC, 1, "id", 1]]), wire.pack([[wire.ALLOC, 1, 1]]),
-             wire.pack([[wire.LAUNCH, 1, 1, [1], [1], 0, 0, [["bad"]]]]),
-             wire.pack([[wire.WRITE_CHUNKED, 1, 7, 0, 0, 10], [wire.MEM_INFO, 2]]),
+    body = lambda obj: wire.BATCH_TAG + wire.pack(obj)  # noqa: E731
+    cases = [b"", b"\xc1", b"\x07kind", b"not msgpack at all", body({"a": 1}), body([]),
+             body([[99, 1]]), body([[wire.ALLOC, 0, 1, 1]]),
+             body([[wire.ALLOC, 1, "id", 1]]), body([[wire.ALLOC, 1, 1]]),
+             body([[wire.LAUNCH, 1, 1, [1], [1], 0, 0, [["bad"]]]]),
+             body([[wire.LAUNCH, 1, 1, [1], [1], 0, 0, [[0, 1.5, 0]]]]),     # a float buffer id
+             body([[wire.LAUNCH, 1, 1, [1], [1], 0, 0, [[0, "7", 0]]]]),     # a str buffer id
+             body([[wire.LAUNCH, 1, 1, [1], [1], 0, 0, [[0, [7], 0]]]]),     # a list buffer id
+             body([[wire.WRITE_CHUNKED, 1, 7, 0, 0, 10], [wire.MEM_INFO, 2]]),
+             body([[wire.MEM_INFO, 1]]),                   # a sync call in a non-sync batch
+             wire.BATCH_SYNC_TAG + wire.pack([[wire.ALLOC, 1, 7, 8]]),  # the reverse
+             wire.PAYLOAD_TAG + b"unasked payload",
              real[: len(real) // 2], real[:-3]]
+    nested: list = []
+    for _ in range(990):
+        nested = [nested]
+    cases.append(body([[wire.LAUNCH, 1, 1, [1], [1], 0, 0, nested]]))
     for _ in range(12):                                    # bytes of a real frame corrupted
         corrupt = bytearray(real)
         for _ in range(3):
-            corrupt[rng.randrange(len(corrupt))] = rng.randrange(256)
+            corrupt[rng.randrange(1, len(corrupt))] = rng.randrange(256)
         cases.append(bytes(corrupt))
     for _ in range(12):                                    # random frames
         cases.append(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))
     for frame in cases:
         replies = _session_frames(fresh_pool, [frame])
-        for reply in replies:
-            if isinstance(reply, bytes) and reply and not isinstance(reply, grpc.RpcError):
-                try:
-                    seq, err, _ = wire.msgpack.unpackb(reply)
-                except Exception:
-                    continue
-                if err is not None:
-                    assert isinstance(wire.error_from_proto(err), harp.HarpError)
+        assert replies, frame
+        for reply in replies[1:]:
+            if isinstance(reply, harp.HarpError):          # the session's typed end
+                assert isinstance(reply, (harp.ProtocolError, harp.ArgumentError)), reply
+                continue
+            seq, err, _ = wire.msgpack.unpackb(reply)
+            if err is not None:
+                assert isinstance(error_from_bytes(err), harp.HarpError)
         _round_trip(bystander)                             # the server still serves others
     assert _wait_until(lambda: len(fresh_pool.server.sessions) == 1)
     bystander.close()
-    assert _wait_until(lambda: fresh_pool.server.backend.cards[0].used == 0)
+    assert _wait_until(lambda: fresh_pool.server.ledger.used(0) == 0)
 
 
 def test_protocol_error_reaches_the_client_as_protocol_error(fresh_pool):
-    replies = _session_frames(fresh_pool, [b"\x93garbage"])
-    seq, err, _ = wire.msgpack.unpackb(replies[1])      # replies[0] answers the handshake
-    assert seq == 0 and isinstance(wire.error_from_proto(err), harp.ProtocolError)
+    replies = _session_frames(fresh_pool, [wire.BATCH_TAG + b"\x93garbage"])
+    assert isinstance(replies[1], harp.ProtocolError)    # replies[0] answers the handshake
 
 
 def test_bad_values_from_the_wire_are_refused_and_the_session_survives(fresh_pool):
-    frames = [wire.pack([[wire.ALLOC, 1, 7, 64],
-                         [wire.WRITE, 2, 7, 60, 0, b"12345678"],      # past the end
-                         [wire.COPY, 3, 7, 0, 7, -5, 4, 0],            # negative offset
-                         [wire.FILL, 4, 7, 999, 0, 4, 0],              # not a byte
-                         [wire.ALLOC, 5, 8, -1],                       # negative size
-                         [wire.READ, 6, 7, 0, 1 << 40, 0]]),           # huge read
-              wire.pack([[wire.MEM_INFO, 7]])]
+    frames = [_batch([[wire.ALLOC, 1, 7, 64],
+                      [wire.WRITE, 2, 7, 60, 0, b"12345678"],      # past the end
+                      [wire.COPY, 3, 7, 0, 7, -5, 4, 0],            # negative offset
+                      [wire.FILL, 4, 7, 999, 0, 4, 0],              # not a byte
+                      [wire.ALLOC, 5, 8, -1],                       # negative size
+                      [wire.READ, 6, 7, 0, 1 << 40, 0]]),           # huge read
+              _batch([[wire.MEM_INFO, 7]])]
     replies = _session_frames(fresh_pool, frames)[1:]
     seq, err, _ = wire.msgpack.unpackb(replies[0])
-    error = wire.error_from_proto(err)
+    error = error_from_bytes(err)
     assert isinstance(error, harp.ArgumentError) and error.call == "write" and error.seq == 2
     seq, err, result = wire.msgpack.unpackb(replies[1])
     assert seq == 7 and err is None and result[1] == 2 << 30
@@ -147,13 +170,13 @@ def test_client_killed_mid_transfer_leaves_nothing_behind(fresh_pool, tmp_path):
                              str(t.key)], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        card = fresh_pool.server.backend.cards[0]
-        assert card.used == 256 << 20
+        ledger = fresh_pool.server.ledger
+        assert ledger.used(0) == 256 << 20
         time.sleep(0.5)                                   # mid-transfer
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         assert _wait_until(lambda: not fresh_pool.server.sessions, 15)
-        assert _wait_until(lambda: card.used == 0, 5)
+        assert _wait_until(lambda: ledger.used(0) == 0, 5)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -7,6 +7,7 @@ from typing import Any
 
 from .. import Backend
 from ...device import Device
+from ...tenancy import Tenancy
 from ...types import DeviceInfo
 from ...units import parse_size
 from .card import CpuCard
@@ -27,6 +28,7 @@ class CpuBackend(Backend):
     """Drives `devices` cpu cards of `memory` bytes each (default 4 GiB, or `HARP_CPU_MEMORY`)."""
 
     name = "cpu"
+    preload = ("harp.backends.cpu", "harp.backends.cpu.kernels")
 
     def __init__(self, *, memory: int | str | None = None, devices: int = 1, **options: Any) -> None:
         super().__init__(**options)
@@ -50,8 +52,11 @@ class CpuBackend(Backend):
         return self._info(index, self.memory, trusted=False)
 
     def open(self, index: int = 0, *, memory_quota: int | None = None,
-             trust_client_code: bool = False) -> Device:
+             trust_client_code: bool = False, tenancy: Tenancy | None = None) -> Device:
         self.check_index(index)
         memory = self.memory if memory_quota is None else min(memory_quota, self.memory)
+        if tenancy is None:
+            tenancy = Tenancy(self.local_memory(index, self.memory, memory_quota))
         return CpuDevice(self.cards[index], self._info(index, memory, trust_client_code),
-                         memory_quota=memory_quota, trust_client_code=trust_client_code)
+                         tenancy.memory, compute=tenancy.compute,
+                         trust_client_code=trust_client_code)

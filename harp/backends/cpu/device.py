@@ -1,9 +1,11 @@
 """`CpuDevice`: one session on a cpu card, a real host-memory device.
 
-Buffers are host memory; each stream is a worker thread that runs its calls in
-order; events carry real timestamps; kernels are the NumPy catalog or numba
-source in the CUDA simulator. Handles are checked against this session's own
-tables, so another session's handles are unknown here.
+Buffers are host memory, reserved from the session's `MemoryBroker` before
+they are allocated; streams are in-order queues run by a few pool threads per
+session (`streams.Executor`); events carry real timestamps; kernels are the
+NumPy catalog or numba source in the CUDA simulator, each run holding the
+session's `ComputeGate` and charged its run time. Handles are checked against
+this session's own tables, so another session's handles are unknown here.
 """
 from __future__ import annotations
 
@@ -11,30 +13,33 @@ from typing import Any, Sequence
 
 import numpy as np
 
+import time
+
 from ... import catalog
 from ...device import Device, Dims
 from ...errors import (ArgumentError, DeviceError, HarpError, InvalidHandleError,
                        PermissionDeniedError, QuotaError, UnsupportedError)
 from ...frontend import (DeferredErrors, HandleIds, as_bytes_view, check_buffer, check_copy,
-                         check_count, check_dims, check_event, check_fill, check_function,
-                         check_image, check_module, check_range, check_stream, normalize_args,
-                         out_view)
+                         check_count, check_dims, check_event, check_fill, check_format,
+                         check_function, check_image, check_kernel_name, check_module,
+                         check_range, check_stream, normalize_args, out_view)
+from ...limits import MAX_BUFFERS, MAX_EVENTS, MAX_FUNCTIONS, MAX_MODULES, MAX_STREAMS
+from ...tenancy import ComputeGate, MemoryBroker
 from ...types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
                       Scalar, Stream)
 from .card import CpuCard
 from .kernels import catalog_function, check_catalog_args, load_numba_source, numba_runner
-from .streams import Recording, StreamWorker
-
-MAX_STREAMS = 256
+from .streams import Executor, Recording, StreamQueue
 
 
 class CpuDevice(Device):
     """A session on a `CpuCard`: its own handles, streams, quota and deferred errors."""
 
-    def __init__(self, card: CpuCard, info: DeviceInfo, *, memory_quota: int | None = None,
-                 trust_client_code: bool = False) -> None:
+    def __init__(self, card: CpuCard, info: DeviceInfo, memory: MemoryBroker, *,
+                 compute: ComputeGate | None = None, trust_client_code: bool = False) -> None:
         self._card = card
-        self._quota = memory_quota
+        self._memory = memory
+        self._gate = compute
         self._trusted = trust_client_code
         self._info = info
         self._ids = HandleIds()
@@ -43,14 +48,28 @@ class CpuDevice(Device):
         self._used = 0
         self._closed = False
         self._buffers: dict[int, np.ndarray] = {}
-        self._modules: dict[int, tuple[str, Any]] = {}
+        self._modules: dict[int, tuple[str, Any, int]] = {}  # id -> (format, payload, bytes)
         self._functions: dict[int, tuple[Any, Any]] = {}   # id -> (catalog kernel | None, runner)
         self._events: dict[int, Recording | None] = {}
-        self._streams: dict[int, StreamWorker] = {0: self._worker("default")}
+        self._executor = Executor(f"harp-cpu{card.index}", self._on_async_error,
+                                  on_idle=compute.idle if compute is not None else None)
+        self._streams: dict[int, StreamQueue] = {0: self._executor.stream("default")}
 
     # -- internals -------------------------------------------------------------
-    def _worker(self, name: str) -> StreamWorker:
-        return StreamWorker(f"harp-cpu{self._card.index}-{name}", self._on_async_error)
+    def _gated(self, runner: Any) -> Any:
+        """`runner` holding the session's compute gate, charged its run time."""
+        gate = self._gate
+        if gate is None:
+            return runner
+
+        def run(*args: Any) -> None:
+            gate.enter()
+            t0 = time.perf_counter_ns()
+            try:
+                runner(*args)
+            finally:
+                gate.exit(time.perf_counter_ns() - t0)
+        return run
 
     def _on_async_error(self, exc: BaseException, call: str, seq: int) -> None:
         if not isinstance(exc, HarpError):
@@ -79,7 +98,7 @@ class CpuDevice(Device):
                                 f"{mem.size} bytes")
         return mem[offset:offset + nbytes]
 
-    def _stream(self, stream: Stream) -> StreamWorker:
+    def _stream(self, stream: Stream) -> StreamQueue:
         worker = self._streams.get(stream.id)
         if worker is None:
             raise InvalidHandleError(f"stream handle {stream.id:#x} is not this session's")
@@ -90,7 +109,7 @@ class CpuDevice(Device):
             raise InvalidHandleError(f"event handle {event.id:#x} is not this session's")
         return self._events[event.id]
 
-    def _sync_wait(self, worker: StreamWorker, call: str, seq: int, op: Any, *args: Any) -> None:
+    def _sync_wait(self, worker: StreamQueue, call: str, seq: int, op: Any, *args: Any) -> None:
         """Run `op` in order on `worker`, wait for it, and raise what failed.
 
         On an idle stream `op` runs here at once: nothing is ahead of it, and
@@ -109,7 +128,9 @@ class CpuDevice(Device):
             from threading import Event as Flag
             done = Flag()
             worker.submit(call, seq, lambda: (run(), done.set()))
-            done.wait()
+            while not done.wait(0.5):
+                if self._executor.cancelled:
+                    raise HarpError("the device session is closed")
         self._errors.raise_pending()
         if failure:
             exc = failure[0]
@@ -126,11 +147,7 @@ class CpuDevice(Device):
     def mem_info(self) -> MemInfo:
         self._next()
         self._errors.raise_pending()
-        if self._quota is not None:
-            card_free = self._card.capacity - self._card.used
-            return MemInfo(free=max(0, min(self._quota - self._used, card_free)),
-                           total=self._quota)
-        return MemInfo(free=self._card.capacity - self._card.used, total=self._card.capacity)
+        return self._memory.mem_info()
 
     # -- memory ----------------------------------------------------------------
     def alloc(self, nbytes: int) -> Buffer:
@@ -138,10 +155,14 @@ class CpuDevice(Device):
         nbytes = check_count(nbytes, "nbytes")
         buf = Buffer(self._ids.new(), nbytes)
         try:
-            if self._quota is not None and self._used + nbytes > self._quota:
-                raise QuotaError(f"allocating {nbytes} bytes would exceed the session's memory "
-                                 f"quota: {self._used} of {self._quota} bytes in use")
-            self._buffers[buf.id] = self._card.allocate(nbytes)
+            if len(self._buffers) >= MAX_BUFFERS:
+                raise QuotaError(f"a session may hold at most {MAX_BUFFERS} buffers")
+            self._memory.reserve(nbytes)
+            try:
+                self._buffers[buf.id] = self._card.allocate(nbytes)
+            except BaseException:
+                self._memory.release(nbytes)
+                raise
             self._used += nbytes
         except HarpError as exc:
             self._errors.add(exc, "alloc", seq)
@@ -157,7 +178,7 @@ class CpuDevice(Device):
                 "or another session's)"), "free", seq)
             return
         self._used -= mem.size
-        self._card.release(mem.size)
+        self._memory.release(mem.size)
 
     def write(self, buf: Buffer, offset: int, data: Any, stream: Stream | None = None) -> None:
         seq = self._next()
@@ -176,9 +197,9 @@ class CpuDevice(Device):
             return
         # bytes are immutable: keep a reference; anything else is copied now,
         # because the caller may reuse its buffer as soon as we return.
-        src = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else \
+        src = np.frombuffer(view, np.uint8) if isinstance(view.obj, bytes) else \
             np.frombuffer(view, np.uint8).copy()
-        worker.submit("write", seq, span.__setitem__, slice(None), src)
+        worker.submit("write", seq, span.__setitem__, slice(None), src, nbytes=nbytes)
 
     def read(self, buf: Buffer, offset: int, nbytes: int, out: Any = None,
              stream: Stream | None = None) -> Any:
@@ -229,9 +250,18 @@ class CpuDevice(Device):
     def load_module(self, image: bytes | str, format: str) -> Module:
         seq = self._next()
         image = check_image(image)
-        module = Module(self._ids.new(), str(format))
+        module = Module(self._ids.new(), check_format(format))
         try:
-            self._modules[module.id] = (module.format, self._load(image, module.format))
+            if len(self._modules) >= MAX_MODULES:
+                raise QuotaError(f"a session may hold at most {MAX_MODULES} modules")
+            # What the device keeps of a module counts against the session's memory.
+            kept = 0 if format == "catalog" else len(image)
+            self._memory.reserve(kept)
+            try:
+                self._modules[module.id] = (module.format, self._load(image, module.format), kept)
+            except BaseException:
+                self._memory.release(kept)
+                raise
         except HarpError as exc:
             self._errors.add(exc, "load_module", seq)
         return module
@@ -257,21 +287,24 @@ class CpuDevice(Device):
     def function(self, module: Module, name: str) -> Function:
         seq = self._next()
         check_module(module)
-        fn = Function(self._ids.new(), str(name))
+        fn = Function(self._ids.new(), check_kernel_name(name))
         try:
+            if len(self._functions) >= MAX_FUNCTIONS:
+                raise QuotaError(f"a session may hold at most {MAX_FUNCTIONS} functions")
             entry = self._modules.get(module.id)
             if entry is None:
                 raise InvalidHandleError(f"module handle {module.id:#x} is not loaded in this "
                                          "session")
-            format, payload = entry
+            format, payload, _ = entry
             if format == "catalog":
-                self._functions[fn.id] = catalog_function(fn.name)
+                kernel, runner = catalog_function(fn.name)
+                self._functions[fn.id] = (kernel, self._gated(runner))
             else:
                 kernel = payload.get(fn.name)
                 if kernel is None:
                     raise ArgumentError(f"module has no kernel {fn.name!r}; it has "
                                         f"{', '.join(sorted(payload)) or 'none'}")
-                self._functions[fn.id] = (None, numba_runner(kernel))
+                self._functions[fn.id] = (None, self._gated(numba_runner(kernel)))
         except HarpError as exc:
             self._errors.add(exc, "function", seq)
         return fn
@@ -330,16 +363,20 @@ class CpuDevice(Device):
         seq = self._next()
         stream = Stream(self._ids.new())
         if len(self._streams) >= MAX_STREAMS:
-            self._errors.add(ArgumentError(f"a session may have at most {MAX_STREAMS} streams"),
+            self._errors.add(QuotaError(f"a session may have at most {MAX_STREAMS} streams"),
                              "stream", seq)
         else:
-            self._streams[stream.id] = self._worker(f"s{len(self._streams)}")
+            self._streams[stream.id] = self._executor.stream(f"s{len(self._streams)}")
         return stream
 
     def event(self) -> Event:
-        self._next()
+        seq = self._next()
         event = Event(self._ids.new())
-        self._events[event.id] = None
+        if len(self._events) >= MAX_EVENTS:
+            self._errors.add(QuotaError(f"a session may have at most {MAX_EVENTS} events"),
+                             "event", seq)
+        else:
+            self._events[event.id] = None
         return event
 
     def record(self, event: Event, stream: Stream | None = None) -> None:
@@ -367,7 +404,7 @@ class CpuDevice(Device):
             self._errors.add(exc, "wait", seq)
             return
         if recording is not None:   # an event never recorded is complete, as in CUDA
-            worker.submit("wait", seq, recording.done.wait)
+            worker.wait_for("wait", seq, recording)
 
     def synchronize(self, stream: Stream | None = None) -> None:
         seq = self._next()
@@ -397,23 +434,28 @@ class CpuDevice(Device):
             exc.call, exc.seq = "elapsed", seq
             raise
         for r in recordings:
-            r.done.wait()
+            while not r.done.wait(0.5):
+                if self._executor.cancelled:
+                    raise HarpError("the device session is closed")
         self._errors.raise_pending()
         return (recordings[1].time_ns - recordings[0].time_ns) / 1e6
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:
+        """Drop queued work (an operation already running finishes on its own thread; its
+        host memory stays referenced until then, so nothing is reused under it), and give
+        back every byte the session reserved."""
         if self._closed:
             return
         self._closed = True
-        for worker in self._streams.values():
-            worker.stop()
-        for mem in self._buffers.values():
-            self._card.release(mem.size)
+        self._executor.cancel()
         self._buffers.clear()
-        self._used = 0
         self._modules.clear()
         self._functions.clear()
+        self._used = 0
+        self._memory.close()
+        if self._gate is not None:
+            self._gate.close()
 
     @property
     def used_bytes(self) -> int:

@@ -64,6 +64,10 @@ def _run_catalog(kernel: catalog.Kernel, a: list) -> None:
             raise DeviceError(f"catalog kernel {name} has no cpu implementation")
 
 
+#: Catalog parameters that count elements (never negative).
+SIZE_PARAMS = frozenset(("n", "m", "k"))
+
+
 def check_catalog_args(kernel: catalog.Kernel, args: Sequence[Any]) -> None:
     """Check the argument kinds and scalar dtypes against the catalog signature."""
     from ...types import BufferArg, Scalar
@@ -80,6 +84,8 @@ def check_catalog_args(kernel: catalog.Kernel, args: Sequence[Any]) -> None:
             if not isinstance(arg, Scalar) or arg.dtype != want:
                 got = arg.dtype if isinstance(arg, Scalar) else type(arg).__name__
                 raise ArgumentError(f"{kernel.name}: {p.name} must be a {want} scalar, got {got}")
+            if p.name in SIZE_PARAMS and arg.value < 0:
+                raise ArgumentError(f"{kernel.name}: {p.name} must be >= 0, got {arg.value}")
 
 
 def catalog_function(name: str) -> tuple[catalog.Kernel, Runner]:

@@ -1,89 +1,258 @@
-"""Streams and events of the cpu backend: a worker thread per stream, real timestamps.
+"""Streams and events of the cpu backend: in-order queues run by a few threads, real timestamps.
 
-Each stream runs its operations in order on its own thread, so work on two
-streams overlaps, and an event wait really blocks one stream on another.
+A session's streams share a small pool of threads (`Executor`, at most
+`THREADS`), so a session with 256 streams still has a handful of threads. A
+stream runs its operations in order on whichever pool thread takes it; two
+streams' work overlaps when two threads are free. An event wait does not hold
+a thread: a stream whose next operation waits on an event that is not done
+yet is parked, and the event's completion puts it back in line. Since a wait
+only ever waits on recordings issued before it, every queue drains.
+
+The bytes of writes queued behind busy work are bounded per session
+(`MAX_QUEUED_BYTES`): a write beyond it waits for the queues to catch up.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
-from queue import SimpleQueue
+from collections import deque
 from typing import Any, Callable
 
 OnError = Callable[[BaseException, str, int], None]
 
+#: Most pool threads one session's streams use.
+THREADS = max(2, min(4, os.cpu_count() or 2))
+#: Operations a thread runs from one stream before it gives the others a turn.
+BURST = 64
+#: Most bytes of write payloads one session may have queued behind busy streams.
+MAX_QUEUED_BYTES = 64 << 20
 
-class StreamWorker:
-    """An in-order queue of operations drained by one thread (started on first use)."""
 
-    def __init__(self, name: str, on_error: OnError) -> None:
+class Recording:
+    """One recording of an event: done once its stream reaches it, with the time it did."""
+
+    __slots__ = ("done", "time_ns", "_waiters", "_lock")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.time_ns = 0
+        self._waiters: list[Callable[[], None]] = []
+        self._lock = threading.Lock()
+
+    def complete(self) -> None:
+        self.time_ns = time.perf_counter_ns()
+        with self._lock:
+            self.done.set()
+            waiters, self._waiters = self._waiters, []
+        for wake in waiters:
+            wake()
+
+    def when_done(self, wake: Callable[[], None]) -> bool:
+        """Call `wake` once the recording completes; False (and no call) if it already has."""
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self._waiters.append(wake)
+            return True
+
+
+class _Wait:
+    """A queued wait on a recording (runs no code: it parks the stream until done)."""
+    __slots__ = ("recording",)
+
+    def __init__(self, recording: Recording) -> None:
+        self.recording = recording
+
+
+class Executor:
+    """The pool of threads that runs one session's streams, and its queued-bytes bound."""
+
+    def __init__(self, name: str, on_error: OnError, *, threads: int = THREADS,
+                 on_idle: Callable[[], None] | None = None) -> None:
         self.name = name
-        self._queue: SimpleQueue = SimpleQueue()
         self._on_error = on_error
-        self._thread: threading.Thread | None = None
-        # Each counter has one writer (the issuing thread, the worker), so the
-        # GIL keeps them consistent without a lock.
+        self._on_idle = on_idle
+        self._max = threads
+        self._cond = threading.Condition()
+        self._ready: deque[StreamQueue] = deque()
+        self._threads = 0
+        self._idle_threads = 0
+        self._cancelled = False
+        self._queued_bytes = 0
+        self._space = threading.Condition(threading.Lock())
+
+    # -- queues ------------------------------------------------------------------------
+    def stream(self, label: str) -> "StreamQueue":
+        return StreamQueue(self, label)
+
+    def _schedule(self, stream: "StreamQueue") -> None:
+        """Put a stream in line (call with `_cond` held)."""
+        self._ready.append(stream)
+        if self._idle_threads:
+            self._cond.notify()
+        elif self._threads < self._max:
+            self._threads += 1
+            threading.Thread(target=self._run, name=f"{self.name}-{self._threads}",
+                             daemon=True).start()
+
+    def wake(self, stream: "StreamQueue") -> None:
+        with self._cond:
+            if not self._cancelled:
+                self._schedule(stream)
+
+    # -- the queued-bytes bound ----------------------------------------------------------
+    def hold_bytes(self, nbytes: int) -> None:
+        """Count `nbytes` of a queued write, waiting while the session is over its bound."""
+        with self._space:
+            while self._queued_bytes and self._queued_bytes + nbytes > MAX_QUEUED_BYTES \
+                    and not self._cancelled:
+                self._space.wait(0.5)
+            self._queued_bytes += nbytes
+
+    def drop_bytes(self, nbytes: int) -> None:
+        with self._space:
+            self._queued_bytes -= nbytes
+            self._space.notify_all()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued_bytes
+
+    # -- lifetime ------------------------------------------------------------------------
+    def cancel(self) -> None:
+        """Drop every queued operation; an operation already running finishes on its own."""
+        with self._cond:
+            self._cancelled = True
+            streams = list(self._ready)
+            self._ready.clear()
+            self._cond.notify_all()
+        for stream in streams:
+            stream._drop()
+        with self._space:
+            self._space.notify_all()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._ready and not self._cancelled:
+                    self._idle_threads += 1
+                    if self._idle_threads == self._threads and self._on_idle is not None:
+                        try:
+                            self._on_idle()
+                        except Exception:
+                            pass
+                    cond.wait()
+                    self._idle_threads -= 1
+                if self._cancelled:
+                    self._threads -= 1
+                    return
+                stream = self._ready.popleft()
+            stream._run_burst()
+
+
+class StreamQueue:
+    """One stream: operations in order, run on its session's `Executor`."""
+
+    def __init__(self, executor: Executor, label: str) -> None:
+        self.executor = executor
+        self.label = label
+        self._ops: deque = deque()
+        self._scheduled = False          # in line, running, or parked on an event
+        # Each counter has one writer (the issuing thread; the pool thread running the
+        # stream), so the GIL keeps them consistent without a lock.
         self._submitted = 0
         self._completed = 0
-        self._cancelled = False
+        self._drained = threading.Condition(threading.Lock())
 
     @property
     def idle(self) -> bool:
         """Nothing queued or running: work issued now may run at once, in the caller."""
         return self._completed == self._submitted
 
-    def submit(self, call: str, seq: int, op: Callable[..., Any], *args: Any) -> None:
-        """Queue `op(*args)`; if it raises, the error is recorded against (call, seq)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-            self._thread.start()
-        self._submitted += 1
-        self._queue.put((call, seq, op, args))
+    def submit(self, call: str, seq: int, op: Callable[..., Any], *args: Any,
+               nbytes: int = 0) -> None:
+        """Queue `op(*args)`; if it raises, the error is recorded against (call, seq).
+        `nbytes` of payload it keeps count against the session's queued-bytes bound."""
+        ex = self.executor
+        if nbytes:
+            ex.hold_bytes(nbytes)
+        with ex._cond:
+            if ex._cancelled:
+                if nbytes:
+                    ex.drop_bytes(nbytes)
+                return
+            self._submitted += 1
+            self._ops.append((call, seq, op, args, nbytes))
+            if not self._scheduled:
+                self._scheduled = True
+                ex._schedule(self)
+
+    def wait_for(self, call: str, seq: int, recording: Recording) -> None:
+        """Queue a wait: later operations run once `recording` is done."""
+        self.submit(call, seq, _Wait, recording)
 
     def drain(self) -> None:
-        """Block until every operation queued so far has run."""
-        if self._thread is None or self.idle:
+        """Block until every operation queued so far has run (or the session is closed)."""
+        if self.idle:
             return
-        done = threading.Event()
-        self.submit("", 0, done.set)
-        done.wait()
+        target = self._submitted
+        with self._drained:
+            while self._completed < target and not self.executor.cancelled:
+                self._drained.wait(0.5)
 
-    def stop(self) -> None:
-        """End the thread, dropping queued work: a closing session's pending calls are void,
-        and a client that queued a great deal must not hold its memory for as long."""
-        if self._thread is not None:
-            self._cancelled = True
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+    def _drop(self) -> None:
+        dropped = 0
+        while self._ops:
+            _, _, _, _, nbytes = self._ops.popleft()
+            dropped += nbytes
+            self._completed += 1
+        if dropped:
+            self.executor.drop_bytes(dropped)
+        with self._drained:
+            self._drained.notify_all()
 
-    def _run(self) -> None:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            call, seq, op, args = item
-            if self._cancelled:
-                self._completed += 1
-                continue
+    def _run_burst(self) -> None:
+        """Run up to BURST operations (in a pool thread), then park, requeue or stop."""
+        ex = self.executor
+        ops = self._ops
+        for _ in range(BURST):
+            with ex._cond:
+                if ex._cancelled:
+                    return
+                if not ops:
+                    self._scheduled = False
+                    return
+                call, seq, op, args, nbytes = ops[0]
+                if op is _Wait:
+                    recording = args[0]
+                    if recording.when_done(lambda: ex.wake(self)):
+                        return                       # parked: the recording wakes us
+                    ops.popleft()
+                    self._finish(0)
+                    continue
+                ops.popleft()
             try:
                 op(*args)
             except BaseException as exc:  # reported at the session's next sync call
-                self._on_error(exc, call, seq)
+                ex._on_error(exc, call, seq)
             finally:
-                self._completed += 1
+                self._finish(nbytes)
+        with ex._cond:                               # a burst done: let other streams in
+            if ops and not ex._cancelled:
+                ex._schedule(self)
+            else:
+                self._scheduled = bool(ops) and not ex._cancelled
 
-
-class Recording:
-    """One recording of an event: done once its stream reaches it, with the time it did."""
-
-    __slots__ = ("done", "time_ns")
-
-    def __init__(self) -> None:
-        self.done = threading.Event()
-        self.time_ns = 0
-
-    def complete(self) -> None:
-        self.time_ns = time.perf_counter_ns()
-        self.done.set()
+    def _finish(self, nbytes: int) -> None:
+        self._completed += 1
+        if nbytes:
+            self.executor.drop_bytes(nbytes)
+        if self._completed == self._submitted:
+            with self._drained:
+                self._drained.notify_all()

@@ -22,6 +22,7 @@ from typing import Any
 from .. import Backend
 from ...device import Device
 from ...errors import BackendError
+from ...tenancy import Tenancy
 from ...types import DeviceInfo
 from ...units import parse_size
 from . import nvml, nvrtc
@@ -33,6 +34,8 @@ class CudaBackend(Backend):
     """Drives the CUDA GPUs this process can see (CuPy's device numbering)."""
 
     name = "cuda"
+    #: Importing CuPy touches no GPU, so a fork server may do it before it forks workers.
+    preload = ("harp.backends.cuda", "harp.backends.cuda.device", "cupy")
 
     def __init__(self, *, memory: int | str | None = None, **options: Any) -> None:
         super().__init__(**options)
@@ -95,7 +98,7 @@ class CudaBackend(Backend):
                 self._cards[index] = card
             return card
 
-    def _info(self, card: Any, memory: int) -> DeviceInfo:
+    def _info(self, card: Any, memory: int, trusted: bool = False) -> DeviceInfo:
         props = card.props
         name = props.get("name", b"")
         name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
@@ -123,7 +126,7 @@ class CudaBackend(Backend):
         if card.broken:
             extra["broken"] = card.broken
         from .device import FORMATS
-        formats = FORMATS if ok else tuple(f for f in FORMATS if f != "cuda-source")
+        formats = FORMATS if ok and trusted else tuple(f for f in FORMATS if f != "cuda-source")
         return DeviceInfo(kind="gpu", name=name or f"CUDA GPU {card.index}", backend="cuda",
                           index=card.index, memory=memory, compute_capability=card.arch,
                           formats=formats, extra=extra)
@@ -135,11 +138,13 @@ class CudaBackend(Backend):
         return self._info(card, card.capacity)
 
     def open(self, index: int = 0, *, memory_quota: int | None = None,
-             trust_client_code: bool = False) -> Device:
+             trust_client_code: bool = False, tenancy: Tenancy | None = None) -> Device:
         self._require()
         self.check_index(index)
         from .device import CudaDevice
         card = self._card(index)
         memory = card.capacity if memory_quota is None else min(memory_quota, card.capacity)
-        return CudaDevice(card, self._info(card, memory), memory_quota=memory_quota,
-                          trust_client_code=trust_client_code)
+        if tenancy is None:
+            tenancy = Tenancy(self.local_memory(index, card.capacity, memory_quota))
+        return CudaDevice(card, self._info(card, memory, trust_client_code), tenancy.memory,
+                          compute=tenancy.compute, trust_client_code=trust_client_code)

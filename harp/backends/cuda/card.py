@@ -6,10 +6,10 @@ a service stream that zeroes new allocations, recycled fence events, the catalog
 compiled and loaded once, and whether the GPU's CUDA context has been lost to a
 sticky error.
 
-Memory is accounted in requested bytes, so `mem_info` moves by exactly what a
-session allocates and frees (the conformance suite checks this to the byte),
-and fails closed at `capacity` (the card's total memory, or the backend's
-`memory` option) before CUDA is asked. A freed block goes back to the pool only
+Sessions reserve the bytes they allocate from their `MemoryBroker` first
+(`harp.tenancy`: quotas and the card's `capacity`, the card's total memory or
+the backend's `memory` option), so an allocation fails closed before CUDA is
+asked; the card counts what this process holds (`used`). A freed block goes back to the pool only
 once every stream that had work in flight when it was freed has passed a fence
 recorded at the free, so no later allocation, on any stream of any session,
 can be handed memory that earlier work still reads or writes.
@@ -130,12 +130,8 @@ class CudaCard:
 
     # -- memory ----------------------------------------------------------------------
     def allocate(self, nbytes: int) -> DeviceMemory:
-        """`nbytes` of zeroed device memory, accounted against the capacity."""
+        """`nbytes` of zeroed device memory (the session has reserved them already)."""
         with self._lock:
-            if self._used + nbytes > self.capacity:
-                raise OutOfMemoryError(
-                    f"cannot allocate {nbytes} bytes: {self.capacity - self._used} of "
-                    f"{self.capacity} bytes free on GPU {self.index}")
             self._used += nbytes
         try:
             if nbytes == 0:

@@ -34,12 +34,22 @@ Semantics match the cpu backend, which the conformance suite checks:
   server's CUDA context, like any CUDA program's, and are not isolated from
   other sessions' memory on the same GPU (use MIG or separate servers for that).
 - Memory: allocations come from a private CuPy memory pool, are zeroed before
-  use, and are accounted in requested bytes against the session's quota
-  (`QuotaError`) and the card's capacity (`OutOfMemoryError`), so `mem_info`
-  reports exactly what sessions hold: the quota when one applies, else the
-  card's capacity (its total memory, or the backend's `memory` option) minus
-  what the sessions on it hold. `card_mem_info()` gives the driver's own view
-  (cudaMemGetInfo, every process included).
+  use, and are reserved in requested bytes from the session's `MemoryBroker`
+  first (`harp.tenancy`: the session's or its lease's quota, `QuotaError`, and
+  the card's capacity, `OutOfMemoryError`), so `mem_info` reports exactly what
+  sessions hold: the quota when one applies, else the card's capacity (its
+  total memory, or the backend's `memory` option) minus what the sessions on it
+  hold. `card_mem_info()` gives the driver's own view (cudaMemGetInfo, every
+  process included).
+- On a pool server every session runs in a worker process of its own, with a
+  CUDA context of its own: a kernel of one tenant cannot address another's
+  memory, and a sticky fault ends only the session whose worker it hit.
+- `cuda-source` is compiled only on a device opened with
+  `trust_client_code=True`, and then only with CUDA's own headers
+  (`nvrtc.compile_client_source`); other devices refuse it, and clients compile
+  CUDA C to PTX themselves (`harp.RawKernel`). Launches hold the session's
+  `ComputeGate` while they are issued, and are charged their device time as
+  measured by CUDA events.
 - Copies between overlapping ranges of one buffer behave like memmove.
 - Kernel arguments: a `BufferArg` is its device address (buffer + offset, as a
   64-bit value), a `Scalar` a value of its dtype, an `ArrayArg` either numba's
@@ -62,19 +72,19 @@ import numpy as np
 from ... import catalog
 from ...device import Device, Dims
 from ...errors import (ArgumentError, DeviceError, HarpError, InvalidHandleError,
-                       OutOfMemoryError, QuotaError, UnsupportedError)
+                       OutOfMemoryError, PermissionDeniedError, QuotaError, UnsupportedError)
 from ...frontend import (DeferredErrors, HandleIds, as_bytes_view, check_buffer, check_copy,
-                         check_count, check_dims, check_event, check_fill, check_function,
-                         check_image, check_module, check_range, check_stream, normalize_args,
-                         out_view)
+                         check_count, check_dims, check_event, check_fill, check_format,
+                         check_function, check_image, check_kernel_name, check_module,
+                         check_range, check_stream, normalize_args, out_view)
+from ...limits import MAX_BUFFERS, MAX_EVENTS, MAX_FUNCTIONS, MAX_MODULES, MAX_STREAMS
+from ...tenancy import ComputeGate, MemoryBroker
 from ...types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
                       Scalar, Stream)
 from ..cpu.kernels import check_catalog_args
 from . import kernels, nvrtc
 from .card import CudaCard, DeviceMemory
 from .streams import EventState, Staging, StreamState
-
-MAX_STREAMS = 256
 
 #: CUDA error codes after which the context is lost (the same numbers in the runtime and
 #: driver APIs): ECC uncorrectable, illegal address, launch timeout, device assert,
@@ -88,7 +98,8 @@ STICKY_ERRORS = frozenset({214, 700, 702, 710, 714, 715, 716, 717, 718, 719})
 PAD_PARAMS = 64
 _PAD = np.zeros(1, dtype="V32768")
 
-#: The image formats this backend accepts ("cuda-source" only where NVRTC loads).
+#: The image formats this backend accepts ("cuda-source" only where NVRTC loads, and only
+#: on a device that trusts client code).
 FORMATS = ("catalog", "ptx", "cubin", "fatbin", "cuda-source")
 
 
@@ -129,13 +140,17 @@ class _Kernel:
 class CudaDevice(Device):
     """A session on a `CudaCard`: its own handles, streams, quota and deferred errors."""
 
-    def __init__(self, card: CudaCard, info: DeviceInfo, *, memory_quota: int | None = None,
-                 trust_client_code: bool = False) -> None:
+    def __init__(self, card: CudaCard, info: DeviceInfo, memory: MemoryBroker, *,
+                 compute: ComputeGate | None = None, trust_client_code: bool = False) -> None:
         self._card = card
         self._cp = card.cp
         self._rt = card.rt
         self._d2d = getattr(card.rt, "memcpyDeviceToDevice", 3)
-        self._quota = memory_quota
+        self._memory = memory
+        self._gate = compute
+        self._trusted = trust_client_code
+        self._timed: list[tuple[Any, Any]] = []     # (start, end) events of gated launches
+        self._spare_timers: list[Any] = []
         self._info = info
         self._ids = HandleIds()
         self._errors = _Errors()
@@ -254,11 +269,7 @@ class CudaDevice(Device):
     def mem_info(self) -> MemInfo:
         self._next()
         self._errors.raise_pending()
-        card = self._card
-        if self._quota is not None:
-            return MemInfo(free=max(0, min(self._quota - self._used, card.capacity - card.used)),
-                           total=self._quota)
-        return MemInfo(free=card.capacity - card.used, total=card.capacity)
+        return self._memory.mem_info()
 
     def card_mem_info(self) -> MemInfo:
         """The driver's view of the whole GPU (cudaMemGetInfo), every process included.
@@ -272,10 +283,14 @@ class CudaDevice(Device):
         nbytes = check_count(nbytes, "nbytes")
         buf = Buffer(self._ids.new(), nbytes)
         try:
-            if self._quota is not None and self._used + nbytes > self._quota:
-                raise QuotaError(f"allocating {nbytes} bytes would exceed the session's memory "
-                                 f"quota: {self._used} of {self._quota} bytes in use")
-            self._buffers[buf.id] = self._card.allocate(nbytes)
+            if len(self._buffers) >= MAX_BUFFERS:
+                raise QuotaError(f"a session may hold at most {MAX_BUFFERS} buffers")
+            self._memory.reserve(nbytes)
+            try:
+                self._buffers[buf.id] = self._card.allocate(nbytes)
+            except BaseException:
+                self._memory.release(nbytes)
+                raise
             self._used += nbytes
         except Exception as exc:
             self._defer(exc, "alloc", seq)
@@ -291,6 +306,7 @@ class CudaDevice(Device):
                 "or another session's)"), "free", seq)
             return
         self._used -= mem.size
+        self._memory.release(mem.size)
         try:
             with self._card.use():
                 fences = self._fences() if mem.owner is not None else []
@@ -405,9 +421,17 @@ class CudaDevice(Device):
     def load_module(self, image: bytes | str, format: str) -> Module:
         seq = self._next()
         raw = check_image(image)
-        module = Module(self._ids.new(), str(format))
+        module = Module(self._ids.new(), check_format(format))
         try:
-            self._modules[module.id] = self._load(raw, module.format)
+            if len(self._modules) >= MAX_MODULES:
+                raise QuotaError(f"a session may hold at most {MAX_MODULES} modules")
+            kept = 0 if module.format == "catalog" else len(raw)
+            self._memory.reserve(kept)                # the image, counted against the quota
+            try:
+                self._modules[module.id] = self._load(raw, module.format)
+            except BaseException:
+                self._memory.release(kept)
+                raise
         except Exception as exc:
             self._defer(exc, "load_module", seq)
         return module
@@ -426,6 +450,11 @@ class CudaDevice(Device):
                 "the cuda backend runs compiled GPU code only and never client Python: numba "
                 "kernels reach it as PTX (HARP's numba.cuda shim compiles @cuda.jit kernels on "
                 f"the client); it accepts {', '.join(self._info.formats)}")
+        if format == "cuda-source" and not self._trusted:
+            raise PermissionDeniedError(
+                "this GPU does not compile CUDA C sent to it (the pool server runs without "
+                "--trust-client-code): compile on the client to PTX (harp.RawKernel and "
+                "harp.RawModule do so for such devices) and load that")
         if format not in self._info.formats:
             raise UnsupportedError(f"this cuda device does not accept {format!r} images; "
                                    f"it accepts {', '.join(self._info.formats)}")
@@ -437,8 +466,9 @@ class CudaDevice(Device):
             if isinstance(image, str):
                 raise ArgumentError(f"a {format} image is bytes, got str")
             return _Loaded(format, self._load_image(image, format), None)
-        # cuda-source: compiled here, for this GPU (a CUBIN when this NVRTC knows the GPU)
-        compiled = nvrtc.compile_cuda(image, arch=self._card.arch, name="harp_module.cu")
+        # cuda-source: compiled here, for this GPU (a CUBIN when this NVRTC knows the GPU),
+        # only for a device that trusts client code (above), with CUDA's own headers only.
+        compiled = nvrtc.compile_client_source(image, arch=self._card.arch)
         entries = kernels.ptx_entries(compiled.ptx) if compiled.ptx else None
         if compiled.kind == "ptx":
             return _Loaded("cuda-source", self._load_image(compiled.image + b"\0", "ptx"), entries)
@@ -459,8 +489,10 @@ class CudaDevice(Device):
     def function(self, module: Module, name: str) -> Function:
         seq = self._next()
         check_module(module)
-        fn = Function(self._ids.new(), str(name))
+        fn = Function(self._ids.new(), check_kernel_name(name))
         try:
+            if len(self._functions) >= MAX_FUNCTIONS:
+                raise QuotaError(f"a session may hold at most {MAX_FUNCTIONS} functions")
             loaded = self._modules.get(module.id)
             if loaded is None:
                 raise InvalidHandleError(f"module handle {module.id:#x} is not loaded in this "
@@ -518,14 +550,50 @@ class CudaDevice(Device):
         except HarpError as exc:
             self._errors.add(exc, "launch", seq)
             return
+        gate = self._gate
+        if gate is not None:
+            gate.enter()
         try:
             with self._card.use():
                 if zero is not None:     # reduce_sum: out[0] = 0, in stream order, then add
                     self._rt.memsetAsync(zero[0], 0, zero[1], state.stream.ptr)
+                timer = self._start_timer(state) if gate is not None else None
                 target.fn(grid3, block3, kargs, shared_mem, state.stream)
+                if timer is not None:
+                    self._stop_timer(timer, state)
             state.launched(seq, target.name)
         except Exception as exc:
             self._defer(exc, "launch", seq)
+        finally:
+            if gate is not None:
+                gate.exit(self._harvest_timers())
+
+    # -- device time of gated launches (CUDA events) --------------------------
+    def _start_timer(self, state: StreamState) -> Any:
+        start = self._spare_timers.pop() if self._spare_timers else self._cp.cuda.Event()
+        start.record(state.stream)
+        return start
+
+    def _stop_timer(self, start: Any, state: StreamState) -> None:
+        end = self._spare_timers.pop() if self._spare_timers else self._cp.cuda.Event()
+        end.record(state.stream)
+        self._timed.append((start, end))
+
+    def _harvest_timers(self) -> int:
+        """Device time (ns) of the gated launches that have finished since the last harvest."""
+        total, keep = 0, []
+        try:
+            with self._card.use():
+                for start, end in self._timed:
+                    if not self._card.event_done(end):
+                        keep.append((start, end))
+                        continue
+                    total += int(self._cp.cuda.get_elapsed_time(start, end) * 1e6)
+                    self._spare_timers += (start, end)
+        except Exception:       # a lost context: no more time to count
+            keep = []
+        self._timed = keep
+        return total
 
     def _catalog_args(self, kernel: catalog.Kernel, args: list) -> tuple[list, Any]:
         """Checked launch arguments of a catalog kernel, and (address, bytes) to zero first."""
@@ -610,7 +678,7 @@ class CudaDevice(Device):
         seq = self._next()
         stream = Stream(self._ids.new())
         if len(self._streams) >= MAX_STREAMS:
-            self._errors.add(ArgumentError(f"a session may have at most {MAX_STREAMS} streams"),
+            self._errors.add(QuotaError(f"a session may have at most {MAX_STREAMS} streams"),
                              "stream", seq)
             return stream
         try:
@@ -623,6 +691,10 @@ class CudaDevice(Device):
     def event(self) -> Event:
         seq = self._next()
         event = Event(self._ids.new())
+        if len(self._events) >= MAX_EVENTS:
+            self._errors.add(QuotaError(f"a session may have at most {MAX_EVENTS} events"),
+                             "event", seq)
+            return event
         try:
             with self._card.use():
                 self._events[event.id] = EventState(self._cp.cuda.Event())
@@ -737,6 +809,11 @@ class CudaDevice(Device):
                     card.retire(mem.owner, mem.size, [])
                 self._buffers.clear()
                 self._used = 0
+                self._memory.close()
+                if self._gate is not None:
+                    self._gate.close()
+                self._timed.clear()
+                self._spare_timers.clear()
                 # CuPy destroys streams, events and modules when their last reference goes:
                 # drop them here, with this GPU current.
                 self._functions.clear()

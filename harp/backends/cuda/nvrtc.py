@@ -14,14 +14,25 @@ Two ways to reach NVRTC, tried in order:
 architecture when this NVRTC knows it, else PTX for the newest virtual
 architecture it knows that the device can run. A compile error raises
 `CompileError` (an `ArgumentError`) carrying NVRTC's log.
+
+Source from a tenant is compiled only by a pool server that trusts client code,
+and even then it may name no file but CUDA's own headers:
+`compile_client_source` refuses any `#include` that is not `<header>` of the
+CUDA include directories (`cuda_include_dirs`), any `__has_include`, and gives
+NVRTC no include path but those (and not the source's own directory), so an
+`#include "/path/to/server.key"` can never put a server file into a compile log.
 """
 from __future__ import annotations
 
+import importlib.util
+import os
+import re
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Sequence
 
-from ...errors import ArgumentError, UnsupportedError
+from ...errors import ArgumentError, PermissionDeniedError, UnsupportedError
 
 #: Options every compile gets (before the caller's).
 DEFAULT_OPTIONS = ("-std=c++17",)
@@ -125,6 +136,107 @@ def compile_cuda(source: str | bytes, *, arch: tuple[int, int], kind: str = "aut
     image, ptx, log = binding.compile(source, name, opts, out_kind)
     return Compiled(image=image, kind=out_kind, arch=target, log=log, nvrtc=binding.describe(),
                     ptx=ptx)
+
+
+#: Longest compile log a client gets back.
+MAX_LOG = 8192
+
+
+def cuda_include_dirs() -> list[Path]:
+    """CUDA's own header directories here: the CUDA runtime and CCCL wheels, and the
+    toolkit under $CUDA_HOME (or /usr/local/cuda) when there is one."""
+    dirs: list[Path] = []
+    for package in ("nvidia.cuda_runtime", "nvidia.cuda_cccl"):
+        try:
+            spec = importlib.util.find_spec(package)
+        except (ImportError, ValueError):
+            spec = None
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            dirs.append(Path(location) / "include")
+    found = [d.resolve() for d in dict.fromkeys(dirs) if d.is_dir()]
+    if found:                   # the headers of the NVRTC wheel's own CUDA release
+        return found
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH") or "/usr/local/cuda"
+    toolkit = Path(home) / "include"
+    return [toolkit.resolve()] if toolkit.is_dir() else []
+
+
+_INCLUDE_OPERAND = re.compile(r"<([A-Za-z0-9_][A-Za-z0-9_./+-]*)>\s*")
+_FILE_DIRECTIVES = ("include", "include_next", "import", "embed")
+
+
+def _strip_comments(text: str) -> str:
+    """The text with comments replaced by a space (string and char literals kept)."""
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "/" and text.startswith("//", i):
+            j = text.find("\n", i)
+            i = n if j < 0 else j
+            out.append(" ")
+        elif c == "/" and text.startswith("/*", i):
+            j = text.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+            out.append(" ")
+        elif c in "\"'":
+            j = i + 1
+            while j < n and text[j] != c and text[j] != "\n":
+                j += 2 if text[j] == "\\" else 1
+            out.append(text[i:j + 1])
+            i = j + 1
+        else:
+            out.append(c)
+            i += 1
+    return "".join(out)
+
+
+def check_client_source(source: str, include_dirs: Sequence[Path]) -> None:
+    """Refuse tenant CUDA C that would make the compiler read any file but CUDA's headers."""
+    text = re.sub(r"\\\r?\n", "", source.replace("\r\n", "\n"))
+    text = _strip_comments(text)
+    if re.search(r"\b__has_include(_next)?\b", text):
+        raise PermissionDeniedError("CUDA C sent to a pool server may not use __has_include: "
+                                    "it would probe the server's files")
+    for number, line in enumerate(text.split("\n"), 1):
+        stripped = line.lstrip()
+        if not stripped.startswith(("#", "%:", "??=")):
+            continue
+        directive = stripped.lstrip("#%:?=").lstrip()
+        name = re.match(r"[A-Za-z_]+", directive)
+        if name is None or name.group(0) not in _FILE_DIRECTIVES:
+            continue
+        operand = directive[name.end():].strip()
+        match = _INCLUDE_OPERAND.fullmatch(operand)
+        header = match.group(1) if match else None
+        if header is None or ".." in header.split("/") or not any(
+                (d / header).resolve().is_file() and
+                (d / header).resolve().is_relative_to(d) for d in include_dirs):
+            raise PermissionDeniedError(
+                f"line {number}: a pool server compiles CUDA C that includes only CUDA's own "
+                "headers, as #include <name>; inline your own headers, or compile on the "
+                "client (harp.RawKernel/RawModule compile to PTX on the client for servers "
+                "that do not compile)")
+
+
+def compile_client_source(source: str | bytes, *, arch: tuple[int, int],
+                          options: Sequence[str] = ()) -> Compiled:
+    """Compile a tenant's CUDA C (on a server that trusts client code): CUDA's headers only,
+    checked first, and NVRTC's log cut to `MAX_LOG` characters."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        try:
+            source = bytes(source).decode("utf-8")
+        except UnicodeDecodeError:
+            raise ArgumentError("CUDA C source must be UTF-8 text") from None
+    dirs = cuda_include_dirs()
+    check_client_source(source, dirs)
+    includes = [f"--include-path={d}" for d in dirs]
+    try:
+        return compile_cuda(source, arch=arch, name="harp_module.cu",
+                            options=["--no-source-include", *includes, *options])
+    except CompileError as exc:
+        log = exc.log[:MAX_LOG]
+        raise CompileError(f"NVRTC could not compile the module:\n{log.strip()}", log) from None
 
 
 class _BindingsNvrtc:

@@ -1,0 +1,179 @@
+"""Messages between the pool server process and a session's worker process.
+
+Two unix socket pairs join a worker to the server: the *data* channel carries
+the session's frames, unchanged (a client's batch frame is relayed as it came,
+a reply frame goes back as the client will get it), and notes about payload
+chunks that lie in shared memory (`SlotRing`); the *control* channel carries
+the worker's memory reservations and compute-share turns, and the server's
+order to end the session. Each message is a 5-byte header (body length, kind)
+and a body; bodies of control messages are msgpack.
+
+Payload bytes never cross a socket: each direction has a ring of chunk-sized
+slots in a memfd that both processes map, so a 256 MiB write costs the server
+one copy per chunk (out of gRPC's bytes into the slot), as it would cost it
+to hand the bytes to a backend in its own process.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import struct
+import threading
+from typing import Any
+
+import msgpack
+
+HEADER = struct.Struct("<IB")
+
+# data channel, server -> worker
+OPEN, FRAME, CHUNK, READ_FREE, CLOSE = 1, 2, 3, 4, 5
+# data channel, worker -> server
+READY, OPENED, OPEN_FAILED, REPLY, RCHUNK, WRITE_FREE, END, CLOSED, TICK = \
+    10, 11, 12, 13, 14, 15, 16, 17, 18
+# control channel, worker -> server
+RESERVE, RELEASE, MEMINFO, REQUEST, YIELD, CHARGE = 30, 31, 32, 33, 34, 35
+# control channel, server -> worker
+RESULT, GRANT, REVOKE, STOP = 40, 41, 42, 43
+
+#: Slots per direction and ring.
+SLOTS = 4
+#: Seconds between TICK frames while a sync call runs (the client gives up after several).
+TICK_S = 2.0
+
+pack = msgpack.Packer(use_bin_type=True).pack
+
+
+def unpack(body: bytes) -> Any:
+    return msgpack.unpackb(body, raw=False)
+
+
+class Channel:
+    """One end of a socket that carries framed messages; `send` may be called from any
+    thread, `recv` from one. A channel read after `select` must be unbuffered
+    (`buffered=False`), or messages read ahead would wait unseen in the buffer."""
+
+    def __init__(self, sock: socket.socket, buffered: bool = True) -> None:
+        self.sock = sock
+        self._send_lock = threading.Lock()
+        self._reader = sock.makefile("rb", buffering=1 << 16) if buffered else None
+
+    def send(self, kind: int, body: Any = b"") -> None:
+        header = HEADER.pack(len(body), kind)
+        with self._send_lock:
+            if len(body) <= 4096:
+                self.sock.sendall(header + body)
+            else:
+                _sendall_parts(self.sock, [header, body])
+
+    def send_fds(self, kind: int, body: bytes, fds: list[int]) -> None:
+        with self._send_lock:
+            socket.send_fds(self.sock, [HEADER.pack(len(body), kind) + body], fds)
+
+    def recv(self) -> tuple[int, bytes]:
+        """The next message; `(0, b"")` when the other side has gone."""
+        read = self._reader.read if self._reader is not None else self._read_exact
+        header = read(HEADER.size)
+        if len(header) < HEADER.size:
+            return 0, b""
+        size, kind = HEADER.unpack(header)
+        body = read(size) if size else b""
+        if len(body) < size:
+            return 0, b""
+        return kind, body
+
+    def _read_exact(self, n: int) -> bytes:
+        data = self.sock.recv(n, socket.MSG_WAITALL)
+        while 0 < len(data) < n:
+            more = self.sock.recv(n - len(data), socket.MSG_WAITALL)
+            if not more:
+                break
+            data += more
+        return data
+
+    def recv_fds(self, nfds: int) -> tuple[int, bytes, list[int]]:
+        """A message sent with `send_fds` (call before any `recv`: no read-ahead yet)."""
+        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, nfds)
+        if len(data) < HEADER.size:
+            return 0, b"", fds
+        size, kind = HEADER.unpack_from(data)
+        return kind, data[HEADER.size:HEADER.size + size], fds
+
+    def close(self) -> None:
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        if self._reader is not None:
+            self._reader.close()
+        self.sock.close()
+
+
+def _sendall_parts(sock: socket.socket, parts: list) -> None:
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if views and sent:
+            views[0] = views[0][sent:]
+
+
+class SlotRing:
+    """Chunk-sized slots of shared memory, for one direction of payload.
+
+    The producer takes a free slot (waiting while all are in use), fills it and names
+    it in a message; the consumer copies it out and gives it back with another."""
+
+    def __init__(self, fd: int, slot_size: int, slots: int = SLOTS) -> None:
+        self.fd = fd
+        self.slot_size = slot_size
+        self.slots = slots
+        self.map = mmap.mmap(fd, slot_size * slots)
+        self.view = memoryview(self.map)
+        self._free = list(range(slots))
+        self._cond = threading.Condition()
+        self._closed = False
+
+    @classmethod
+    def create(cls, name: str, slot_size: int, slots: int = SLOTS) -> "SlotRing":
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        os.ftruncate(fd, slot_size * slots)
+        return cls(fd, slot_size, slots)
+
+    def slot(self, index: int, nbytes: int | None = None) -> memoryview:
+        start = index * self.slot_size
+        return self.view[start:start + (self.slot_size if nbytes is None else nbytes)]
+
+    def take(self, timeout: float | None = None) -> int | None:
+        """A free slot's index, or None when closed (or after `timeout`)."""
+        with self._cond:
+            while not self._free and not self._closed:
+                if not self._cond.wait(timeout):
+                    return None
+            return None if self._closed else self._free.pop()
+
+    def take_now(self) -> int | None:
+        with self._cond:
+            return self._free.pop() if self._free else None
+
+    def give_back(self, index: int) -> None:
+        with self._cond:
+            if 0 <= index < self.slots and index not in self._free:
+                self._free.append(index)
+                self._cond.notify()
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        try:
+            self.view.release()
+            self.map.close()
+        except (BufferError, ValueError):
+            pass      # a slot view still in use elsewhere; the mapping goes with the process
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass

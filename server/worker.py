@@ -1,0 +1,298 @@
+"""A session's worker process: its backend device, its calls, nothing of anyone else's.
+
+The pool server keeps gRPC, mutual TLS, admission and the relay; each session
+runs here, in a process of its own (a CUDA context of its own on a GPU), so
+a session's memory, its faults and whatever a kernel does to the process end
+with it. The server starts workers ahead (`WorkerPool`, from a fork server
+that has imported the backend but touched no device), hands one a session
+with an `OPEN` message, relays the client's frames to it unchanged
+(`harp.server.ipc`), and relays its replies back.
+
+In the worker, `Session` runs the calls on the backend device opened with a
+`Tenancy` whose memory broker and compute gate are the server's ledger and
+arbiter, reached over the control channel: the worker holds no quota of its
+own, so a worker that dies or lies cannot take more than its lease allows.
+
+The worker works in an empty directory of its own, ignores SIGINT (Ctrl-C
+reaches the whole process group; the server ends its sessions itself) and
+exits when the server's end of either channel closes.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Any
+
+from harp import wire
+from harp.errors import HarpError, InternalError, ProtocolError
+from harp.proto.codec import error_from_bytes, error_to_bytes
+from harp.protocol import ServerProtocol
+from harp.tenancy import MemoryBroker, Tenancy
+from harp.types import MemInfo
+
+from . import ipc
+from .fairshare import GateLink, SessionGate
+from .session import Reply, Session
+
+log = logging.getLogger("harp.server.worker")
+
+
+def main(data_sock: socket.socket, ctl_sock: socket.socket, spec: dict) -> None:
+    """The worker process's entry point (run by `multiprocessing` in a forked child)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent()
+    home = tempfile.mkdtemp(prefix="harp-worker-")
+    os.chdir(home)
+    code = 0
+    try:
+        Worker(data_sock, ctl_sock, spec).run()
+    except BaseException:              # a bug: the server tells the client, we just go
+        log.exception("worker failed")
+        code = 70
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _die_with_parent() -> None:
+    """Ask the kernel to kill this process when its parent goes (Linux)."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)        # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+class Worker:
+    """One worker: ready, then one session, then gone."""
+
+    def __init__(self, data_sock: socket.socket, ctl_sock: socket.socket, spec: dict) -> None:
+        self.data = ipc.Channel(data_sock)
+        self.ctl = ipc.Channel(ctl_sock, buffered=False)
+        self.spec = spec
+        chunk = spec.get("chunk_size", wire.CHUNK_SIZE)
+        self.writes = ipc.SlotRing.create("harp-write", chunk)   # server fills, we drain
+        self.reads = ipc.SlotRing.create("harp-read", chunk)     # we fill, server drains
+        self.session: Session | None = None
+        self.protocol = ServerProtocol()
+        self.gate: SessionGate | None = None
+        self.broker = _Broker(self.ctl)
+        self.busy_since = 0.0          # a sync call runs since then (monotonic), else 0
+
+    def run(self) -> None:
+        self.data.send_fds(ipc.READY, ipc.pack({"pid": os.getpid()}),
+                           [self.writes.fd, self.reads.fd])
+        from harp.backends import load_backend
+        backend = load_backend(self.spec["backend"], **self.spec.get("options", {}))
+        kind, body = self.data.recv()               # a warm worker waits here
+        if kind != ipc.OPEN:
+            return
+        threading.Thread(target=self._control_loop, name="harp-worker-control",
+                         daemon=True).start()
+        threading.Thread(target=self._tick_loop, name="harp-worker-tick", daemon=True).start()
+        self._open(backend, ipc.unpack(body))
+        if self.session is not None:
+            self._serve()
+
+    # -- opening -------------------------------------------------------------------
+    def _open(self, backend: Any, request: dict) -> None:
+        sid = request["session"]
+        try:
+            gate = None
+            if request.get("gated", True):
+                gate = self.gate = SessionGate(_GateLink(self.ctl))
+            device = backend.open(request["device"], memory_quota=request.get("quota"),
+                                  trust_client_code=bool(request.get("trust")),
+                                  tenancy=Tenancy(self.broker, gate))
+            wrap = self.spec.get("wrap")
+            if wrap is not None:
+                device = wrap(device, sid)
+        except HarpError as exc:
+            self.data.send(ipc.OPEN_FAILED, error_to_bytes(exc))
+            return
+        except Exception as exc:
+            self.data.send(ipc.OPEN_FAILED, error_to_bytes(InternalError(
+                f"the session's worker could not open the device: {type(exc).__name__}: {exc}")))
+            return
+        self.session = Session(device, sid, self.writes.slot_size)
+        self.data.send(ipc.OPENED, ipc.pack(device.info.to_dict()))
+
+    # -- the session ---------------------------------------------------------------
+    def _serve(self) -> None:
+        session, protocol, data = self.session, self.protocol, self.data
+        assert session is not None
+        try:
+            while True:
+                kind, body = data.recv()
+                if kind == ipc.FRAME:
+                    if body[0] == wire.BATCH_SYNC:
+                        self.busy_since = time.monotonic()
+                    reply = session.handle(protocol.receive(body))
+                elif kind == ipc.CHUNK:
+                    slot, n = ipc.unpack(body)
+                    try:
+                        reply = session.handle(protocol.receive_payload(self.writes.slot(slot, n)))
+                    finally:
+                        data.send(ipc.WRITE_FREE, ipc.pack(slot))
+                elif kind == ipc.READ_FREE:
+                    self.reads.give_back(ipc.unpack(body))
+                    continue
+                elif kind == ipc.CLOSE:             # the client went away
+                    session.close()
+                    data.send(ipc.CLOSED)
+                    return
+                else:                               # the server has gone
+                    return
+                if reply is not None:
+                    self._send_reply(reply)
+                if session.closed:
+                    data.send(ipc.CLOSED)
+                    return
+        except ProtocolError as exc:
+            data.send(ipc.END, error_to_bytes(exc))
+        except (BrokenPipeError, ConnectionError, OSError):
+            pass
+        finally:
+            session.close()
+
+    def _send_reply(self, reply: Reply) -> None:
+        self.busy_since = 0.0
+        err = error_to_bytes(reply.error) if reply.error is not None else None
+        self.data.send(ipc.REPLY, ServerProtocol.reply(reply.seq, err, reply.result))
+        plan = reply.payload
+        if err is not None or plan is None:
+            return
+        pos = len(plan.first)
+        if pos:                                     # the chunk read with the reply
+            self._send_chunk(lambda out: _copy_into(out, plan.first))
+        plan.first = b""
+        while pos < plan.nbytes:
+            start = pos
+            pos += self._send_chunk(lambda out: plan.read_into(start, out))
+
+    def _send_chunk(self, fill: Any) -> int:
+        slot = self.reads.take_now()
+        while slot is None:                         # every slot is with the server: wait
+            kind, body = self.data.recv()
+            if kind == ipc.READ_FREE:
+                self.reads.give_back(ipc.unpack(body))
+                slot = self.reads.take_now()
+            elif kind in (0, ipc.CLOSE):
+                raise ConnectionError("the server ended the session during a read")
+            else:
+                raise ProtocolError("the client sent a frame during a read's payload")
+        n = fill(self.reads.slot(slot))
+        self.data.send(ipc.RCHUNK, ipc.pack([slot, n]))
+        return n
+
+    def _tick_loop(self) -> None:
+        """While a sync call runs long, tell the client (through the server) we are alive."""
+        while True:
+            time.sleep(ipc.TICK_S / 2)
+            since = self.busy_since
+            if since and time.monotonic() - since >= ipc.TICK_S:
+                try:
+                    self.data.send(ipc.TICK)
+                except OSError:
+                    return
+
+    # -- the control channel -------------------------------------------------------
+    def _control_loop(self) -> None:
+        ctl = self.ctl
+        while True:
+            kind, body = ctl.recv()
+            if kind == ipc.RESULT:
+                self.broker.answer(ipc.unpack(body))
+            elif kind == ipc.GRANT and self.gate is not None:
+                self.gate.granted()
+            elif kind == ipc.REVOKE and self.gate is not None:
+                self.gate.revoked()
+            elif kind in (0, ipc.STOP):
+                # The server ends the session (a lease that is over), or has gone: close
+                # what we can (a trace is flushed) and leave at once.
+                if self.session is not None:
+                    try:
+                        self.session.close()
+                    except Exception:
+                        pass
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(0)
+
+
+def _copy_into(out: memoryview, data: bytes) -> int:
+    out[:len(data)] = data
+    return len(data)
+
+
+class _Broker(MemoryBroker):
+    """The session's memory account, kept by the server (one request per reservation)."""
+
+    def __init__(self, ctl: ipc.Channel) -> None:
+        self.ctl = ctl
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._waiting: dict[int, list] = {}
+
+    def _ask(self, kind: int, args: list) -> Any:
+        rid = next(self._ids)
+        slot: list = [threading.Event(), None]
+        with self._lock:
+            self._waiting[rid] = slot
+        self.ctl.send(kind, ipc.pack([rid, *args]))
+        if not slot[0].wait(60):
+            raise InternalError("the pool server did not answer a memory request")
+        error, value = slot[1]
+        if error is not None:
+            raise error_from_bytes(error)
+        return value
+
+    def answer(self, message: list) -> None:
+        rid, error, value = message
+        with self._lock:
+            slot = self._waiting.pop(rid, None)
+        if slot is not None:
+            slot[1] = (error, value)
+            slot[0].set()
+
+    def reserve(self, nbytes: int) -> None:
+        if nbytes:
+            self._ask(ipc.RESERVE, [nbytes])
+
+    def release(self, nbytes: int) -> None:
+        if nbytes:
+            self.ctl.send(ipc.RELEASE, ipc.pack(nbytes))
+
+    def mem_info(self) -> MemInfo:
+        free, total = self._ask(ipc.MEMINFO, [])
+        return MemInfo(free=free, total=total)
+
+
+class _GateLink(GateLink):
+    def __init__(self, ctl: ipc.Channel) -> None:
+        self.ctl = ctl
+
+    def request(self) -> None:
+        self.ctl.send(ipc.REQUEST)
+
+    def release(self, used_ns: int, again: bool) -> None:
+        self.ctl.send(ipc.YIELD, ipc.pack([used_ns, again]))
+
+    def charge(self, used_ns: int) -> None:
+        self.ctl.send(ipc.CHARGE, ipc.pack(used_ns))
+
+    def leave(self) -> None:
+        pass      # the server sees the session end
+

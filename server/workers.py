@@ -1,0 +1,315 @@
+"""The pool server's worker processes: started ahead, handed out one per session.
+
+Workers are forked by a fork server (`forkserver.py`), a clean interpreter
+that imported HARP and the served backend before it forked anything and that
+never touched a device (CUDA must not be initialised before a fork), so a
+worker starts in a few milliseconds and owes nothing to the server's gRPC
+threads. `WorkerPool` keeps `warm` of them ready, so connecting does not wait
+for one; a worker serves one session and exits, giving all its memory back to
+the operating system.
+
+`ControlLoop` is one thread that answers every worker's control channel: memory
+reservations against the server's `Ledger`, and compute-share turns from each
+device's `DeviceArbiter`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import threading
+import time
+from collections import deque
+from typing import Any, Callable
+
+from harp.errors import BackendError, HarpError
+from harp.proto.codec import error_to_bytes
+from harp.tenancy import Ledger
+
+from . import ipc
+from .fairshare import DeviceArbiter
+from .forkserver import ForkServer
+
+log = logging.getLogger("harp.server")
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """How a worker ended, in words ("was killed by SIGKILL", "exited with status 3")."""
+    if exitcode is None:
+        return "stopped answering"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        what = "crashed" if -exitcode in (signal.SIGSEGV, signal.SIGBUS, signal.SIGILL,
+                                          signal.SIGFPE, signal.SIGABRT) else "was killed"
+        return f"{what} by {name}"
+    return f"exited with status {exitcode}"
+
+
+class WorkerProcess:
+    """The server's end of one worker: its process, channels and payload rings."""
+
+    def __init__(self, forks: ForkServer, data: ipc.Channel, ctl: ipc.Channel,
+                 writes: ipc.SlotRing, reads: ipc.SlotRing, pid: int) -> None:
+        self.forks, self.data, self.ctl = forks, data, ctl
+        self.writes, self.reads = writes, reads
+        self.pid = pid
+
+    def alive(self) -> bool:
+        return self.forks.exitcode(self.pid) is None
+
+    def exitcode(self, wait: float = 1.0) -> int | None:
+        return self.forks.exitcode(self.pid, wait)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def dispose(self) -> None:
+        """Close our ends and reap the process (in the background)."""
+        for thing in (self.data, self.ctl, self.writes, self.reads):
+            try:
+                thing.close()
+            except Exception:
+                pass
+        threading.Thread(target=self._reap, name="harp-reap-worker", daemon=True).start()
+
+    def _reap(self) -> None:
+        if self.exitcode(5.0) is None:
+            self.kill()
+
+
+class WorkerPool:
+    """Warm workers for one backend, and the way to get one more."""
+
+    def __init__(self, backend: str, options: dict, *, chunk_size: int, warm: int = 2,
+                 wrap: Callable | None = None, preload: list[str] | None = None) -> None:
+        self.spec = {"backend": backend, "options": options, "chunk_size": chunk_size,
+                     "wrap": wrap}
+        self.warm = max(0, warm)
+        self.forks = ForkServer(preload or [])
+        self._ready: deque[WorkerProcess] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._starting = 0
+        self._refill: threading.Thread | None = None
+        self.started = 0
+
+    def start(self) -> None:
+        self._refill = threading.Thread(target=self._refill_loop, name="harp-warm-workers",
+                                        daemon=True)
+        self._refill.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            ready, self._ready = list(self._ready), deque()
+            self._cond.notify_all()
+        for worker in ready:
+            worker.kill()
+            worker.dispose()
+        self.forks.stop()
+
+    def take(self, timeout: float = 30.0) -> WorkerProcess:
+        """A ready worker: a warm one, else a new one started now."""
+        with self._cond:
+            if self._ready:
+                worker = self._ready.popleft()
+                self._cond.notify_all()          # the refill thread starts a replacement
+                if worker.alive():
+                    return worker
+                worker.dispose()
+            self._cond.notify_all()
+        return self.spawn(timeout)
+
+    def spawn(self, timeout: float = 30.0) -> WorkerProcess:
+        """Start one worker and wait until it is ready."""
+        if self._stopping:
+            raise BackendError("the pool server is stopping")
+        parent_data, child_data = socket.socketpair()
+        parent_ctl, child_ctl = socket.socketpair()
+        try:
+            pid = self.forks.spawn(self.spec, child_data, child_ctl, timeout)
+        except OSError as exc:
+            parent_data.close()
+            parent_ctl.close()
+            raise BackendError(f"cannot start a session worker process: {exc}") from None
+        finally:
+            child_data.close()
+            child_ctl.close()
+        self.started += 1
+        data, ctl = ipc.Channel(parent_data), ipc.Channel(parent_ctl, buffered=False)
+        parent_data.settimeout(timeout)
+        try:
+            kind, body, fds = data.recv_fds(2)
+        except OSError:
+            kind, body, fds = 0, b"", []
+        finally:
+            parent_data.settimeout(None)
+        if kind != ipc.READY or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            code = self.forks.exitcode(pid, 1.0)
+            if code is None:
+                os.kill(pid, signal.SIGKILL)
+            data.close()
+            ctl.close()
+            why = describe_exit(code) if code is not None else "did not start in time"
+            raise BackendError(f"a session worker process {why}")
+        chunk = self.spec["chunk_size"]
+        return WorkerProcess(self.forks, data, ctl, ipc.SlotRing(fds[0], chunk),
+                             ipc.SlotRing(fds[1], chunk), pid)
+
+    def _refill_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and len(self._ready) >= self.warm:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            try:
+                worker = self.spawn()
+            except Exception as exc:   # keep trying, slowly: the next session starts its own
+                log.warning("could not start a warm session worker: %s", exc)
+                time.sleep(1.0)
+                continue
+            with self._cond:
+                if self._stopping:
+                    worker.kill()
+                    worker.dispose()
+                    return
+                self._ready.append(worker)
+
+    @property
+    def ready(self) -> int:
+        return len(self._ready)
+
+
+class ControlLoop:
+    """Answers every worker's control channel, on one thread."""
+
+    def __init__(self, ledger: Ledger, arbiters: dict[int, DeviceArbiter]) -> None:
+        self.ledger = ledger
+        self.arbiters = arbiters
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._pending: list[tuple[str, Any]] = []
+        self._lock = threading.Lock()
+        self._members: dict[str, tuple[ipc.Channel, int]] = {}
+        self._thread = threading.Thread(target=self._loop, name="harp-control", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake()
+
+    def add(self, sid: str, channel: ipc.Channel, device: int, share: float) -> None:
+        """Serve a worker's control channel for session `sid` on `device`."""
+        arbiter = self.arbiters[device]
+        arbiter.join(sid, share, lambda: self._send(channel, ipc.GRANT),
+                     lambda: self._send(channel, ipc.REVOKE))
+        with self._lock:
+            self._members[sid] = (channel, device)
+            self._pending.append(("add", (sid, channel)))
+        self._wake()
+
+    def remove(self, sid: str) -> None:
+        with self._lock:
+            member = self._members.pop(sid, None)
+            if member is not None:
+                self._pending.append(("remove", member[0]))
+        if member is not None:
+            self.arbiters[member[1]].leave(sid)
+            self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+
+    @staticmethod
+    def _send(channel: ipc.Channel, kind: int, body: bytes = b"") -> None:
+        try:
+            channel.send(kind, body)
+        except OSError:
+            pass      # the worker is gone; its session ends through the data channel
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            for key, _ in self._selector.select(1.0):
+                if key.data is None:
+                    try:
+                        self._wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                sid, channel = key.data
+                try:
+                    kind, body = channel.recv()
+                except (OSError, ValueError):
+                    kind, body = 0, b""
+                if kind == 0:
+                    self._unregister(channel)
+                    continue
+                try:
+                    self._handle(sid, channel, kind, body)
+                except Exception:
+                    log.exception("control message %d of session %s", kind, sid)
+            with self._lock:
+                pending, self._pending = self._pending, []
+            for what, arg in pending:
+                if what == "add":
+                    sid, channel = arg
+                    try:
+                        self._selector.register(channel.sock, selectors.EVENT_READ, (sid, channel))
+                    except (KeyError, ValueError, OSError):
+                        pass
+                else:
+                    self._unregister(arg)
+
+    def _unregister(self, channel: ipc.Channel) -> None:
+        try:
+            self._selector.unregister(channel.sock)
+        except (KeyError, ValueError, OSError):
+            pass
+
+    def _handle(self, sid: str, channel: ipc.Channel, kind: int, body: bytes) -> None:
+        with self._lock:
+            member = self._members.get(sid)
+        if member is None:
+            return
+        device = member[1]
+        if kind == ipc.RESERVE:
+            rid, nbytes = ipc.unpack(body)
+            try:
+                self.ledger.reserve(sid, int(nbytes))
+                answer = [rid, None, None]
+            except HarpError as exc:
+                answer = [rid, error_to_bytes(exc), None]
+            self._send(channel, ipc.RESULT, ipc.pack(answer))
+        elif kind == ipc.RELEASE:
+            self.ledger.release(sid, int(ipc.unpack(body)))
+        elif kind == ipc.MEMINFO:
+            (rid,) = ipc.unpack(body)
+            info = self.ledger.mem_info(sid)
+            self._send(channel, ipc.RESULT, ipc.pack([rid, None, [info.free, info.total]]))
+        elif kind == ipc.REQUEST:
+            self.arbiters[device].request(sid)
+        elif kind == ipc.YIELD:
+            used, again = ipc.unpack(body)
+            self.arbiters[device].release(sid, int(used), bool(again))
+        elif kind == ipc.CHARGE:
+            self.arbiters[device].charge(sid, int(ipc.unpack(body)))
+
