@@ -1,7 +1,8 @@
 """The HARP client: remote devices over gRPC, and connecting to them."""
 from __future__ import annotations
 
-from .connect import connect_lease, connect_remote, parse_address
+from .address import parse_address
+from .connect import connect_lease, connect_remote
 from .pool import SchedulerClient
 from .remote import RemoteDevice
 

@@ -15,6 +15,7 @@ from harp.errors import ArgumentError, AuthError, TransportError
 from harp.security import TlsFiles, channel_credentials, tls_files
 from harp.transport import KEEPALIVE_S, channel_options, diagnose_tls, is_loopback
 
+from .address import parse_address
 from .remote import LIVENESS_S, RemoteDevice
 
 if TYPE_CHECKING:
@@ -71,20 +72,6 @@ def connect_lease(lease: "Lease", *, index: int = 0, tls: TlsFiles | None = None
         device.explain = keeper.explain
         device.on_close.append(keeper.stop)
     return device
-
-
-def parse_address(target: str) -> tuple[str, bool]:
-    """(gRPC target, secure) from a harp:// address."""
-    for scheme, secure in (("harp://", True), ("harp+insecure://", False)):
-        if target.startswith(scheme):
-            rest = target[len(scheme):].rstrip("/")
-            if not rest:
-                break
-            return rest, secure
-    if target.startswith("unix:"):
-        return target, True
-    raise ArgumentError(f"a remote device address is harp://HOST:PORT, harp://unix:/PATH or "
-                        f"harp+insecure://HOST:PORT, got {target!r}")
 
 
 def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | Path | None = None,

@@ -1,7 +1,7 @@
 """Interception: `numba.cuda` becomes HARP's shim in a process that `harp run` started.
 
 `harp run` makes the interpreter install a meta path finder at start-up (see
-`harp.cli.runhook`). On the program's first `import numba.cuda` (or
+`harp.runhook`). On the program's first `import numba.cuda` (or
 `from numba import cuda`) the finder answers with `harp.client.numba_shim`'s
 module, so `sys.modules["numba.cuda"]` and `numba.cuda` are the shim. The device
 is opened lazily, on the first call that needs it.
@@ -30,7 +30,7 @@ from .numba_shim.realcuda import bypassing, real_numba_cuda
 #: Importers (module names) that may load numba's real numba.cuda submodules.
 INTERNAL_PREFIXES = ("harp.", "numba.", "numba_cuda", "cuda.", "_numba_cuda_redirector")
 _IMPORT_MACHINERY = ("importlib", "importlib._bootstrap", "importlib._bootstrap_external",
-                     "importlib.util", __name__, "harp.cli.runhook", "_harp_run_hook")
+                     "importlib.util", __name__, "harp.runhook", "_harp_run_hook")
 
 
 class _ShimLoader(importlib.abc.Loader):
@@ -94,7 +94,7 @@ FINDER = ShimFinder()
 def install() -> None:
     """Interpose in this process: later imports of numba.cuda get the shim.
 
-    `harp run` does this at interpreter start-up (`harp.cli.runhook`); call it
+    `harp run` does this at interpreter start-up (`harp.runhook`); call it
     yourself only before anything has imported numba.cuda.
     """
     if "numba.cuda" in sys.modules and not getattr(sys.modules["numba.cuda"], "__harp_shim__",

@@ -14,7 +14,7 @@ from harp.proto import scheduler_pb2_grpc as pb_grpc
 from harp.security import TlsFiles, channel_credentials, tls_files
 from harp.transport import channel_options, error_from_rpc, is_loopback
 
-from .connect import parse_address
+from .address import parse_address
 
 DEFAULT_SCHEDULER = "harp://127.0.0.1:50050"
 

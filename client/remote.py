@@ -73,11 +73,15 @@ class _Watchdog:
     def _loop(self) -> None:
         while True:
             time.sleep(0.25)
-            now = time.monotonic()
-            with self._lock:
-                devices = list(self._devices)
-            for device in devices:
-                device._check_liveness(now)
+            self._check(time.monotonic())
+
+    def _check(self, now: float) -> None:
+        # Strong references only for the moment of the check: a list kept across the
+        # sleep would keep every device alive, and so in the weak set, for ever.
+        with self._lock:
+            devices = list(self._devices)
+        for device in devices:
+            device._check_liveness(now)
 
 
 _watchdog = _Watchdog()

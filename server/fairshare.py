@@ -158,6 +158,7 @@ class SessionGate(ComputeGate):
         self._used = 0               # device time since the grant
         self._uncharged = 0          # device time not yet told to the arbiter
         self._closed = False
+        self._idle = True            # no kernel of the session waits or runs
         self.device_ns = 0
 
     # -- the session's side ------------------------------------------------------------
@@ -165,6 +166,7 @@ class SessionGate(ComputeGate):
         while True:
             todo: list = []
             with self._cond:
+                self._idle = False
                 if self._closed or (self._holding and
                                     not (self._revoked and self._used >= self.slice_ns)):
                     self._running += 1
@@ -189,8 +191,10 @@ class SessionGate(ComputeGate):
             self._uncharged += device_ns
             self.device_ns += device_ns
             if self._holding and self._revoked and self._running == 0 and \
-                    (self._used >= self.slice_ns or not self._waiting):
-                todo = self._give_back(again=bool(self._waiting))
+                    self._used >= self.slice_ns:
+                # Busy still (it would go idle through `idle()`): back in line at once, so
+                # the arbiter weighs its virtual time against the others'.
+                todo = self._give_back(again=True)
             elif self._uncharged >= self.CHARGE_NS:
                 todo = (self.link.charge, self._uncharged)
                 self._uncharged = 0
@@ -200,8 +204,10 @@ class SessionGate(ComputeGate):
     def idle(self) -> None:
         todo = None
         with self._cond:
-            if self._holding and self._revoked and self._running == 0 and not self._waiting:
-                todo = self._give_back(again=False)
+            if self._running == 0 and not self._waiting:
+                self._idle = True
+                if self._holding and self._revoked:
+                    todo = self._give_back(again=False)
         if todo is not None:
             todo[0](*todo[1:])
 
@@ -233,12 +239,13 @@ class SessionGate(ComputeGate):
             self._cond.notify_all()
 
     def revoked(self) -> None:
+        """Another session waits: yield now if idle, else once this slice is used."""
         todo = None
         with self._cond:
             if not self._holding:
                 return
             self._revoked = True
-            if self._running == 0 and not self._waiting:
+            if self._idle and self._running == 0 and not self._waiting:
                 todo = self._give_back(again=False)
             else:
                 self._cond.notify_all()

@@ -62,7 +62,10 @@ def main() -> None:
         _reap(sock, children)
         if not ready:
             continue
-        data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 8)
+        try:
+            data, fds, _, _ = socket.recv_fds(sock, 1 << 20, 8)
+        except OSError:
+            data, fds = b"", []
         if not data:
             return                                      # the pool server has gone
         buffer += data

@@ -165,15 +165,20 @@ class SlotRing:
                 self._cond.notify()
 
     def close(self) -> None:
+        """Stop handing out slots and let go of the memory (once: closing a file descriptor
+        twice could close a number the process has since given to another file)."""
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+            fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
         try:
             self.view.release()
             self.map.close()
         except (BufferError, ValueError):
             pass      # a slot view still in use elsewhere; the mapping goes with the process
         try:
-            os.close(self.fd)
+            os.close(fd)
         except OSError:
             pass

@@ -22,7 +22,6 @@ import os
 import secrets
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -38,6 +37,8 @@ from harp.security import ANONYMOUS, Identity, peer_identity
 from harp.tenancy import Ledger, Tenancy
 from harp.transport import serve, server_options
 
+from . import malloc
+from .executor import ElasticExecutor
 from .fairshare import DeviceArbiter
 from .hosts import SessionEnded, SessionHost, ThreadHost, WorkerHost
 from .workers import ControlLoop, WorkerPool
@@ -125,6 +126,7 @@ class PoolServer:
         self._server: grpc.Server | None = None
         self._stopping = threading.Event()
         self._reaper: threading.Thread | None = None
+        self._ended = 0
         self.workers: WorkerPool | None = None
         self.control: ControlLoop | None = None
         self.addresses: list[str] = []
@@ -134,6 +136,7 @@ class PoolServer:
         """Listen on each address (port 0 picks one); `credentials=None` is plain text,
         allowed on loopback addresses only. Returns the bound addresses."""
         self.insecure = credentials is None
+        malloc.tune()
         for i in range(self.backend.device_count()):
             self.ledger.add_device(i, self.backend.describe(i).memory)
             self.arbiters[i] = DeviceArbiter()
@@ -147,8 +150,8 @@ class PoolServer:
                                       chunk_size=self.chunk_size, warm=self.warm_workers,
                                       wrap=self.wrap_device, preload=preload)
             self.workers.start()
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self.max_sessions + 8,
-                                                        thread_name_prefix="harp-session"),
+        server = grpc.server(ElasticExecutor(self.max_sessions + 8,
+                                             thread_name_prefix="harp-session"),
                              options=server_options(),
                              maximum_concurrent_rpcs=self.max_sessions + 16)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
@@ -221,8 +224,11 @@ class PoolServer:
                 record.expires_at = expires_at
 
     def _reap_loop(self) -> None:
+        ended = 0
         while not self._stopping.wait(0.2):
             now, mono = time.time(), time.monotonic()
+            if self._ended != ended and malloc.trim():   # sessions ended: give memory back
+                ended = self._ended
             for record in self.session_records():
                 host = record.host
                 if host is None or host.ended is not None:
@@ -283,6 +289,7 @@ class PoolServer:
                 if record.host is not None:
                     record.host.dispose()
                 self.ledger.close(record.id)
+                self._ended += 1
 
     @staticmethod
     def _read(frames: Iterator[bytes], host: SessionHost) -> None:

@@ -201,7 +201,6 @@ class ControlLoop:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._pending: list[tuple[str, Any]] = []
         self._lock = threading.Lock()
         self._members: dict[str, tuple[ipc.Channel, int]] = {}
         self._thread = threading.Thread(target=self._loop, name="harp-control", daemon=True)
@@ -221,17 +220,18 @@ class ControlLoop:
                      lambda: self._send(channel, ipc.REVOKE))
         with self._lock:
             self._members[sid] = (channel, device)
-            self._pending.append(("add", (sid, channel)))
-        self._wake()
+            # epoll may be changed while another thread waits in it; the loop skips
+            # keys that went away between its wait and its look-up.
+            self._selector.register(channel.sock, selectors.EVENT_READ, (sid, channel))
 
     def remove(self, sid: str) -> None:
+        """Stop serving session `sid` (before its channel is closed)."""
         with self._lock:
             member = self._members.pop(sid, None)
             if member is not None:
-                self._pending.append(("remove", member[0]))
+                self._unregister(member[0])
         if member is not None:
             self.arbiters[member[1]].leave(sid)
-            self._wake()
 
     def _wake(self) -> None:
         try:
@@ -261,23 +261,13 @@ class ControlLoop:
                 except (OSError, ValueError):
                     kind, body = 0, b""
                 if kind == 0:
-                    self._unregister(channel)
+                    with self._lock:
+                        self._unregister(channel)
                     continue
                 try:
                     self._handle(sid, channel, kind, body)
                 except Exception:
                     log.exception("control message %d of session %s", kind, sid)
-            with self._lock:
-                pending, self._pending = self._pending, []
-            for what, arg in pending:
-                if what == "add":
-                    sid, channel = arg
-                    try:
-                        self._selector.register(channel.sock, selectors.EVENT_READ, (sid, channel))
-                    except (KeyError, ValueError, OSError):
-                        pass
-                else:
-                    self._unregister(arg)
 
     def _unregister(self, channel: ipc.Channel) -> None:
         try:

@@ -12,7 +12,7 @@ import io
 from collections import defaultdict
 from typing import Any
 
-from harp.cli.output import table
+from harp.output import table
 from harp.units import format_size
 
 from . import format as fmt

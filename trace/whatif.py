@@ -308,7 +308,7 @@ def _why(b: _Blame) -> str:
 
 
 def render_whatif(res: dict[str, Any]) -> str:
-    from harp.cli.output import table
+    from harp.output import table
     import io
     out = io.StringIO()
     ratio = res["ratio"]

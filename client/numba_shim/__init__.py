@@ -1,75 +1,8 @@
-"""HARP's `numba.cuda`: numba's CUDA API, served by a HARP device.
-
-Under `harp run`, `from numba import cuda` gives a program this module instead
-of numba's (see `harp.client.interpose`); `harp.client.numba_shim.module()`
-gives it to code that asks for it directly. The device is opened on first use:
-the one `harp run` names (`HARP_RUN_DEVICE`), else `harp.connect()`'s default
-(`HARP_DEVICE`, or the stored lease); `use_device(dev)` picks an open device.
-
-Kernels are compiled on the client, once per signature, and loaded once per
-session: to PTX by numba for devices that accept "ptx" (for the device's
-compute capability; no GPU is needed on the client), or sent as their source
-("numba-python") to a cpu device that trusts client code, which runs them in
-Numba's CUDA simulator.
-
-Supported
-- `@cuda.jit` kernels and `@cuda.jit(device=True)` device functions, with or
-  without explicit signatures; options debug, lineinfo, fastmath, opt,
-  forceinline, inline, launch_bounds (cache, max_registers, boundscheck and
-  shared_memory_carveout are accepted and have no effect)
-- launches `kernel[grid, block]`, `kernel[grid, block, stream]`,
-  `kernel[grid, block, stream, dynamic_shared_bytes]`, `kernel.forall(n)`;
-  arguments: device arrays, NumPy arrays (copied in and back, as numba does),
-  `cuda.In/Out/InOut`, int/float/bool and NumPy scalars
-- inside kernels: threadIdx, blockIdx, blockDim, gridDim, grid, gridsize,
-  warpsize, laneid, shared.array, local.array, const.array_like, atomic.*,
-  syncthreads(_count/_and/_or), threadfence*, popc, brev, clz, ffs, fma, cbrt,
-  selp, fp16, vector types, device functions, math/NumPy functions numba
-  supports; on CUDA devices also the warp intrinsics (shfl_*_sync, ballot_sync,
-  ...), syncwarp, activemask, lanemask_lt, nanosleep, libdevice
-- memory: `to_device`, `device_array`, `device_array_like`; device arrays with
-  shape, dtype, strides, size, nbytes, ndim, `copy_to_host(ary=None, stream=0)`,
-  `copy_to_device`, basic indexing and slicing (views over the same buffer; an
-  element index reads the element), item/slice assignment, `split`, `reshape`,
-  `ravel`, `squeeze`, `view`, `T`/`transpose` (a copy, as numba's), `bind`,
-  `len`, `is_c_contiguous`, `is_f_contiguous`, `flags`, `np.asarray(d)`
-- order: `cuda.stream()` (with numba's blocking-stream order against the legacy
-  default stream), `default_stream()`, `legacy_default_stream()`, `synchronize`,
-  `auto_synchronize`; `cuda.event()` with record, wait, synchronize, query,
-  elapsed_time; `cuda.event_elapsed_time`; `cuda.synchronize()`
-- device facts: `is_available`, `detect`, `get_current_device()` (name,
-  compute_capability — a cpu device reports the simulator's 5.2 —, id, uuid,
-  reset), `select_device(0)`, `list_devices`, `current_context()`
-  (`get_memory_info`, `synchronize`, `reset`), `close`
-
-Not supported (each raises `harp.UnsupportedError` naming the API)
-- host memory the device would reach: `pinned`, `pinned_array(_like)`, `mapped`,
-  `mapped_array(_like)`, `managed_array`; raw pointers and foreign arrays:
-  `__cuda_array_interface__`, `device_ctypes_pointer`, `as_cuda_array`,
-  `from_cuda_array_interface`, `external_stream`, IPC (`get_ipc_handle`,
-  `open_ipc_array`)
-- several devices: `cuda.gpus`, `select_device(n)` for n > 0
-- cooperative groups (`cuda.cg`), `link=`/`lto=`/`extensions=`, `declare_device`,
-  `cuda.reduce`/`Reduce`, `vectorize`/`guvectorize`, `numba.cuda.random`, the
-  compile functions (`compile_ptx` & co; `kernel.inspect_asm()` gives PTX),
-  `per_thread_default_stream`, `Stream.add_callback`, memory managers,
-  `profile_start/stop`, imports of numba.cuda submodules by programs
-- on cpu devices (Numba's simulator), what the simulator lacks: warp
-  intrinsics, libdevice, `cuda.float32`-style types inside kernels, intrinsics
-  imported by name (`from numba.cuda import grid`), `numba.cuda.X` through the
-  numba package inside kernels, and kernels whose source is not in a file
-  (`python -c`)
-- `print()` inside kernels on a remote device (its output would appear on the pool
-  server); it works on a device in this process (`harp run --device local:cpu`)
-- fancy indexing of device arrays, record (structured), object, string and datetime
-  dtypes, complex scalar kernel arguments, tuples and records as kernel arguments
-
-Host arrays passed to `copy_to_host(stream=s)` are filled before it returns
-(the copy is still ordered on `s`), and `Event.query()` waits for the event.
-"""
+"""HARP's numba.cuda: see `harp.client.numba_shim.doc` (also this package's help())."""
 from __future__ import annotations
 
 from .api import Device, get_current_device
+from .doc import TEXT as __doc__  # noqa: F401 - what help() shows
 from .devicearray import DeviceNDArray
 from .dispatcher import DeviceFunction, Dispatcher, jit
 from .errors import Unsupported, UnsupportedAttributeError

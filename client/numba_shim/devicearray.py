@@ -16,6 +16,7 @@ from harp.types import ArrayArg, Buffer, BufferArg, Stream
 
 from .errors import UnsupportedAttributeError, unsupported
 from .session import Session, current
+from .streams import stream_handle
 
 _CONTIGUOUS_MSG = ("Array contains non-contiguous buffer and cannot be transferred as a single "
                    "memory region. Please ensure contiguous buffer with numpy .ascontiguousarray()")
@@ -70,21 +71,6 @@ class _Allocation:
             self.session.release(self.buffer)
         except Exception:   # interpreter shutdown: the session frees everything anyway
             pass
-
-
-def stream_handle(stream: Any, session: Session) -> Stream | None:
-    """A numba stream argument (0, None, a shim Stream) as a HARP handle (None: default)."""
-    if stream is None or (isinstance(stream, int) and not isinstance(stream, bool) and stream == 0):
-        return None
-    from .streams import Stream as ShimStream
-    if isinstance(stream, ShimStream):
-        if stream.session is not session:
-            raise ValueError("the stream belongs to another HARP session")
-        return stream.handle
-    if isinstance(stream, int):
-        unsupported("a raw CUDA stream handle as a stream argument",
-                    "pass a stream made by cuda.stream(), or 0 for the default stream")
-    raise TypeError(f"expected a stream from cuda.stream() or 0, got {type(stream).__name__}")
 
 
 class DeviceNDArray:

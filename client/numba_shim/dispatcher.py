@@ -24,9 +24,11 @@ import numpy as np
 
 from harp.types import Scalar
 
-from .devicearray import DeviceNDArray, stream_handle, to_device
+from .devicearray import DeviceNDArray, to_device
+from .functions import DeviceFunction, KernelFunction, ShimFunction
 from .errors import UnsupportedAttributeError, unsupported
 from .session import Session, current
+from .streams import stream_handle
 
 #: `cuda.jit` options HARP takes. Those that only tune performance on a real GPU
 #: and that PTX cannot carry (max_registers, cache, boundscheck,
@@ -111,41 +113,7 @@ def _scalar(value: Any, index: int, name: str) -> _Prepared:
                 "and int/float/bool or NumPy scalars")
 
 
-class _Function:
-    """What kernels and device functions share: the Python function and its options."""
-
-    device = False
-
-    def __init__(self, py_func: Callable, sigs: Sequence[Any], options: dict[str, Any]) -> None:
-        if not callable(py_func) or not hasattr(py_func, "__code__"):
-            raise TypeError(f"cuda.jit takes a Python function, got {type(py_func).__name__}")
-        self.py_func = py_func
-        self.sigs = list(sigs)
-        self.targetoptions = options
-        self._lock = threading.RLock()
-        functools.update_wrapper(self, py_func)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__") and name.endswith("__"):
-            raise AttributeError(name)
-        raise UnsupportedAttributeError(
-            f"{type(self).__name__}.{name} of numba's dispatcher is not supported under HARP")
-
-
-class DeviceFunction(_Function):
-    """A `@cuda.jit(device=True)` function: callable from kernels, compiled with them."""
-
-    device = True
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        raise TypeError(f"device function {self.py_func.__name__} can be called only from a "
-                        "kernel or another device function")
-
-    def __repr__(self) -> str:
-        return f"<HARP cuda device function {self.py_func.__qualname__}>"
-
-
-class Dispatcher(_Function):
+class Dispatcher(KernelFunction):
     """A `@cuda.jit` kernel: `kernel[grid, block](args)`, `kernel[grid, block, stream, shmem]`."""
 
     def __init__(self, py_func: Callable, sigs: Sequence[Any], options: dict[str, Any]) -> None:
@@ -349,10 +317,10 @@ def jit(func_or_sig: Any = None, device: bool = False, **options: Any) -> Any:
             raise TypeError(f"cuda.jit got an unexpected option {name!r}")
     options = dict(options, device=bool(device))
 
-    def make(fn: Callable, sigs: Sequence[Any]) -> _Function:
+    def make(fn: Callable, sigs: Sequence[Any]) -> ShimFunction:
         if getattr(fn, "__name__", "") == "<lambda>":
             unsupported("cuda.jit of a lambda", "define the kernel with def")
-        if isinstance(fn, _Function):
+        if isinstance(fn, ShimFunction):
             fn = fn.py_func
         return (DeviceFunction if device else Dispatcher)(fn, sigs, options)
 

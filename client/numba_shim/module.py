@@ -111,7 +111,7 @@ def module() -> ShimModule:
         return _MODULE[0]
     with _LOCK:
         if not _MODULE:
-            from . import __doc__ as doc
+            from .doc import TEXT as doc
             mod = ShimModule("numba.cuda", doc)
             mod.__dict__.update(SUPPORTED)
             for name in intrinsic_names():

@@ -20,6 +20,8 @@ import numpy as np
 from harp.errors import UnsupportedError
 
 from .errors import HINT, unsupported
+from .functions import DeviceFunction
+from .functions import KernelFunction as Dispatcher
 from .intrinsics import KernelOnly, check_kernel_code, global_names
 from .realcuda import real_numba_cuda
 
@@ -107,7 +109,6 @@ def compile_kernel(kernel: Any, key: tuple, cc: tuple[int, int]) -> tuple[str, s
 def _rebuild(fn: types.FunctionType, real: types.ModuleType, cc: tuple[int, int],
              memo: dict[int, Any], device: bool) -> types.FunctionType:
     """`fn` with its globals and closure cells mapped from the shim to numba's real objects."""
-    from .dispatcher import DeviceFunction, Dispatcher
     what = f"{'device function' if device else 'kernel'} {fn.__qualname__}"
 
     def real_value(name: str, value: Any) -> Any:

@@ -219,7 +219,7 @@ def open_from_env() -> tuple[Device, str]:
     a local cpu device runs are this process's own code.
     """
     import harp
-    from harp.cli.runhook import ENV_CERT_DIR, ENV_DEVICE, ENV_TRACE
+    from harp.runenv import ENV_CERT_DIR, ENV_DEVICE, ENV_TRACE
     target = os.environ.get(ENV_DEVICE) or os.environ.get("HARP_DEVICE") or None
     options: dict[str, Any] = {}
     trace = os.environ.get(ENV_TRACE)

@@ -24,6 +24,8 @@ import numpy as np
 from harp.errors import UnsupportedError
 
 from .errors import HINT
+from .functions import DeviceFunction
+from .functions import KernelFunction as Dispatcher
 from .intrinsics import KernelOnly, check_kernel_code, global_names
 
 #: The largest global NumPy array a kernel may read (it travels inside the source).
@@ -78,7 +80,6 @@ class _Builder:
         return namespace
 
     def _bind(self, name: str, value: Any, what: str) -> None:
-        from .dispatcher import DeviceFunction, Dispatcher
         if name in self.values:
             old = self.values[name]
             if old is value or (type(old) is type(value) and _same(old, value)):
@@ -144,7 +145,6 @@ class _Builder:
         return f"{decorator}\n{body}\n"
 
     def render(self) -> str:
-        from .dispatcher import DeviceFunction
         for name, value in self.values.items():
             if name in self.seen.values() and not (isinstance(value, DeviceFunction)
                                                    and value.py_func.__name__ == name):

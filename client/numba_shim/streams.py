@@ -10,6 +10,20 @@ from .errors import unsupported
 from .session import Session, current
 
 
+def stream_handle(stream: Any, session: Session) -> HarpStream | None:
+    """A numba stream argument (0, None, a shim Stream) as a HARP handle (None: default)."""
+    if stream is None or (isinstance(stream, int) and not isinstance(stream, bool) and stream == 0):
+        return None
+    if isinstance(stream, Stream):
+        if stream.session is not session:
+            raise ValueError("the stream belongs to another HARP session")
+        return stream.handle
+    if isinstance(stream, int):
+        unsupported("a raw CUDA stream handle as a stream argument",
+                    "pass a stream made by cuda.stream(), or 0 for the default stream")
+    raise TypeError(f"expected a stream from cuda.stream() or 0, got {type(stream).__name__}")
+
+
 class Stream:
     """numba's `cuda.stream()`: an in-order queue of device work (a HARP stream)."""
 
@@ -62,7 +76,6 @@ class Event:
         self._recorded = False
 
     def _stream(self, stream: Any) -> HarpStream | None:
-        from .devicearray import stream_handle
         return stream_handle(stream, self.session)
 
     def record(self, stream: Any = 0) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from ..lease import default_lease_path
 from ..units import parse_size
 from .common import add_scheduler_options, scheduler_client
-from .output import emit_json
+from ..output import emit_json
 from .leases import show
 
 

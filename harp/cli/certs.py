@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 
 from .. import security
-from .output import emit_json, table
+from ..output import emit_json, table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 from .. import catalog
 from ..device import Device
 from ..types import Scalar
-from .output import emit_json, table
+from ..output import emit_json, table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 from ..errors import LeaseError
 from ..lease import Lease, default_lease_path
 from .common import add_scheduler_options, scheduler_client
-from .output import emit_json
+from ..output import emit_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ import argparse
 
 from ..backends import list_devices
 from ..units import format_size
-from .output import emit_json, table
+from ..output import emit_json, table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

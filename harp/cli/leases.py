@@ -6,7 +6,7 @@ import time
 
 from ..units import format_size
 from .common import add_scheduler_options, scheduler_client
-from .output import emit_json, table
+from ..output import emit_json, table
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@
 The program's `numba.cuda` becomes HARP's shim (harp.client.numba_shim) in its
 interpreter and in every Python process it starts: `harp run` sets
 `HARP_RUN_DEVICE` and makes sure the interpreter's site-packages holds the
-start-up hook (`harp-run.pth` + `_harp_run_hook.py`, see harp.cli.runhook),
+start-up hook (`harp-run.pth` + `_harp_run_hook.py`, see harp.runhook),
 which acts only when that variable is set. Then it replaces itself with the
 program (exec), so signals and the exit status are the program's own.
 
@@ -30,7 +30,7 @@ import sysconfig
 from pathlib import Path
 
 from ..errors import ArgumentError, HarpError
-from . import runhook
+from .. import runhook
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

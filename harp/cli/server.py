@@ -8,7 +8,7 @@ import sys
 from ..units import parse_size
 from .common import (add_scheduler_options, add_tls_server_options, scheduler_address,
                      scheduler_client, server_credentials, wait_for_signal)
-from .output import emit_json
+from ..output import emit_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "(development and tests only)")
     serve.add_argument("--memory", default=None, help="cpu backend: memory per device, e.g. 4GiB")
     serve.add_argument("--devices", type=int, default=1, help="cpu backend: number of devices")
-    serve.add_argument("--max-sessions", type=int, default=64)
+    serve.add_argument("--isolation", choices=["process", "thread"], default="process",
+                       help="process (default): each session in a worker process of its own, "
+                            "so tenants cannot reach each other's memory or crash each other; "
+                            "thread: sessions share this process (development and benchmarks "
+                            "only: it does not isolate tenants)")
+    serve.add_argument("--warm-workers", type=int, default=2,
+                       help="session worker processes kept started ahead (default 2)")
+    serve.add_argument("--max-sessions", type=int, default=64,
+                       help="most sessions open at once (default 64)")
+    serve.add_argument("--max-sessions-per-lease", type=int, default=8,
+                       help="most sessions one lease may hold on this server (default 8)")
+    serve.add_argument("--max-sessions-per-identity", type=int, default=32,
+                       help="most sessions one client identity may hold (default 32)")
+    serve.add_argument("--idle-timeout", type=float, default=1800.0,
+                       help="end sessions that send nothing for this many seconds (default 1800)")
     serve.add_argument("--trace-dir", default=None,
                        help="record every session into DIR/SESSION.harptrace (harp trace ...)")
     drain = sub.add_parser("drain", help="give a pool server no new leases (--undo: again)")
@@ -70,7 +84,11 @@ def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
         wrap = SessionTracer(trace_dir)
     server = PoolServer(backend, name=name or args.name or "pending",
                         trust_client_code=args.trust_client_code, max_sessions=args.max_sessions,
-                        wrap_device=wrap)
+                        max_sessions_per_lease=getattr(args, "max_sessions_per_lease", 8),
+                        max_sessions_per_identity=getattr(args, "max_sessions_per_identity", 32),
+                        idle_timeout_s=getattr(args, "idle_timeout", 1800.0),
+                        isolation=getattr(args, "isolation", "process"),
+                        warm_workers=getattr(args, "warm_workers", 2), wrap_device=wrap)
     bound = server.start(args.listen or ["127.0.0.1:50051"], server_credentials(args))
     if not (name or args.name):
         tcp = next((a for a in bound if not a.startswith("unix")), bound[0])

@@ -15,7 +15,7 @@ import sys
 import time
 from typing import Any
 
-from .output import emit_json
+from ..output import emit_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

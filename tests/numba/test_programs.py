@@ -128,7 +128,7 @@ def test_exit_status_is_the_programs(tmp_path):
 def test_install_hook_reports_where(hook_installed):
     assert "start-up hook installed in" in hook_installed
     directory = Path(hook_installed.rsplit(" in ", 1)[1].strip())
-    from harp.cli import runhook
+    from harp import runhook
     assert (directory / runhook.PTH_NAME).read_text() == runhook.PTH_LINE
     assert (directory / f"{runhook.HOOK_MODULE}.py").read_text() == \
         Path(runhook.__file__).read_text()

@@ -677,7 +677,7 @@ class CudaDevice(Device):
     def stream(self) -> Stream:
         seq = self._next()
         stream = Stream(self._ids.new())
-        if len(self._streams) >= MAX_STREAMS:
+        if len(self._streams) > MAX_STREAMS:          # the default stream is not counted
             self._errors.add(QuotaError(f"a session may have at most {MAX_STREAMS} streams"),
                              "stream", seq)
             return stream

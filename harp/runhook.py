@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 
+# The names of harp/runenv.py, spelled here: this file runs before harp is importable.
 #: The device `harp run` attaches: local:BACKEND[:INDEX], harp://..., lease:PATH, or "lease".
 ENV_DEVICE = "HARP_RUN_DEVICE"
 #: Trace file for the program's sessions (`harp run --trace`).

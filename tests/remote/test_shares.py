@@ -1,0 +1,85 @@
+"""Compute shares, enforced across worker processes on one cpu device.
+
+Shares come from the session's grant (a lease token's `share`); here an
+authorizer reads them from the handshake so the test needs no scheduler.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import harp
+from harp.server import Grant
+
+from ..conftest import Pool
+
+
+def _share_from_name(request):
+    return Grant(device_index=request.device_index,
+                 share=float(request.client_name.split("=")[1]))
+
+
+@pytest.fixture(params=["process", "thread"])
+def share_pool(tmp_path, request):
+    pool = Pool(tmp_path, authorizer=_share_from_name, isolation=request.param)
+    yield pool
+    pool.stop()
+
+
+def _saturate(dev, seconds, m=320):
+    """Keep the device busy with gemms for `seconds`: batches on two streams in turn, each
+    waited for only once the other is queued, so work is always waiting on the device."""
+    lib = dev.load_module(harp.CATALOG_IMAGE, "catalog")
+    gemm = dev.function(lib, "gemm_f64")
+    buf = dev.alloc(m * m * 8)
+    args = [buf, buf, buf, np.int64(m), np.int64(m), np.int64(m), np.float64(1), np.float64(0)]
+    streams = [dev.stream(), dev.stream()]
+    stop = time.monotonic() + seconds
+    turn = 0
+    while time.monotonic() < stop:
+        for _ in range(8):
+            dev.launch(gemm, 1, 1, args, stream=streams[turn])
+        turn ^= 1
+        dev.synchronize(streams[turn])
+    dev.synchronize()
+
+
+def _device_time(pool, dev):
+    return next(s["device_time_s"] for s in pool.server.session_stats()
+                if s["session"] == dev.session_id)
+
+
+def test_two_busy_sessions_get_device_time_by_their_shares(share_pool):
+    """Shares 0.75 and 0.25, both saturating the device for 10 s: device time 3:1 (+-20%)."""
+    a = share_pool.connect(client_name="share=0.75")
+    b = share_pool.connect(client_name="share=0.25")
+    threads = [threading.Thread(target=_saturate, args=(d, 10.0)) for d in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    time.sleep(0.3)                                 # the last charges reach the arbiter
+    ta, tb = _device_time(share_pool, a), _device_time(share_pool, b)
+    a.close()
+    b.close()
+    print(f"device time: share 0.75 {ta:.2f} s, share 0.25 {tb:.2f} s, ratio {ta / tb:.2f}")
+    assert 2.4 <= ta / tb <= 3.6, (ta, tb)
+
+
+def test_a_session_alone_gets_the_whole_device(share_pool):
+    """Work-conserving: a session of share 0.25 whose neighbour is idle is not held back."""
+    busy = share_pool.connect(client_name="share=0.25")
+    idle = share_pool.connect(client_name="share=0.75")
+    idle.synchronize()
+    t0 = time.monotonic()
+    _saturate(busy, 3.0)
+    wall = time.monotonic() - t0
+    time.sleep(0.3)
+    used = _device_time(share_pool, busy)
+    busy.close()
+    idle.close()
+    print(f"alone: {used:.2f} s of device time in {wall:.2f} s")
+    assert used >= 0.6 * wall                        # held to its share, it would get 0.25
