@@ -13,7 +13,7 @@ import pytest
 import harp
 
 DEVICE_KINDS = [
-    "local-cpu", "remote-cpu",
+    "local-cpu", "remote-cpu", "remote-cpu-thread",
     # the cuda backend, on a real GPU (skipped without one, see pytest_collection_modifyitems)
     pytest.param("local-cuda", marks=pytest.mark.gpu),
     pytest.param("remote-cuda", marks=pytest.mark.gpu),
@@ -43,6 +43,9 @@ def _open_device(kind: str, request) -> harp.Device:
         return harp.connect("local:cpu", memory="2GiB", trust_client_code=True)
     if kind == "remote-cpu":
         pool = request.getfixturevalue("pool_server")
+        return harp.connect(pool.url, tls=pool.client_tls)
+    if kind == "remote-cpu-thread":
+        pool = request.getfixturevalue("thread_pool_server")
         return harp.connect(pool.url, tls=pool.client_tls)
     if kind == "local-cuda":
         return harp.connect("local:cuda", memory="2GiB")
@@ -76,8 +79,17 @@ class Pool:
 
 @pytest.fixture(scope="session")
 def pool_server(tmp_path_factory):
-    """One pool server (cpu backend, 2 GiB, trusted) shared by the whole run."""
+    """One pool server (cpu backend, 2 GiB, trusted, sessions in worker processes) shared
+    by the whole run."""
     pool = Pool(tmp_path_factory.mktemp("pool"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(scope="session")
+def thread_pool_server(tmp_path_factory):
+    """The same with thread isolation (sessions in the server process)."""
+    pool = Pool(tmp_path_factory.mktemp("thread-pool"), isolation="thread")
     yield pool
     pool.stop()
 

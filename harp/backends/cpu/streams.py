@@ -81,10 +81,13 @@ class Executor:
         self._cancelled = False
         self._queued_bytes = 0
         self._space = threading.Condition(threading.Lock())
+        self._streams: list[StreamQueue] = []
 
     # -- queues ------------------------------------------------------------------------
     def stream(self, label: str) -> "StreamQueue":
-        return StreamQueue(self, label)
+        queue = StreamQueue(self, label)
+        self._streams.append(queue)
+        return queue
 
     def _schedule(self, stream: "StreamQueue") -> None:
         """Put a stream in line (call with `_cond` held)."""
@@ -124,11 +127,11 @@ class Executor:
         """Drop every queued operation; an operation already running finishes on its own."""
         with self._cond:
             self._cancelled = True
-            streams = list(self._ready)
             self._ready.clear()
             self._cond.notify_all()
-        for stream in streams:
-            stream._drop()
+            streams = list(self._streams)
+            for stream in streams:           # queued, parked or running: drop what waits
+                stream._drop()
         with self._space:
             self._space.notify_all()
 
