@@ -117,9 +117,5 @@ def _explain_connect_failure(exc: TransportError, target: str, address: str,
         why = diagnose_tls(address, str(files.ca), str(files.cert), str(files.key),
                            server_name=server_name)
         if why is not None:
-            hint = ""
-            if "wrong version number" in why.lower() or "record layer" in why.lower():
-                hint = ("; the server may be running without TLS (--insecure): reach it with "
-                        f"harp+insecure://{address}")
-            return AuthError(f"cannot open a session on {target}: {why}{hint}")
+            return AuthError(f"cannot open a session on {target}: {why}")
     return exc

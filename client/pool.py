@@ -6,13 +6,13 @@ from typing import Any
 
 import grpc
 
-from harp.errors import ERROR_CLASSES, HarpError, InternalError, TransportError
+from harp.errors import ERROR_CLASSES, AuthError, HarpError, InternalError, TransportError
 from harp.lease import Lease, LeaseDevice
 from harp.proto import scheduler_pb2 as pb
 from harp.proto.codec import facts_from_proto
 from harp.proto import scheduler_pb2_grpc as pb_grpc
 from harp.security import TlsFiles, channel_credentials, tls_files
-from harp.transport import channel_options, error_from_rpc, is_loopback
+from harp.transport import channel_options, diagnose_tls, error_from_rpc, is_loopback
 
 from .address import parse_address
 
@@ -28,7 +28,6 @@ def scheduler_channel(address: str, tls: TlsFiles | None = None,
         return grpc.secure_channel(target, channel_credentials(
             tls or tls_files("client", directory=cert_dir)), options=options)
     if not is_loopback(target):
-        from harp.errors import AuthError
         raise AuthError(f"refusing plain text to non-loopback {target}")
     return grpc.insecure_channel(target, options=options)
 
@@ -51,11 +50,16 @@ def lease_from_proto(msg: Any, scheduler: str) -> Lease:
     return Lease(
         lease_id=msg.lease_id, state=msg.state, expires_at=msg.expires_at, ttl_s=msg.ttl_s,
         memory=msg.memory, share=msg.share, scheduler=scheduler, client_name=msg.client_name,
-        created_at=msg.created_at, reason=msg.reason,
+        created_at=msg.created_at, reason=msg.reason, owner=msg.owner,
+        token_ttl_s=msg.token_ttl_s,
         devices=[LeaseDevice(server=d.server, index=d.index, endpoints=list(d.endpoints),
                              host=d.host, token=d.token,
                              info=facts_from_proto(d.facts) if d.HasField("facts") else None)
                  for d in msg.devices])
+
+
+_STAT_FIELDS = ("session", "identity", "lease_id", "device", "share", "device_time_s",
+                "memory_used", "bytes_in", "bytes_out", "idle_s", "isolation")
 
 
 def server_to_dict(s: Any) -> dict[str, Any]:
@@ -63,17 +67,23 @@ def server_to_dict(s: Any) -> dict[str, Any]:
             "last_heartbeat": s.last_heartbeat, "sessions": s.sessions,
             "memory_used": s.memory_used, "leases": s.leases,
             "devices": [dict(facts_from_proto(d.facts).to_dict(), index=d.index)
-                        for d in s.devices]}
+                        for d in s.devices],
+            "session_stats": [{f: getattr(x, f) for f in _STAT_FIELDS} for x in s.session_stats]}
 
 
 class SchedulerClient:
     """The scheduler's API for clients and operators; every refusal is a typed `HarpError`."""
 
     def __init__(self, address: str = DEFAULT_SCHEDULER, *, tls: TlsFiles | None = None,
-                 cert_dir: Any = None, timeout: float = 10.0) -> None:
+                 cert_dir: Any = None, timeout: float = 10.0, cert_name: str | None = None
+                 ) -> None:
         self.address = address
         self.timeout = timeout
-        self._channel = scheduler_channel(address, tls, cert_dir)
+        target, secure = parse_address(address)
+        self._target = target
+        self._tls = (tls or tls_files("client", cert_name, directory=cert_dir)) if secure \
+            else None
+        self._channel = scheduler_channel(address, self._tls)
         self._stub = pb_grpc.SchedulerStub(self._channel)
 
     def close(self) -> None:
@@ -89,7 +99,15 @@ class SchedulerClient:
         try:
             return method(request, timeout=self.timeout)
         except grpc.RpcError as exc:
-            raise _error(exc, self.address, what) from None
+            error = _error(exc, self.address, what)
+            if isinstance(error, TransportError) and self._tls is not None:
+                why = diagnose_tls(self._target, str(self._tls.ca), str(self._tls.cert),
+                                   str(self._tls.key),
+                                   server_name="localhost" if self._target.startswith("unix")
+                                   else None)
+                if why is not None:
+                    error = AuthError(f"{what}: the scheduler at {self.address}: {why}")
+            raise error from None
 
     def attach(self, kind: str = "", *, count: int = 1, memory: int = 0, share: float = 1.0,
                same_host: bool = False, policy: str = "spread", ttl_s: float = 0.0,
@@ -108,8 +126,11 @@ class SchedulerClient:
         return lease_from_proto(self._call("detach", self._stub.Detach,
                                            pb.LeaseRef(lease_id=lease_id)), self.address)
 
-    def leases(self, include_ended: bool = False) -> list[Lease]:
-        reply = self._call("leases", self._stub.Leases, pb.LeasesRequest(all=include_ended))
+    def leases(self, include_ended: bool = False, everyone: bool = False) -> list[Lease]:
+        """The caller's leases (`everyone`: every identity's, for admins); active ones
+        unless `include_ended`."""
+        reply = self._call("leases", self._stub.Leases,
+                           pb.LeasesRequest(all=everyone, ended=include_ended))
         return [lease_from_proto(x, self.address) for x in reply.leases]
 
     def pool(self) -> list[dict[str, Any]]:

@@ -1,9 +1,11 @@
 """Keeping a lease alive while a program works: renew it in the background.
 
-Renewals go every third of the lease's lifetime. While the scheduler is away
-they fail quietly and are retried (the session keeps running on the pool
-server); once the scheduler says the lease is over, the keeper stops and
-remembers why, so the device can say so instead of a bare transport error.
+Renewals go every third of the lease's lifetime, or of its tokens' (a minute by
+default), whichever is shorter, so a reconnect always finds a token that lives.
+While the scheduler is away they fail quietly and are retried (the session
+keeps running on the pool server); once the scheduler says the lease is over,
+the keeper stops and remembers why, so the device can say so instead of a bare
+transport error.
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ class LeaseKeeper:
     def __init__(self, lease: Lease, scheduler: Any, *, min_interval_s: float = 0.2) -> None:
         self.lease = lease
         self.scheduler = scheduler            # a SchedulerClient
-        self.interval_s = max(min_interval_s, lease.ttl_s / 3)
+        life = min(t for t in (lease.ttl_s, lease.token_ttl_s) if t > 0) if \
+            (lease.ttl_s > 0 or lease.token_ttl_s > 0) else 60.0
+        self.interval_s = max(min_interval_s, life / 3)
         self.failure: LeaseError | None = None
         self.renewals = 0
         self._stop = threading.Event()

@@ -63,6 +63,8 @@ class Lease:
     created_at: float = 0.0
     reason: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    owner: str = ""                   # the identity that attached it
+    token_ttl_s: float = 0.0          # tokens expire this long after issue (0: with the lease)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -74,7 +76,8 @@ class Lease:
     def from_dict(cls, d: dict[str, Any]) -> "Lease":
         devices = [LeaseDevice(**dict(x, info=DeviceInfo.from_dict(x["info"]) if x.get("info")
                                       else None)) for x in d.get("devices", [])]
-        return cls(**dict(d, devices=devices))
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in dict(d, devices=devices).items() if k in known})
 
     def save(self, path: Path | None = None) -> Path:
         """Write the lease (owner-only: it holds bearer tokens)."""

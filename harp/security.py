@@ -194,7 +194,14 @@ class TlsFiles:
             try:
                 out.append(Path(path).read_bytes())
             except OSError as exc:
-                raise CertError(f"cannot read TLS {what} {path}: {exc.strerror or exc}") from exc
+                hint = ""
+                if isinstance(exc, FileNotFoundError):
+                    hint = ("; on one machine `harp up` creates the pool's certificates; else "
+                            "create the pool CA with `harp certs init` and issue yours with "
+                            "`harp certs issue client NAME`, or point --cert-dir (or HARP_TLS_CA, "
+                            "HARP_TLS_CERT, HARP_TLS_KEY) at the certificates you were given")
+                raise CertError(f"cannot read TLS {what} {path}: {exc.strerror or exc}{hint}") \
+                    from exc
         return out[0], out[1], out[2]
 
 

@@ -1,9 +1,12 @@
 """Lease tokens: what the scheduler signs (Ed25519) and a pool server checks.
 
-A token names one lease, one device on one server, the session's quotas and
-an expiry. A pool server verifies it with the scheduler's public key, which it
-pins at registration, so it needs no call to the scheduler to admit a session
-(sessions keep opening and running while the scheduler restarts).
+A token names one lease, one device on one server, the session's quotas, the
+lease's expiry and its own. A pool server verifies it with the scheduler's
+public key, which it pins at registration, so it needs no call to the scheduler
+to admit a session (sessions keep opening and running while the scheduler
+restarts). Tokens are short-lived (`expires_at`, a minute by default): the
+client's lease keeper renews them, so a token of a lease that was detached is
+refused soon even by a server that missed the scheduler's word of it.
 
 Format: `harp1.<base64url(JSON claims)>.<base64url(signature over the first two parts)>`.
 """
@@ -34,9 +37,11 @@ class Claims:
     device: int              # device index on that server
     memory: int              # memory quota in bytes (0: the whole device)
     share: float             # compute share (0, 1]
-    expires_at: float        # unix seconds
+    expires_at: float        # unix seconds: the token is refused from then on
     issued_at: float
     key_id: str              # fingerprint of the signing key
+    lease_expires_at: float = 0.0   # the lease's own end (sessions run until then, renewed)
+    owner: str = ""          # the identity that attached the lease
 
 
 def _b64(data: bytes) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 
-from .errors import AuthError, HarpError, NoCapacityError, TransportError
+from .errors import ArgumentError, AuthError, HarpError, NoCapacityError, TransportError
 from .wire import MAX_FRAME
 
 #: Seconds between keepalive pings, and how long an unanswered ping may take.
@@ -102,8 +102,13 @@ def serve(server: grpc.Server, listen: list[str], credentials: grpc.ServerCreden
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound = []
     for address in listen:
-        port = server.add_secure_port(address, credentials) if credentials is not None \
-            else server.add_insecure_port(address)
+        try:
+            port = server.add_secure_port(address, credentials) if credentials is not None \
+                else server.add_insecure_port(address)
+        except RuntimeError:
+            raise ArgumentError(f"cannot listen on {address}: the address is in use or not "
+                                "available here (another `harp up` or pool server on that port?)"
+                                ) from None
         bound.append(address if address.startswith("unix") else
                      f"{address.rpartition(':')[0]}:{port}")
     server.start()
@@ -125,6 +130,11 @@ def error_from_rpc(exc: grpc.RpcError, what: str) -> HarpError:
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return NoCapacityError(f"{what}: the server is full: {details}")
     return TransportError(f"{what}: {name}: {details}")
+
+
+#: `ssl.SSLError.reason` values that mean the peer answered a TLS hello with something else.
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+                      "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "UNEXPECTED_EOF_WHILE_READING"})
 
 
 def diagnose_tls(address: str, ca: str, cert: str, key: str, *, server_name: str | None = None,
@@ -163,6 +173,9 @@ def diagnose_tls(address: str, ca: str, cert: str, key: str, *, server_name: str
                 "pools, or the server is not the one meant")
     except ssl.SSLError as exc:
         sock.close()
+        if exc.reason in _NOT_TLS:
+            return (f"the server at {address} does not speak TLS (it runs with --insecure?): "
+                    f"reach it with harp+insecure://{address}")
         return f"the TLS handshake failed ({exc.reason or exc})"
     except OSError:
         sock.close()

@@ -5,18 +5,20 @@ import re
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1 << 10, "mib": 1 << 20,
-          "gib": 1 << 30, "tib": 1 << 40}
+          "gib": 1 << 30, "tib": 1 << 40, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30,
+          "ti": 1 << 40}
 
 
 def parse_size(text: int | str) -> int:
-    """Bytes from an int or a string with an optional unit (k/M/G decimal, KiB/MiB/GiB binary)."""
+    """Bytes from an int or a string with an optional unit (k/M/G decimal, Ki/Mi/Gi or
+    KiB/MiB/GiB binary)."""
     if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise ValueError(f"a size cannot be negative: {text}")
         return text
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"not a size: {text!r} (examples: 4096, 512MiB, 4GiB, 1.5GB)")
+        raise ValueError(f"not a size: {text!r} (examples: 4096, 512MiB, 4GiB, 1.5GB, 1Mi)")
     return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 

@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class SchedulerStub:
-    """Missing associated documentation comment in .proto file."""
+    """Who may call what: pool servers (server certificates) Register, Heartbeat and Watch
+    under their own name; any client attaches; a lease's owner (or an admin) renews,
+    detaches and lists it; Drain and Leases(all) are for admins.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -43,6 +46,11 @@ class SchedulerStub:
                 '/harp.v1.Scheduler/Heartbeat',
                 request_serializer=scheduler__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=scheduler__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
+        self.Watch = channel.unary_stream(
+                '/harp.v1.Scheduler/Watch',
+                request_serializer=scheduler__pb2.WatchRequest.SerializeToString,
+                response_deserializer=scheduler__pb2.LeaseStatus.FromString,
                 _registered_method=True)
         self.Attach = channel.unary_unary(
                 '/harp.v1.Scheduler/Attach',
@@ -77,7 +85,10 @@ class SchedulerStub:
 
 
 class SchedulerServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Who may call what: pool servers (server certificates) Register, Heartbeat and Watch
+    under their own name; any client attaches; a lease's owner (or an admin) renews,
+    detaches and lists it; Drain and Leases(all) are for admins.
+    """
 
     def Register(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -86,6 +97,12 @@ class SchedulerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Heartbeat(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Watch(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +157,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     request_deserializer=scheduler__pb2.HeartbeatRequest.FromString,
                     response_serializer=scheduler__pb2.HeartbeatReply.SerializeToString,
             ),
+            'Watch': grpc.unary_stream_rpc_method_handler(
+                    servicer.Watch,
+                    request_deserializer=scheduler__pb2.WatchRequest.FromString,
+                    response_serializer=scheduler__pb2.LeaseStatus.SerializeToString,
+            ),
             'Attach': grpc.unary_unary_rpc_method_handler(
                     servicer.Attach,
                     request_deserializer=scheduler__pb2.AttachRequest.FromString,
@@ -179,7 +201,10 @@ def add_SchedulerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Scheduler:
-    """Missing associated documentation comment in .proto file."""
+    """Who may call what: pool servers (server certificates) Register, Heartbeat and Watch
+    under their own name; any client attaches; a lease's owner (or an admin) renews,
+    detaches and lists it; Drain and Leases(all) are for admins.
+    """
 
     @staticmethod
     def Register(request,
@@ -225,6 +250,33 @@ class Scheduler:
             '/harp.v1.Scheduler/Heartbeat',
             scheduler__pb2.HeartbeatRequest.SerializeToString,
             scheduler__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Watch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/harp.v1.Scheduler/Watch',
+            scheduler__pb2.WatchRequest.SerializeToString,
+            scheduler__pb2.LeaseStatus.FromString,
             options,
             channel_credentials,
             insecure,

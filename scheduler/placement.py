@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from harp.errors import ArgumentError, NoCapacityError
+from harp.units import format_size
 
 SHARE_EPSILON = 1e-9
 
@@ -64,7 +65,8 @@ def choose(candidates: list[Candidate], request: Request) -> list[tuple[Candidat
         why = (f"all {len(pool)} matching device(s) are on servers that are down or draining"
                if not up else
                f"{len(fits)} of {len(up)} matching device(s) have room for "
-               f"{request.memory or 'a whole device'} bytes at share {request.share}")
+               f"{format_size(request.memory) if request.memory else 'a whole device'} at "
+               f"compute share {request.share:g}")
         raise NoCapacityError(f"no capacity for {request.count} {request.kind or 'device'}(s): "
                               f"{why}")
     load = lambda c: (c.leases, c.used_share, c.used_memory / max(c.memory, 1))  # noqa: E731

@@ -30,7 +30,8 @@ CREATE TABLE IF NOT EXISTS servers (
     state TEXT NOT NULL,               -- up | down | draining
     last_heartbeat REAL NOT NULL,
     sessions INTEGER NOT NULL DEFAULT 0,
-    memory_used INTEGER NOT NULL DEFAULT 0
+    memory_used INTEGER NOT NULL DEFAULT 0,
+    session_stats TEXT NOT NULL DEFAULT '[]'   -- JSON: its open sessions, from the heartbeat
 );
 CREATE TABLE IF NOT EXISTS devices (
     server TEXT NOT NULL REFERENCES servers(name),
@@ -49,7 +50,8 @@ CREATE TABLE IF NOT EXISTS leases (
     memory INTEGER NOT NULL,
     share REAL NOT NULL,
     client_name TEXT NOT NULL,
-    reason TEXT NOT NULL DEFAULT ''
+    reason TEXT NOT NULL DEFAULT '',
+    owner TEXT NOT NULL DEFAULT ''     -- the identity that attached it
 );
 CREATE TABLE IF NOT EXISTS lease_devices (
     lease_id TEXT NOT NULL REFERENCES leases(id),
@@ -60,6 +62,12 @@ CREATE TABLE IF NOT EXISTS lease_devices (
 );
 CREATE INDEX IF NOT EXISTS lease_devices_by_device ON lease_devices (server, idx);
 """
+
+#: Columns added since the first schema: (table, column, definition), added when missing.
+MIGRATIONS = (
+    ("leases", "owner", "TEXT NOT NULL DEFAULT ''"),
+    ("servers", "session_stats", "TEXT NOT NULL DEFAULT '[]'"),
+)
 
 
 @dataclass
@@ -75,6 +83,11 @@ class LeaseRecord:
     client_name: str
     reason: str = ""
     devices: list[dict[str, Any]] = field(default_factory=list)  # server, index, memory, share
+    owner: str = ""
+
+    @property
+    def servers(self) -> list[str]:
+        return sorted({d["server"] for d in self.devices})
 
 
 class SqliteStore:
@@ -92,6 +105,10 @@ class SqliteStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.executescript(SCHEMA)
+            for table, column, definition in MIGRATIONS:
+                have = {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -131,15 +148,17 @@ class SqliteStore:
             return lost
 
     def heartbeat(self, name: str, instance: str, sessions: int, memory_used: int,
-                  lease_ids: list[str], now: float) -> tuple[list[LeaseRecord | None], bool, bool]:
+                  lease_ids: list[str], now: float, session_stats: list[dict] | None = None
+                  ) -> tuple[list[LeaseRecord | None], bool, bool]:
         """Record a heartbeat; return the named leases, whether draining, whether unknown."""
         with self._tx() as db:
             row = db.execute("SELECT instance, state FROM servers WHERE name=?", (name,)).fetchone()
             if row is None or row["instance"] != instance:
                 return [], False, True
             state = "draining" if row["state"] == "draining" else "up"
-            db.execute("UPDATE servers SET last_heartbeat=?, sessions=?, memory_used=?, state=? "
-                       "WHERE name=?", (now, sessions, memory_used, state, name))
+            db.execute("UPDATE servers SET last_heartbeat=?, sessions=?, memory_used=?, state=?, "
+                       "session_stats=? WHERE name=?",
+                       (now, sessions, memory_used, state, json.dumps(session_stats or []), name))
             return ([self._lease(db, lid) for lid in lease_ids], state == "draining", False)
 
     def drain(self, server: str, undo: bool) -> dict[str, Any] | None:
@@ -179,10 +198,12 @@ class SqliteStore:
         return {"name": row["name"], "host": row["host"], "state": row["state"],
                 "endpoints": json.loads(row["endpoints"]), "last_heartbeat": row["last_heartbeat"],
                 "sessions": row["sessions"], "memory_used": row["memory_used"],
-                "devices": devices, "leases": leases}
+                "devices": devices, "leases": leases,
+                "session_stats": json.loads(row["session_stats"] or "[]")}
 
     # -- leases --------------------------------------------------------------------
-    def attach(self, request: Request, ttl: float, client_name: str, now: float) -> LeaseRecord:
+    def attach(self, request: Request, ttl: float, client_name: str, now: float,
+               owner: str = "") -> LeaseRecord:
         """Place and record a new lease atomically, or raise why it cannot be placed."""
         with self._tx() as db:
             rows = db.execute(
@@ -203,13 +224,13 @@ class SqliteStore:
             lease = LeaseRecord(id=f"lease-{secrets.token_hex(8)}", state="active",
                                 created_at=now, expires_at=now + ttl, ttl=ttl,
                                 memory=request.memory, share=request.share,
-                                client_name=client_name,
+                                client_name=client_name, owner=owner,
                                 devices=[{"server": c.server, "index": c.index, "memory": mem,
                                           "share": request.share} for c, mem in chosen])
             db.execute("INSERT INTO leases (id, state, created_at, expires_at, ttl, memory, share,"
-                       " client_name) VALUES (?,?,?,?,?,?,?,?)",
+                       " client_name, owner) VALUES (?,?,?,?,?,?,?,?,?)",
                        (lease.id, lease.state, now, lease.expires_at, ttl, request.memory,
-                        request.share, client_name))
+                        request.share, client_name, owner))
             db.executemany("INSERT INTO lease_devices (lease_id, server, idx, memory, share) "
                            "VALUES (?,?,?,?,?)",
                            [(lease.id, d["server"], d["index"], d["memory"], d["share"])
@@ -244,10 +265,17 @@ class SqliteStore:
         with self._lock:
             return self._lease(self._db, lease_id)
 
-    def leases(self, include_ended: bool = False) -> list[LeaseRecord]:
+    def leases(self, include_ended: bool = False, owner: str | None = None) -> list[LeaseRecord]:
+        """Active leases (`include_ended`: all), of one owner or (None) of everyone."""
+        where, args = [], []
+        if not include_ended:
+            where.append("state='active'")
+        if owner is not None:
+            where.append("owner=?")
+            args.append(owner)
+        query = "SELECT id FROM leases" + (" WHERE " + " AND ".join(where) if where else "")
         with self._lock:
-            query = "SELECT id FROM leases" + ("" if include_ended else " WHERE state='active'")
-            ids = [r[0] for r in self._db.execute(query + " ORDER BY created_at")]
+            ids = [r[0] for r in self._db.execute(query + " ORDER BY created_at", args)]
             return [self._lease(self._db, i) for i in ids]  # type: ignore[misc]
 
     def reap(self, now: float, down_after: float) -> dict[str, list[str]]:
@@ -300,7 +328,7 @@ class SqliteStore:
         return LeaseRecord(id=row["id"], state=row["state"], created_at=row["created_at"],
                            expires_at=row["expires_at"], ttl=row["ttl"], memory=row["memory"],
                            share=row["share"], client_name=row["client_name"],
-                           reason=row["reason"], devices=devices)
+                           reason=row["reason"], devices=devices, owner=row["owner"])
 
 
 def now() -> float:

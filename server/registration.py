@@ -1,10 +1,15 @@
-"""A pool server's link to its scheduler: registration, heartbeats, and token checks.
+"""A pool server's link to its scheduler: registration, heartbeats, revocations, token checks.
 
 The server registers its devices, pins the scheduler's public key from the
-answer, and heartbeats its load and the leases of its open sessions. Each
-answer says what became of those leases (renewed, ended, lost), and the
-server ends sessions whose lease is over. Tokens are verified with the pinned
-key alone, so sessions open and run while the scheduler is away.
+answer, heartbeats its load and its open sessions, and keeps a stream open on
+which the scheduler says at once when a lease of this server ends (`Watch`):
+the sessions of that lease end with a `LeaseError`, and its tokens are refused
+from then on (a revoked lease is remembered as long as one of its tokens could
+live). Heartbeat answers say the same for every lease with a session here, so
+a server that missed a word of the stream learns it within a heartbeat; and
+tokens live a minute, so even one cut off from the scheduler refuses a detached
+lease's token soon. Tokens are verified with the pinned key alone, so sessions
+open and run while the scheduler is away.
 """
 from __future__ import annotations
 
@@ -42,13 +47,20 @@ class Registrar:
         self.retry_s = retry_s
         self.public_key: bytes | None = None
         self.heartbeat_s = 5.0
+        self.token_ttl_s = 3600.0
         self.draining = False
+        self.revoked: dict[str, float] = {}     # lease id -> until when its tokens are refused
+        self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="harp-heartbeat", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_loop, name="harp-revocations",
+                                         daemon=True)
+        self._watch_call: Any = None
 
     # -- admission ---------------------------------------------------------------------
     def authorize(self, request: Any) -> Grant:
-        """A session's grant from its token: signed by the pinned key, for this device, unexpired.
+        """A session's grant from its token: signed by the pinned key, for this device,
+        unexpired, and of a lease that has not ended.
 
         The session lasts until the lease's expiry plus one heartbeat (see `heartbeat`)."""
         if self.public_key is None:
@@ -56,27 +68,46 @@ class Registrar:
                             "try again shortly")
         claims = tokens.verify(request.token, self.public_key, server=self.server.name,
                                device=request.device_index)
+        with self._lock:
+            if claims.lease_id in self.revoked:
+                raise LeaseError(f"lease {claims.lease_id} has ended; its tokens are no longer "
+                                 "accepted (harp attach for a new lease)")
+        ends = claims.lease_expires_at or claims.expires_at
         return Grant(device_index=claims.device, memory_quota=claims.memory or None,
                      share=claims.share, lease_id=claims.lease_id,
-                     expires_at=claims.expires_at + self.heartbeat_s)
+                     expires_at=ends + self.heartbeat_s)
+
+    def revoke(self, lease_id: str) -> None:
+        """A lease is over: end its sessions now, and refuse its tokens while they live."""
+        with self._lock:
+            now = time.time()
+            self.revoked = {k: v for k, v in self.revoked.items() if v > now}
+            self.revoked[lease_id] = now + self.token_ttl_s + self.heartbeat_s
+        self.server.set_lease_expiry(lease_id, 0.0)
 
     # -- lifetime ----------------------------------------------------------------------
     def start(self, wait_s: float = 10.0) -> None:
-        """Register (retrying until `wait_s`), then heartbeat in the background."""
+        """Register (retrying until `wait_s`), then heartbeat and watch in the background."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
                 self.register()
                 break
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.PERMISSION_DENIED:
+                    raise AuthError(f"the scheduler refused this pool server: "
+                                    f"{exc.details()}") from None
                 if time.monotonic() >= deadline:
                     log.warning("scheduler unreachable (%s); will keep trying", exc.code())
                     break
                 time.sleep(self.retry_s)
         self._thread.start()
+        self._watcher.start()
 
     def stop(self) -> None:
         self._stop.set()
+        if self._watch_call is not None:
+            self._watch_call.cancel()
         if self._thread.is_alive():
             self._thread.join(5)
         self.channel.close()
@@ -96,26 +127,35 @@ class Registrar:
             return
         self.public_key = key
         self.heartbeat_s = reply.heartbeat_interval_s or self.heartbeat_s
+        self.token_ttl_s = reply.token_ttl_s or self.token_ttl_s
         log.info("registered with the scheduler as %s (key %s)", self.server.name,
                  reply.scheduler_key_id)
 
     def heartbeat(self) -> None:
-        sessions = self.server.session_records()
-        lease_ids = sorted({s.lease_id for s in sessions if s.lease_id})
-        used = self.server.memory_used()
+        records = self.server.session_records()
+        lease_ids = sorted({s.lease_id for s in records if s.lease_id})
+        stats = [pb.SessionStats(
+            session=s["session"], identity=s["identity"], lease_id=s["lease"],
+            device=s["device"], share=s["share"], device_time_s=s["device_time_s"],
+            memory_used=s["memory_used"], bytes_in=s["bytes_in"], bytes_out=s["bytes_out"],
+            idle_s=s["idle_s"], isolation=s["isolation"]) for s in self.server.session_stats()]
         reply = self.stub.Heartbeat(pb.HeartbeatRequest(
-            name=self.server.name, instance=self.instance, sessions=len(sessions),
-            memory_used=used, lease_ids=lease_ids), timeout=10)
+            name=self.server.name, instance=self.instance, sessions=len(records),
+            memory_used=self.server.memory_used(), lease_ids=lease_ids, session_stats=stats),
+            timeout=10)
         if reply.unknown:
             log.info("the scheduler does not know this server; registering again")
             self.register()
             return
         self.draining = reply.draining
         for status in reply.leases:
-            # Renewals reach this server only by heartbeat: an active lease gets one
-            # heartbeat of grace, so a renewed lease is never cut between two of them.
-            expires = status.expires_at + self.heartbeat_s if status.state == "active" else 0.0
-            self.server.set_lease_expiry(status.lease_id, expires)
+            if status.state == "active":
+                # Renewals reach this server only by heartbeat: an active lease gets one
+                # heartbeat of grace, so a renewed lease is never cut between two of them.
+                self.server.set_lease_expiry(status.lease_id,
+                                             status.expires_at + self.heartbeat_s)
+            else:
+                self.revoke(status.lease_id)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.heartbeat_s if self.public_key else self.retry_s):
@@ -128,3 +168,24 @@ class Registrar:
                 log.debug("scheduler unreachable (%s); sessions go on", exc.code())
             except LeaseError as exc:
                 log.warning("heartbeat: %s", exc)
+
+    def _watch_loop(self) -> None:
+        """Hear of ended leases as they end; after a break, start again (and catch up by
+        the next heartbeat)."""
+        while not self._stop.is_set():
+            if self.public_key is None:
+                self._stop.wait(self.retry_s)
+                continue
+            try:
+                self._watch_call = self.stub.Watch(pb.WatchRequest(
+                    name=self.server.name, instance=self.instance))
+                for status in self._watch_call:
+                    if status.state != "active":
+                        log.info("lease %s is %s: ending its sessions", status.lease_id,
+                                 status.state)
+                        self.revoke(status.lease_id)
+            except grpc.RpcError as exc:
+                if self._stop.is_set():
+                    return
+                log.debug("revocation stream broke (%s); reconnecting", exc.code())
+            self._stop.wait(self.retry_s)

@@ -38,7 +38,7 @@ from harp.tenancy import Ledger, Tenancy
 from harp.transport import serve, server_options
 
 from . import malloc
-from .executor import ElasticExecutor
+from harp.executor import ElasticExecutor
 from .fairshare import DeviceArbiter
 from .hosts import SessionEnded, SessionHost, ThreadHost, WorkerHost
 from .workers import ControlLoop, WorkerPool

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from .. import security
 from ..output import emit_json, table
+from .common import positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -15,12 +16,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     init = sub.add_parser("init", help="create the pool CA")
     init.add_argument("--name", default="HARP pool CA")
     init.add_argument("--overwrite", action="store_true", help="replace an existing CA")
-    issue = sub.add_parser("issue", help="issue a server or client certificate from the CA")
-    issue.add_argument("role", choices=["server", "client"])
-    issue.add_argument("name", help="certificate name (files NAME.pem and NAME.key)")
+    issue = sub.add_parser("issue", help="issue a certificate from the CA: a pool server's "
+                                         "(server), a user's (client) or an operator's (admin)")
+    issue.add_argument("role", choices=["server", "client", "admin"],
+                       help="server: a pool server, registering under NAME; client: a user, "
+                            "who sees and ends only its own leases; admin: every lease, drain")
+    issue.add_argument("name", help="the holder's identity, and the file names NAME.pem and "
+                                    "NAME.key")
     issue.add_argument("--san", action="append", default=[],
                        help="extra DNS name or IP the server is reached by (repeatable)")
-    issue.add_argument("--days", type=int, default=825)
+    issue.add_argument("--days", type=positive_int, default=825,
+                       help="days the certificate is valid (default 825)")
     issue.add_argument("--overwrite", action="store_true")
     ls = sub.add_parser("ls", help="list the certificates in the directory")
     ls.add_argument("--json", action="store_true")

@@ -19,11 +19,14 @@ from .. import catalog
 from ..device import Device
 from ..types import Scalar
 from ..output import emit_json, table
+from .common import positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=int, default=1 << 20, help="vector length (default 1Mi)")
-    p.add_argument("--gemm", type=int, default=256, help="matrix size for gemm (default 256)")
+    p.add_argument("--size", type=positive_int, default=1 << 20,
+                   help="vector length (default 1048576)")
+    p.add_argument("--gemm", type=positive_int, default=256,
+                   help="matrix size for gemm (default 256)")
     p.add_argument("--local-only", action="store_true", help="skip the embedded pool server")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
 
@@ -55,7 +58,8 @@ def workload(device: Device, n: int, m: int, seed: int = 0) -> dict[str, Any]:
     device.launch(axpy, 256, 256, [dy, dx, alpha, n64])
     device.launch(mul, 256, 256, [dz, dx, dy, n64])
     device.launch(rsum, 1, 256, [ds, dz, n64])
-    device.launch(gemm, (m // 16, m // 16), (16, 16), [dc, da, db, m64, m64, m64,
+    tiles = -(-m // 16)
+    device.launch(gemm, (tiles, tiles), (16, 16), [dc, da, db, m64, m64, m64,
                                                        np.float32(1), np.float32(0)])
     device.synchronize()
     t["kernels"] = time.perf_counter() - t1
@@ -85,11 +89,14 @@ def _embedded_pool(tmp: Path, results: list, args: argparse.Namespace) -> None:
     from harp.backends import load_backend
     from harp.client import SchedulerClient
     from harp.scheduler import open_scheduler
-    from harp.security import channel_credentials, ephemeral_pool, server_credentials
+    from harp.security import (TlsFiles, channel_credentials, ephemeral_pool, issue,
+                               server_credentials)
     from harp.server import PoolServer
     from harp.server.registration import Registrar
 
     server_files, client_files = ephemeral_pool(tmp)
+    # the pool server registers under the name its certificate carries
+    demo_files = TlsFiles(server_files.ca, *issue(tmp, "server", "demo", days=1))
     server = PoolServer(load_backend("cpu"), name="demo")
     address = server.start(["127.0.0.1:0"], server_credentials(server_files))[0]
     scheduler = open_scheduler(tmp / "scheduler", heartbeat_s=1.0)
@@ -102,7 +109,7 @@ def _embedded_pool(tmp: Path, results: list, args: argparse.Namespace) -> None:
         import grpc
         from harp.transport import channel_options
         registrar = Registrar(server, grpc.secure_channel(
-            scheduler_address, channel_credentials(server_files), options=channel_options()),
+            scheduler_address, channel_credentials(demo_files), options=channel_options()),
             endpoints=[f"harp://{address}"])
         server.authorizer = registrar.authorize
         registrar.start()

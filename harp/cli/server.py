@@ -3,23 +3,34 @@ from __future__ import annotations
 
 import argparse
 import socket
-import sys
 
-from ..units import parse_size
-from .common import (add_scheduler_options, add_tls_server_options, scheduler_address,
-                     scheduler_client, server_credentials, wait_for_signal)
+from ..errors import ArgumentError
 from ..output import emit_json
+from .common import (add_scheduler_options, add_tls_server_options, count, listen_address,
+                     positive_float, positive_int, say, scheduler_address, scheduler_client,
+                     server_credentials, server_tls, size, wait_for_signal)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
     serve = sub.add_parser("serve", help="serve devices until interrupted")
+    add_serve_arguments(serve)
+    drain = sub.add_parser("drain", help="give a pool server no new leases (--undo: again); "
+                                         "admins only")
+    drain.add_argument("server", help="server name or endpoint")
+    drain.add_argument("--undo", action="store_true")
+    drain.add_argument("--json", action="store_true")
+    add_scheduler_options(drain)
+
+
+def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--backend", default="cpu", help="backend whose devices to serve")
-    serve.add_argument("--listen", action="append", default=[],
+    serve.add_argument("--listen", action="append", default=[], type=listen_address,
                        help="address to listen on, HOST:PORT or unix:/PATH (repeatable; "
                             "default 127.0.0.1:50051; port 0 picks a free one)")
     serve.add_argument("--name", default="",
-                       help="server name, unique in the pool (default: HOST-PORT)")
+                       help="server name, unique in the pool (default: the name in the server "
+                            "certificate; with --scheduler it must be that name)")
     add_tls_server_options(serve, "server")
     serve.add_argument("--scheduler", default=None,
                        help="register with this scheduler and admit only sessions with its "
@@ -28,32 +39,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="endpoint clients should dial, e.g. harp://gpu1.example.org:50051 "
                             "(repeatable; default: the listen addresses)")
     serve.add_argument("--trust-client-code", action="store_true",
-                       help="accept numba-python kernels, which run client Python on this host "
-                            "(development and tests only)")
-    serve.add_argument("--memory", default=None, help="cpu backend: memory per device, e.g. 4GiB")
-    serve.add_argument("--devices", type=int, default=1, help="cpu backend: number of devices")
+                       help="accept kernels as source and compile or run them here "
+                            "(numba-python, cuda-source): for development and tests only")
+    serve.add_argument("--memory", default=None, type=size,
+                       help="cpu backend: memory per device, e.g. 4GiB")
+    serve.add_argument("--devices", type=positive_int, default=1,
+                       help="cpu backend: number of devices")
     serve.add_argument("--isolation", choices=["process", "thread"], default="process",
                        help="process (default): each session in a worker process of its own, "
                             "so tenants cannot reach each other's memory or crash each other; "
                             "thread: sessions share this process (development and benchmarks "
                             "only: it does not isolate tenants)")
-    serve.add_argument("--warm-workers", type=int, default=2,
+    serve.add_argument("--warm-workers", type=count, default=2,
                        help="session worker processes kept started ahead (default 2)")
-    serve.add_argument("--max-sessions", type=int, default=64,
+    serve.add_argument("--max-sessions", type=positive_int, default=64,
                        help="most sessions open at once (default 64)")
-    serve.add_argument("--max-sessions-per-lease", type=int, default=8,
+    serve.add_argument("--max-sessions-per-lease", type=positive_int, default=8,
                        help="most sessions one lease may hold on this server (default 8)")
-    serve.add_argument("--max-sessions-per-identity", type=int, default=32,
+    serve.add_argument("--max-sessions-per-identity", type=positive_int, default=32,
                        help="most sessions one client identity may hold (default 32)")
-    serve.add_argument("--idle-timeout", type=float, default=1800.0,
+    serve.add_argument("--idle-timeout", type=positive_float, default=1800.0,
                        help="end sessions that send nothing for this many seconds (default 1800)")
     serve.add_argument("--trace-dir", default=None,
                        help="record every session into DIR/SESSION.harptrace (harp trace ...)")
-    drain = sub.add_parser("drain", help="give a pool server no new leases (--undo: again)")
-    drain.add_argument("server", help="server name or endpoint")
-    drain.add_argument("--undo", action="store_true")
-    drain.add_argument("--json", action="store_true")
-    add_scheduler_options(drain)
 
 
 def backend_options(args: argparse.Namespace) -> dict:
@@ -61,16 +69,27 @@ def backend_options(args: argparse.Namespace) -> dict:
         return {}
     opts: dict = {"devices": args.devices}
     if args.memory:
-        opts["memory"] = parse_size(args.memory)
+        opts["memory"] = args.memory
     return opts
 
 
 def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
-    """Start a pool server (and its scheduler link) from parsed options; returns (server, registrar)."""
+    """Start a pool server (and its scheduler link) from parsed options; returns
+    (server, registrar, endpoints)."""
     from harp.backends import load_backend
     from harp.errors import BackendError
     from harp.server import PoolServer
 
+    cert_name = ""
+    if not args.insecure:
+        from harp.security import identity_from_pem
+        cert_name = identity_from_pem(server_tls(args).load()[1]).name
+    name = name or args.name or cert_name
+    if args.scheduler and not args.insecure and name != cert_name:
+        raise ArgumentError(
+            f"a pool server registers under the name its certificate carries: {cert_name!r}, "
+            f"not {name!r}; issue one with `harp certs issue server {name}` and pass "
+            f"--cert-name {name}")
     backend = load_backend(args.backend, **backend_options(args))
     ok, reason = backend.available()
     if not ok:
@@ -82,15 +101,14 @@ def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
         trace_dir = Path(args.trace_dir)
         trace_dir.mkdir(parents=True, exist_ok=True)
         wrap = SessionTracer(trace_dir)
-    server = PoolServer(backend, name=name or args.name or "pending",
+    server = PoolServer(backend, name=name or "pending",
                         trust_client_code=args.trust_client_code, max_sessions=args.max_sessions,
-                        max_sessions_per_lease=getattr(args, "max_sessions_per_lease", 8),
-                        max_sessions_per_identity=getattr(args, "max_sessions_per_identity", 32),
-                        idle_timeout_s=getattr(args, "idle_timeout", 1800.0),
-                        isolation=getattr(args, "isolation", "process"),
-                        warm_workers=getattr(args, "warm_workers", 2), wrap_device=wrap)
+                        max_sessions_per_lease=args.max_sessions_per_lease,
+                        max_sessions_per_identity=args.max_sessions_per_identity,
+                        idle_timeout_s=args.idle_timeout, isolation=args.isolation,
+                        warm_workers=args.warm_workers, wrap_device=wrap)
     bound = server.start(args.listen or ["127.0.0.1:50051"], server_credentials(args))
-    if not (name or args.name):
+    if not name:
         tcp = next((a for a in bound if not a.startswith("unix")), bound[0])
         server.name = f"{socket.gethostname()}-{tcp.rpartition(':')[2]}"
     scheme = "harp+insecure" if args.insecure else "harp"
@@ -98,24 +116,24 @@ def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
     registrar = None
     if args.scheduler:
         from harp.client.pool import scheduler_channel
-        from harp.security import tls_files
         from harp.server.registration import Registrar
         # The server's own certificate (server + client usage) proves to the scheduler
-        # that this peer is a pool server.
-        tls = None if args.insecure else tls_files(
-            "server", args.cert_name, directory=args.cert_dir, ca=args.tls_ca,
-            cert=args.tls_cert, key=args.tls_key)
-        registrar = Registrar(server, scheduler_channel(scheduler_address(args), tls=tls,
-                                                         cert_dir=args.cert_dir),
+        # that this peer is the pool server of that name.
+        tls = None if args.insecure else server_tls(args)
+        registrar = Registrar(server, scheduler_channel(scheduler_address(args), tls=tls),
                               endpoints=endpoints)
         server.authorizer = registrar.authorize
-        registrar.start()
+        try:
+            registrar.start()
+        except BaseException:
+            server.stop(grace=0)
+            raise
     return server, registrar, endpoints
 
 
 def run(args: argparse.Namespace) -> int:
     if args.action == "drain":
-        with scheduler_client(args) as scheduler:
+        with scheduler_client(args, admin=True) as scheduler:
             info = scheduler.drain(args.server, undo=args.undo)
         if args.json:
             emit_json(info)
@@ -124,14 +142,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     server, registrar, endpoints = start_pool_server(args)
     for endpoint in endpoints:
-        print(f"HARP pool server {server.name} listening on {endpoint} "
-              f"({server.backend.device_count()} {args.backend} device(s))"
-              + (f", leases from {args.scheduler}" if registrar else ""), flush=True)
-    wait_for_signal()
-    print("stopping: ending sessions", flush=True)
-    if registrar is not None:
-        registrar.stop()
-    server.stop(grace=2.0)
+        say(f"HARP pool server {server.name} listening on {endpoint} "
+            f"({server.backend.device_count()} {args.backend} device(s), "
+            f"{server.isolation} isolation)"
+            + (f", leases from {args.scheduler}" if registrar else ""))
+    try:
+        wait_for_signal()
+    finally:
+        say("stopping: ending sessions")
+        if registrar is not None:
+            registrar.stop()
+        server.stop(grace=2.0)
     return 0
-
-

@@ -33,8 +33,9 @@ class Cluster:
         self.root = root
         self.certs = root / "certs"
         security.init_ca(self.certs)
-        security.issue(self.certs, "server", "server")
+        security.issue(self.certs, "server", "server")       # the scheduler's
         security.issue(self.certs, "client", "client")
+        security.issue(self.certs, "admin", "admin")
         self.data = root / "scheduler"
         self.heartbeat = heartbeat
         self.env = dict(os.environ, HARP_CERT_DIR=str(self.certs),
@@ -53,20 +54,29 @@ class Cluster:
             raise RuntimeError(f"{args[0]} did not start: {line}{proc.stdout.read()}")
         return proc, line
 
-    def start_scheduler(self):
+    def start_scheduler(self, token_ttl=None):
+        extra = ["--token-ttl", str(token_ttl)] if token_ttl else []
         proc, line = self._spawn(["scheduler", "serve", "--listen",
                                   f"127.0.0.1:{self.scheduler_port}", "--data-dir",
                                   str(self.data), "--heartbeat", str(self.heartbeat),
-                                  "--cert-dir", str(self.certs)])
+                                  "--cert-dir", str(self.certs), *extra])
         self.scheduler = proc
         self.url = line.split("listening on ")[1].split()[0]
         self.scheduler_port = int(self.url.rsplit(":", 1)[1])
         self.env["HARP_SCHEDULER"] = self.url
 
-    def start_server(self, name, memory="256MiB", devices=1):
+    def identity(self, role, name):
+        """Certificates for another identity (issued once), and their TLS files."""
+        if not (self.certs / f"{name}.pem").exists():
+            security.issue(self.certs, role, name)
+        return security.tls_files(role, name, directory=self.certs)
+
+    def start_server(self, name, memory="256MiB", devices=1, *extra):
+        self.identity("server", name)        # a pool server registers under its cert's name
         proc, _ = self._spawn(["server", "serve", "--listen", "127.0.0.1:0", "--name", name,
                                "--scheduler", self.url, "--memory", memory,
-                               "--devices", str(devices), "--cert-dir", str(self.certs)])
+                               "--devices", str(devices), "--cert-dir", str(self.certs),
+                               "--cert-name", name, *extra])
         self.servers[name] = proc
         assert wait_until(lambda: any(s["name"] == name and s["state"] == "up"
                                       for s in self.cli("pool", "ls")))
@@ -86,9 +96,9 @@ class Cluster:
             return result
         return json.loads(result.stdout)
 
-    def scheduler_client(self):
+    def scheduler_client(self, tls=None):
         from harp.client import SchedulerClient
-        return SchedulerClient(self.url, tls=self.client_tls)
+        return SchedulerClient(self.url, tls=tls or self.client_tls)
 
     def stop(self):
         for proc in [*self.servers.values(), self.scheduler]:

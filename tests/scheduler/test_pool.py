@@ -233,7 +233,7 @@ def test_cli_commands_against_a_live_scheduler(cluster):
     ended = cluster.cli("detach")
     assert ended["state"] == "ended"
     assert cluster.cli("leases") == []
-    assert cluster.cli("leases", "--all")[0]["state"] == "ended"
+    assert cluster.cli("leases", "--ended")[0]["state"] == "ended"
     undrained = cluster.cli("server", "drain", "p1", "--undo")
     assert undrained["state"] == "up"
     refused = cluster.cli("attach", "--kind", "gpu", check=False)

@@ -1,4 +1,4 @@
-"""A thread pool for gRPC's handlers that gives its threads back when they are idle.
+"""A thread pool for gRPC services that gives its threads back when they are idle.
 
 gRPC's synchronous server runs each session's handler on a thread of the
 executor it is given for the session's whole life. `ThreadPoolExecutor` keeps
