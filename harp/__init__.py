@@ -4,12 +4,20 @@
 """
 from __future__ import annotations
 
-from .catalog import CATALOG_IMAGE
+import os as _os
+
+# gRPC core writes its own log lines (TLS handshake failures, a port in use, ...) to stderr
+# unless told otherwise; HARP reports those failures itself, as typed errors. Set before gRPC
+# loads; GRPC_VERBOSITY=INFO (or DEBUG) brings them back for debugging.
+_os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+
+from .catalog import CATALOG_IMAGE  # noqa: E402
 from .device import Device
 from .errors import (ArgumentError, AuthError, BackendError, DeviceError, HarpError,
                      InternalError, InvalidHandleError, LeaseError, NoCapacityError, OutOfMemoryError,
                      PermissionDeniedError, ProtocolError, QuotaError, TransportError,
                      UnsupportedError, VersionMismatchError)
+from .lease import Lease, LeaseDevice
 from .types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
                     Scalar, Stream)
 
@@ -30,7 +38,7 @@ def __getattr__(name: str):  # noqa: ANN202 - lazy exports, so `import harp` sta
 
 
 __all__ = [
-    "connect", "Device", "CATALOG_IMAGE", "Buffer", "BufferArg", "ArrayArg", "Scalar", "Module",
+    "connect", "Device", "Lease", "LeaseDevice", "CATALOG_IMAGE", "Buffer", "BufferArg", "ArrayArg", "Scalar", "Module",
     "Function", "Stream", "Event", "DeviceInfo", "MemInfo", "HarpError", "ArgumentError",
     "InvalidHandleError", "UnsupportedError", "PermissionDeniedError", "DeviceError",
     "OutOfMemoryError", "QuotaError", "NoCapacityError", "AuthError", "LeaseError", "ProtocolError",

@@ -25,7 +25,8 @@ class ElasticExecutor(futures.Executor):
         self._work: queue.SimpleQueue = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
-        self._idle = 0
+        self._idle = 0               # threads waiting for work
+        self._queued = 0             # work items not yet taken by a thread
         self._shutdown = False
         self._count = 0
 
@@ -35,7 +36,10 @@ class ElasticExecutor(futures.Executor):
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._work.put((future, fn, args, kwargs))
-            if self._idle == 0 and self._threads < self._max:
+            self._queued += 1
+            # Each waiting item needs a thread of its own: gRPC's handlers hold theirs for a
+            # session's life, so an idle thread already promised to an earlier item is none.
+            if self._idle < self._queued and self._threads < self._max:
                 self._threads += 1
                 self._count += 1
                 threading.Thread(target=self._run, name=f"{self._prefix}_{self._count}",
@@ -57,6 +61,8 @@ class ElasticExecutor(futures.Executor):
                         self._threads -= 1
                         return
                     continue
+                if item is not _STOP:
+                    self._queued -= 1
             if item is _STOP:
                 with self._lock:
                     self._threads -= 1

@@ -90,7 +90,10 @@ def main() -> None:
             for f in fds_now:
                 os.close(f)
             children.add(pid)
-            _send(sock, (SPAWNED, request["id"], pid))
+            try:
+                _send(sock, (SPAWNED, request["id"], pid))
+            except OSError:
+                return                                  # the pool server has gone
 
 
 def _reap(sock: socket.socket, children: set[int]) -> None:

@@ -156,7 +156,14 @@ class PoolServer:
                              maximum_concurrent_rpcs=self.max_sessions + 16)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
             "harp.v1.Session", {"Open": grpc.stream_stream_rpc_method_handler(self._serve)}),))
-        bound = serve(server, listen, credentials, (wire.HEALTH_SERVICE,))
+        try:
+            bound = serve(server, listen, credentials, (wire.HEALTH_SERVICE,))
+        except BaseException:
+            if self.workers is not None:
+                self.workers.stop()
+            if self.control is not None:
+                self.control.stop()
+            raise
         self._server, self.addresses = server, bound
         self._reaper = threading.Thread(target=self._reap_loop, name="harp-session-reaper",
                                         daemon=True)

@@ -64,11 +64,15 @@ _PREFIX = {"": 1, "k": 1e3, "K": 1e3, "m": 1e6, "M": 1e6, "g": 1e9, "G": 1e9, "t
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from "200us", "0.5ms", "1s", "150ns" (a bare number is seconds)."""
+    """Seconds from "200us", "0.5ms", "1s", "150ns". The unit is required: a bare "200"
+    could mean microseconds as well as seconds, and the two differ a millionfold."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*(ns|us|µs|μs|ms|s|)\s*",
                      str(text))
     if not m:
         raise ValueError(f"not a duration: {text!r} (examples: 200us, 0.5ms, 2s)")
+    if not m.group(2):
+        raise ValueError(f"a duration needs its unit: {text!r} is ambiguous (write {text}us, "
+                         f"{text}ms or {text}s)")
     return float(m.group(1)) * _DURATION[m.group(2)]
 
 

@@ -212,19 +212,23 @@ def _claim_trace(path: str) -> str:
     return str(p)
 
 
-def open_from_env() -> tuple[Device, str]:
+def open_from_env(environ: Any = None, *, trace: bool = True) -> tuple[Device, str]:
     """Open the device `harp run` named (`HARP_RUN_DEVICE`), else `harp.connect()`'s default.
 
     Local targets are opened with `trust_client_code=True`: the numba-python kernels
-    a local cpu device runs are this process's own code.
+    a local cpu device runs are this process's own code. `environ`: where to read the
+    variables (default `os.environ`); `trace=False` records nothing (`harp run`'s check).
     """
     import harp
     from harp.runenv import ENV_CERT_DIR, ENV_DEVICE, ENV_TRACE
-    target = os.environ.get(ENV_DEVICE) or os.environ.get("HARP_DEVICE") or None
+    env = os.environ if environ is None else environ
+    target = env.get(ENV_DEVICE) or env.get("HARP_DEVICE") or None
     options: dict[str, Any] = {}
-    trace = os.environ.get(ENV_TRACE)
-    if trace:
-        options["trace"] = _claim_trace(trace)
+    trace_to = env.get(ENV_TRACE) if trace else None
+    if trace_to:
+        options["trace"] = _claim_trace(trace_to)
+    elif not trace:
+        options["trace"] = False
     if target is None or target == "lease":
         return harp.connect(**options), "the stored lease"
     if target.startswith("lease:"):
@@ -232,8 +236,8 @@ def open_from_env() -> tuple[Device, str]:
         return harp.connect(Lease.load(Path(target[len("lease:"):])), **options), target
     if target.startswith("local:"):
         return harp.connect(target, trust_client_code=True, **options), target
-    if os.environ.get(ENV_CERT_DIR):
-        options["cert_dir"] = os.environ[ENV_CERT_DIR]
+    if env.get(ENV_CERT_DIR):
+        options["cert_dir"] = env[ENV_CERT_DIR]
     return harp.connect(target, **options), target
 
 

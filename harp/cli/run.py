@@ -162,11 +162,32 @@ def _warn_other_interpreter(program: str) -> None:
               "(run `harp run --install-hook` with its harp)", file=sys.stderr)
 
 
+def check_device(env: dict[str, str]) -> None:
+    """Open and close the device the program will get, so that a wrong name, an
+    unreachable server or a stale lease is one line here, before the program starts."""
+    from harp.client.numba_shim.session import open_from_env
+    saved = {k: os.environ.get(k) for k in ("HARP_TLS_CA", "HARP_TLS_CERT", "HARP_TLS_KEY")}
+    os.environ.update({k: env[k] for k in saved if k in env})
+    try:
+        device, what = open_from_env(env, trace=False)
+        device.close()
+    except HarpError as exc:
+        raise HarpError(f"cannot open the device for the program ({env[runhook.ENV_DEVICE]}): "
+                        f"{exc}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run(args: argparse.Namespace) -> int:
     if args.install_hook:
         print(f"harp run: start-up hook installed in {ensure_hook()}")
         return 0
     command, env = prepare(args)
+    check_device(env)
     program = shutil.which(command[0], path=env.get("PATH")) or command[0]
     _warn_other_interpreter(program)
     sys.stdout.flush()

@@ -25,10 +25,13 @@ def test_a_refused_sync_call_raises_earlier_failures_first(device):
 
 
 def test_close_drops_queued_work_and_frees_at_once(device):
+    """The one close rule of every device: close does not wait for queued work; it drops
+    what has not started, and the session's calls end. (On a GPU, work already handed to
+    the device may finish after close; its memory is reused only after it.)"""
     cupy = sys.modules.get("cupy")
     if device.info.backend == "cuda" and "fake_cupy" in str(getattr(cupy, "__file__", "")):
-        pytest.skip("the host stand-in for CuPy runs each kernel as it is launched: "
-                    "there is no queue to drop")
+        pytest.skip("the host stand-in for CuPy runs each kernel when it is launched: its work "
+                    "waits in front of the close, not in a device queue that close can drop")
     s = device.stream()
     ev = device.event()
     other = device.stream()

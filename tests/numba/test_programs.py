@@ -141,6 +141,7 @@ def test_program_through_a_lease_from_the_scheduler(tmp_path, program_runs):
     certs = tmp_path / "certs"
     security.init_ca(certs)
     security.issue(certs, "server", "server")
+    security.issue(certs, "server", "trusted")      # the pool server's: its name is its cert's
     security.issue(certs, "client", "client")
     env = base_env(HARP_CERT_DIR=str(certs), HARP_LEASE=str(tmp_path / "stored.json"),
                    XDG_CONFIG_HOME=str(tmp_path / "cfg"))
@@ -160,7 +161,7 @@ def test_program_through_a_lease_from_the_scheduler(tmp_path, program_runs):
         env["HARP_SCHEDULER"] = url
         spawn("server", "serve", "--listen", "127.0.0.1:0", "--name", "trusted",
               "--scheduler", url, "--memory", "256MiB", "--trust-client-code",
-              "--cert-dir", str(certs))
+              "--cert-dir", str(certs), "--cert-name", "trusted")
         lease = tmp_path / "lease.json"
         for _ in range(50):   # the server registers with its first heartbeat
             attach = run([HARP, "attach", "--kind", "cpu", "--memory", "128MiB", "--save",

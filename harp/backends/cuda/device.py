@@ -73,7 +73,7 @@ from ... import catalog
 from ...device import Device, Dims
 from ...errors import (ArgumentError, DeviceError, HarpError, InvalidHandleError,
                        OutOfMemoryError, PermissionDeniedError, QuotaError, UnsupportedError)
-from ...frontend import (DeferredErrors, HandleIds, as_bytes_view, check_buffer, check_copy,
+from ...frontend import (DeferredErrors, HandleIds, bound_message, as_bytes_view, check_buffer, check_copy,
                          check_count, check_dims, check_event, check_fill, check_format,
                          check_function, check_image, check_kernel_name, check_module,
                          check_range, check_stream, normalize_args, out_view)
@@ -110,7 +110,11 @@ class _Errors(DeferredErrors):
     def add(self, error: HarpError, call: str, seq: int) -> None:
         if error.call is None:
             error.call, error.seq = call, seq
+        bound_message(error)
         with self._lock:
+            if len(self._errors) >= self.MAX_KEPT:
+                self._dropped += 1
+                return
             i = len(self._errors)
             while i and (self._errors[i - 1].seq or 0) > (error.seq or 0):
                 i -= 1
@@ -788,25 +792,35 @@ class CudaDevice(Device):
 
     # -- lifetime --------------------------------------------------------------
     def close(self) -> None:
+        """End the session without waiting for its work (the one close rule of every
+        device): nothing more of it is issued, and its memory is given back at once; what
+        the GPU already has in hand may still run, so each block, pinned buffer and module
+        is released to the card's pools only once a fence recorded now has passed (no other
+        session is handed memory that work of this one still touches)."""
         if self._closed:
             return
         self._closed = True
         card = self._card
         with contextlib.ExitStack() as current:
+            fences: list[Any] = []
             try:
                 current.enter_context(card.use())
-            except Exception:       # a lost context may refuse even that
-                pass
-            try:
                 if card.broken is None:
-                    for state in self._streams.values():
-                        state.stream.synchronize()     # close waits for the session's work
-            except Exception:       # a lost context: nothing more can be done on the GPU
-                pass
+                    fences = self._fences()
+            except Exception:       # a lost context: nothing more runs on the GPU anyway
+                fences = []
+            try:
+                if fences:
+                    self._staging.retire_all()
+                else:
+                    self._staging.forget()
+                # one retirement for all (each fence is recycled once, when it has passed)
+                owners = tuple([m.owner for m in self._buffers.values() if m.owner is not None]
+                               + [x.module for x in self._modules.values()
+                                  if x.module is not None])
+                card.retire(owners or None, sum(m.size for m in self._buffers.values()),
+                            fences)
             finally:
-                self._staging.forget()
-                for mem in self._buffers.values():
-                    card.retire(mem.owner, mem.size, [])
                 self._buffers.clear()
                 self._used = 0
                 self._memory.close()
@@ -814,8 +828,9 @@ class CudaDevice(Device):
                     self._gate.close()
                 self._timed.clear()
                 self._spare_timers.clear()
-                # CuPy destroys streams, events and modules when their last reference goes:
-                # drop them here, with this GPU current.
+                # CuPy destroys streams and events when their last reference goes (a stream
+                # with work queued is destroyed once the work is done): drop them here, with
+                # this GPU current.
                 self._functions.clear()
                 self._modules.clear()
                 self._events.clear()

@@ -119,6 +119,14 @@ class Staging:
             done.append(fence)
         self.card.recycle(done)
 
+    def retire_all(self) -> None:
+        """The session is closing without waiting: each pinned block goes back to the pool
+        once the copy that reads or fills it has passed its fence."""
+        for fence, block, _ in self._inflight:
+            self.card.retire(block, 0, [fence])
+        self._inflight.clear()
+        self._inflight_bytes = 0
+
     def forget(self) -> None:
         """Drop the bookkeeping (every stream has been synchronised, or the session is over)."""
         self.card.recycle([fence for fence, _, _ in self._inflight])
