@@ -25,6 +25,9 @@ Measurements (the client is this process unless said otherwise):
   4. the naive design: one unary gRPC call per launch.
   5. the local path: harp.connect("local:cpu") vs CpuBackend().open(0) directly
      (in-process): noop launches/s and 1 MiB write+synchronize/s.
+  6. isolation: the same pool server with sessions in worker processes (the default)
+     beside one with --isolation thread, interleaved: async launches, synchronize(),
+     bulk write and read, and connect-to-first-sync (what the relay costs).
 See benchmarks/README.md for what each row compares and how to read it.
 
 Usage:
@@ -499,16 +502,16 @@ class Watchdog:
         t.start()
 
 
-def harp_server_argv(cert_dir, memory="2GiB"):
+def harp_server_argv(cert_dir, memory="2GiB", extra=()):
     exe = os.path.join(os.path.dirname(sys.executable), "harp")
     head = [exe] if os.path.exists(exe) else \
         [sys.executable, "-c", "import sys; from harp.cli.main import main; sys.exit(main())"]
     return head + ["server", "serve", "--listen", "127.0.0.1:0", "--cert-dir", cert_dir,
-                   "--memory", memory]
+                   "--memory", memory, *extra]
 
 
-def start_harp_server(cert_dir, children, prefix=(), memory="2GiB"):
-    c = Child("harp server", list(prefix) + harp_server_argv(cert_dir, memory))
+def start_harp_server(cert_dir, children, prefix=(), memory="2GiB", extra=()):
+    c = Child("harp server", list(prefix) + harp_server_argv(cert_dir, memory, extra))
     children.append(c)
     line = c.wait_line(lambda ln: "listening on harp://" in ln, 60)
     url = line.split("listening on ")[1].split()[0]
@@ -786,6 +789,60 @@ class Bench:
             dev.close()
             ch.close()
 
+    # -- 6. process vs thread isolation --------------------------------------------------
+    def sec_isolation(self):
+        """The relay's cost: the same calls against a server whose sessions run in worker
+        processes and against one whose sessions run in its own process, interleaved."""
+        import numpy as np
+        import harp
+        a = self.a
+        _, cli = tls_paths(self.a.cert_dir)
+        urls = {"process": self.url, "thread": self.thread_url}
+        n = a.bulk
+        data = np.frombuffer(os.urandom(MiB) * (n // MiB), np.uint8)
+        out = np.empty(n, np.uint8)
+        launches = self.meta.get("launch_n") or 200_000
+
+        def connect_time(url):
+            t0 = time.perf_counter()
+            with harp.connect(url, tls=cli) as dev:
+                dev.synchronize()
+                return time.perf_counter() - t0
+
+        def one_mode(mode):
+            url = urls[mode]
+            times = sorted(connect_time(url) for _ in range(3))
+            self.put(f"{mode}: connect + first sync", 1 / times[1], "connect/s")
+            with harp.connect(url, tls=cli) as dev:
+                noop = dev.function(dev.load_module(harp.CATALOG_IMAGE, "catalog"), "noop")
+                dev.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(launches):
+                    dev.launch(noop, 1, 1, [])
+                dev.synchronize()
+                self.put(f"{mode}: async launches", launches / (time.perf_counter() - t0),
+                         "launch/s")
+                self.put(f"{mode}: synchronize()", timed_rate(dev.synchronize, a.dur), "rt/s")
+                buf = dev.alloc(n)
+                dev.write(buf, 0, data)                 # fault the worker's pages in
+                dev.synchronize()
+                t0 = time.perf_counter()
+                dev.write(buf, 0, data)
+                dev.synchronize()
+                self.put(f"{mode}: bulk write", n / (time.perf_counter() - t0) / 1e9, "GB/s")
+                t0 = time.perf_counter()
+                dev.read(buf, 0, n, out=out)
+                self.put(f"{mode}: bulk read", n / (time.perf_counter() - t0) / 1e9, "GB/s")
+
+        one_mode("process")                              # warm both servers
+        one_mode("thread")
+        for key in [k for k in self.series if k.startswith(("process:", "thread:"))]:
+            del self.series[key]
+        for i in range(a.reps):
+            log("  isolation rep %d/%d" % (i + 1, a.reps))
+            for mode in (("process", "thread") if i % 2 == 0 else ("thread", "process")):
+                one_mode(mode)
+
     # -- 5. local path ---------------------------------------------------------------
     def sec_local(self):
         import harp
@@ -890,8 +947,9 @@ class Bench:
         from harp.security import ephemeral_pool
         from pathlib import Path
         ephemeral_pool(Path(a.cert_dir))
-        sections = [s for s in ("bulk", "sync", "launch", "local") if s in a.sections]
-        remote = any(s in sections for s in ("bulk", "sync", "launch"))
+        sections = [s for s in ("bulk", "sync", "launch", "isolation", "local")
+                    if s in a.sections]
+        remote = any(s in sections for s in ("bulk", "sync", "launch", "isolation"))
         try:
             if remote:
                 self.dog.arm(120, "server start-up")
@@ -902,6 +960,9 @@ class Bench:
                 raw_env = dict(os.environ, OPENSSL_CONF=suite_conf(
                     a.cert_dir, suite or "TLS_AES_128_GCM_SHA256"))
                 self.harp_server, self.url = start_harp_server(a.cert_dir, self.children)
+                if "isolation" in sections:
+                    _, self.thread_url = start_harp_server(
+                        a.cert_dir, self.children, extra=["--isolation", "thread"])
                 _, ready = start_role("grpc-server", a, self.children)
                 self.grpc_port = ready[0]
                 if "bulk" in sections:
@@ -912,6 +973,8 @@ class Bench:
             budgets = {"bulk": 60 + 16 * a.reps * a.bulk / (256 * MiB),
                        "sync": 40 + 6 * a.reps * a.dur,
                        "launch": 60 + 10 * a.reps * max(a.launch_s, a.dur),
+                       "isolation": 90 + 2 * a.reps * (30 * a.bulk / (256 * MiB) + 4 * a.dur
+                                                         + 2 * a.launch_s),
                        "local": 40 + 20 * a.reps * a.local_s}
             for s in sections:
                 log("[%s] ..." % s)
@@ -980,6 +1043,16 @@ def row_specs(per):
         ("async launches (noop)", "harp async launches",
          "bare gRPC pipelined 64B records, %d/msg" % per,
          "bare gRPC pipelined 64B recs, %d/msg" % per, None),
+        ("isolation: async launches", "process: async launches", "thread: async launches",
+         "thread isolation, same run", 0.9),
+        ("isolation: synchronize()", "process: synchronize()", "thread: synchronize()",
+         "thread isolation, same run", 0.9),
+        ("isolation: bulk write", "process: bulk write", "thread: bulk write",
+         "thread isolation, same run", 0.9),
+        ("isolation: bulk read", "process: bulk read", "thread: bulk read",
+         "thread isolation, same run", 0.9),
+        ("isolation: connect + first sync (1/s)", "process: connect + first sync",
+         "thread: connect + first sync", "thread isolation, same run", 1 / 1.5),
         ("local: noop launches", "local connect noop launches", "local backend noop launches",
          "CpuBackend().open(0) direct", 0.97),
         ("local: 1MiB write+sync", "local connect 1MiB write+sync",
@@ -1023,6 +1096,10 @@ def target_text(meas, target):
         return "within 3%"
     if target == 1.0:
         return ">= 100k/s"
+    if meas.startswith("isolation: connect"):
+        return "time <= 1.5x"
+    if meas.startswith("isolation"):
+        return "within 10%"
     return ">= %gx" % target
 
 
@@ -1320,8 +1397,8 @@ def main():
     ap.add_argument("--placement", choices=["split", "free"], default="split",
                     help="split (default on 2+ cores): servers on core 0, clients on core 1, "
                          "for HARP and every limit alike, so runs compare; free: unpinned")
-    ap.add_argument("--sections", default="bulk,sync,launch,local",
-                    help="comma list of: bulk, sync, launch, local")
+    ap.add_argument("--sections", default="bulk,sync,launch,isolation,local",
+                    help="comma list of: bulk, sync, launch, isolation, local")
     ap.add_argument("--bulk-mib", type=int, default=None, help="bulk size (default 256; quick 64)")
     ap.add_argument("--dur", type=float, default=None,
                     help="seconds per rate measurement (default 1.0; quick 0.3)")

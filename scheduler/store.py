@@ -244,7 +244,8 @@ class SqliteStore:
                 raise LeaseError(f"unknown lease {lease_id}")
             if lease.state != "active":
                 raise LeaseError(f"lease {lease_id} is {lease.state}"
-                                 + (f": {lease.reason}" if lease.reason else ""))
+                                 + (f": {lease.reason}" if lease.reason else "")
+                                 + "; attach a new one (harp attach)")
             if lease.expires_at <= now:
                 self._end(db, lease_id, "expired", "not renewed in time", now)
                 raise LeaseError(f"lease {lease_id} has expired")

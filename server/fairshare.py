@@ -163,6 +163,14 @@ class SessionGate(ComputeGate):
 
     # -- the session's side ------------------------------------------------------------
     def enter(self) -> None:
+        with self._cond:                              # the common case: ours, nobody waits
+            if self._holding and not self._revoked:
+                self._running += 1
+                self._idle = False
+                return
+        self._enter_slow()
+
+    def _enter_slow(self) -> None:
         while True:
             todo: list = []
             with self._cond:
@@ -190,6 +198,8 @@ class SessionGate(ComputeGate):
             self._used += device_ns
             self._uncharged += device_ns
             self.device_ns += device_ns
+            if not self._revoked and self._uncharged < self.CHARGE_NS:
+                return                                # the common case
             if self._holding and self._revoked and self._running == 0 and \
                     self._used >= self.slice_ns:
                 # Busy still (it would go idle through `idle()`): back in line at once, so

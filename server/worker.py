@@ -96,12 +96,13 @@ class Worker:
                            [self.writes.fd, self.reads.fd])
         from harp.backends import load_backend
         backend = load_backend(self.spec["backend"], **self.spec.get("options", {}))
-        kind, body = self.data.recv()               # a warm worker waits here
-        if kind != ipc.OPEN:
-            return
+        # started while warm, so that opening a session costs only the open
         threading.Thread(target=self._control_loop, name="harp-worker-control",
                          daemon=True).start()
         threading.Thread(target=self._tick_loop, name="harp-worker-tick", daemon=True).start()
+        kind, body = self.data.recv()               # a warm worker waits here
+        if kind != ipc.OPEN:
+            return
         self._open(backend, ipc.unpack(body))
         if self.session is not None:
             self._serve()

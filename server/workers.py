@@ -99,6 +99,7 @@ class WorkerPool:
         self._stopping = False
         self._starting = 0
         self._refill: threading.Thread | None = None
+        self._last_take = 0.0
         self.started = 0
 
     def start(self) -> None:
@@ -119,6 +120,7 @@ class WorkerPool:
     def take(self, timeout: float = 30.0) -> WorkerProcess:
         """A ready worker: a warm one, else a new one started now."""
         with self._cond:
+            self._last_take = time.monotonic()
             if self._ready:
                 worker = self._ready.popleft()
                 self._cond.notify_all()          # the refill thread starts a replacement
@@ -166,6 +168,10 @@ class WorkerPool:
         return WorkerProcess(self.forks, data, ctl, ipc.SlotRing(fds[0], chunk),
                              ipc.SlotRing(fds[1], chunk), pid)
 
+    #: A replacement is started this long after a worker is taken (unless none is left), so
+    #: its start-up does not compete for the CPU with the session just opened on the other.
+    REFILL_DELAY_S = 0.25
+
     def _refill_loop(self) -> None:
         while True:
             with self._cond:
@@ -173,6 +179,10 @@ class WorkerPool:
                     self._cond.wait()
                 if self._stopping:
                     return
+                wait = self._last_take + self.REFILL_DELAY_S - time.monotonic()
+                if self._ready and wait > 0:
+                    self._cond.wait(wait)
+                    continue
             try:
                 worker = self.spawn()
             except Exception as exc:   # keep trying, slowly: the next session starts its own

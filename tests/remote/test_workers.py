@@ -152,7 +152,7 @@ def test_a_closed_session_gives_its_memory_back(fresh_pool):
         rss = _rss_kib(pid)
         assert rss > 64 << 10                            # the worker holds the bytes
     assert _wait_until(lambda: not _alive(pid), 10)      # and its exit gives them back
-    assert fresh_pool.server.ledger.used(0) == 0
+    assert _wait_until(lambda: fresh_pool.server.ledger.used(0) == 0, 5)
 
 
 def _rss_kib(pid):

@@ -15,6 +15,7 @@ import numpy as np
 
 from ... import catalog
 from ...errors import ArgumentError, DeviceError, UnsupportedError
+from ...types import BufferArg, Scalar
 
 Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
 
@@ -70,7 +71,6 @@ SIZE_PARAMS = frozenset(("n", "m", "k"))
 
 def check_catalog_args(kernel: catalog.Kernel, args: Sequence[Any]) -> None:
     """Check the argument kinds and scalar dtypes against the catalog signature."""
-    from ...types import BufferArg, Scalar
     params = kernel.op.params
     if len(args) != len(params):
         raise ArgumentError(f"{kernel.name} takes {len(params)} arguments "

@@ -74,7 +74,7 @@ class Executor:
         self._on_error = on_error
         self._on_idle = on_idle
         self._max = threads
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())
         self._ready: deque[StreamQueue] = deque()
         self._threads = 0
         self._idle_threads = 0
@@ -172,6 +172,7 @@ class StreamQueue:
         self._submitted = 0
         self._completed = 0
         self._drained = threading.Condition(threading.Lock())
+        self._waiters = 0                # threads in drain()
 
     @property
     def idle(self) -> bool:
@@ -181,18 +182,27 @@ class StreamQueue:
     def submit(self, call: str, seq: int, op: Callable[..., Any], *args: Any,
                nbytes: int = 0) -> None:
         """Queue `op(*args)`; if it raises, the error is recorded against (call, seq).
-        `nbytes` of payload it keeps count against the session's queued-bytes bound."""
+        `nbytes` of payload it keeps count against the session's queued-bytes bound.
+
+        The executor's lock is taken only when the stream has to be put in line: appending
+        to the deque is atomic, and the thread running the stream checks it once more after
+        it lets go (see `_run_burst`)."""
         ex = self.executor
         if nbytes:
             ex.hold_bytes(nbytes)
+        if ex._cancelled:
+            if nbytes:
+                ex.drop_bytes(nbytes)
+            return
+        self._submitted += 1
+        self._ops.append((call, seq, op, args, nbytes))
+        if not self._scheduled:
+            self._put_in_line()
+
+    def _put_in_line(self) -> None:
+        ex = self.executor
         with ex._cond:
-            if ex._cancelled:
-                if nbytes:
-                    ex.drop_bytes(nbytes)
-                return
-            self._submitted += 1
-            self._ops.append((call, seq, op, args, nbytes))
-            if not self._scheduled:
+            if not self._scheduled and not ex._cancelled:
                 self._scheduled = True
                 ex._schedule(self)
 
@@ -206,8 +216,12 @@ class StreamQueue:
             return
         target = self._submitted
         with self._drained:
-            while self._completed < target and not self.executor.cancelled:
-                self._drained.wait(0.5)
+            self._waiters += 1
+            try:
+                while self._completed < target and not self.executor.cancelled:
+                    self._drained.wait(0.5)
+            finally:
+                self._waiters -= 1
 
     def _drop(self) -> None:
         dropped = 0
@@ -225,21 +239,22 @@ class StreamQueue:
         ex = self.executor
         ops = self._ops
         for _ in range(BURST):
-            with ex._cond:
-                if ex._cancelled:
-                    return
-                if not ops:
+            if ex._cancelled:
+                return
+            if not ops:
+                with ex._cond:
                     self._scheduled = False
-                    return
-                call, seq, op, args, nbytes = ops[0]
-                if op is _Wait:
-                    recording = args[0]
-                    if recording.when_done(lambda: ex.wake(self)):
-                        return                       # parked: the recording wakes us
-                    ops.popleft()
-                    self._finish(0)
-                    continue
+                if ops:                              # one came while we let go: run on
+                    self._put_in_line()
+                return
+            call, seq, op, args, nbytes = ops[0]
+            if op is _Wait:
+                if args[0].when_done(lambda: ex.wake(self)):
+                    return                           # parked: the recording wakes us
                 ops.popleft()
+                self._finish(0)
+                continue
+            ops.popleft()
             try:
                 op(*args)
             except BaseException as exc:  # reported at the session's next sync call
@@ -250,12 +265,14 @@ class StreamQueue:
             if ops and not ex._cancelled:
                 ex._schedule(self)
             else:
-                self._scheduled = bool(ops) and not ex._cancelled
+                self._scheduled = False
+        if ops and not self._scheduled:
+            self._put_in_line()
 
     def _finish(self, nbytes: int) -> None:
         self._completed += 1
         if nbytes:
             self.executor.drop_bytes(nbytes)
-        if self._completed == self._submitted:
+        if self._completed == self._submitted and self._waiters:
             with self._drained:
                 self._drained.notify_all()
