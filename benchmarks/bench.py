@@ -63,7 +63,7 @@ Q = struct.Struct("<Q")
 MSG64 = b"m" * 64
 REC64 = b"r" * 64
 
-#: Options of the bare gRPC channels and server (as in /work/shared/limits.py).
+#: Options of the bare gRPC channels and server (as in the transport-limits probe).
 GRPC_OPTS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
 LAUNCH_TARGET = 100_000.0

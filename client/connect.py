@@ -13,10 +13,11 @@ import grpc
 
 from harp.errors import ArgumentError, AuthError, TransportError
 from harp.security import TlsFiles, channel_credentials, tls_files
-from harp.transport import KEEPALIVE_S, channel_options, diagnose_tls, is_loopback
+from harp.transport import (KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, channel_options, diagnose_tls,
+                            is_loopback)
 
 from .address import parse_address
-from .remote import LIVENESS_S, RemoteDevice
+from .remote import RemoteDevice
 
 if TYPE_CHECKING:
     from harp.lease import Lease
@@ -77,17 +78,20 @@ def connect_lease(lease: "Lease", *, index: int = 0, tls: TlsFiles | None = None
 def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | Path | None = None,
                    device_index: int = 0, token: str = "", client_name: str = "",
                    server_name: str | None = None, connect_timeout: float = 10.0,
-                   keepalive_s: float = KEEPALIVE_S, liveness_s: float = LIVENESS_S,
+                   keepalive_s: float = KEEPALIVE_S,
+                   keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
                    **unknown: Any) -> RemoteDevice:
     """Open a session on device `device_index` of the pool server at `target`.
 
-    `connect_timeout` bounds the handshake; `liveness_s` how long a sync call may go
-    without a word from the server before it fails with `TransportError`."""
+    `connect_timeout` bounds the handshake; a keepalive ping every `keepalive_s` that goes
+    unanswered for `keepalive_timeout_s` fails the session with `TransportError` (a dead
+    link or a frozen server is noticed within their sum)."""
     if unknown:
         raise TypeError(f"unknown option(s) for a remote device: {', '.join(sorted(unknown))}")
     address, secure = parse_address(target)
     name = server_name or ("localhost" if address.startswith("unix") else None)
-    options = channel_options(keepalive_s=keepalive_s, server_name=name)
+    options = channel_options(keepalive_s=keepalive_s, keepalive_timeout_s=keepalive_timeout_s,
+                              server_name=name)
     files = None
     if secure:
         files = tls or tls_files("client", directory=cert_dir)
@@ -100,7 +104,7 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
     try:
         return RemoteDevice(channel, device_index=device_index, token=token,
                             client_name=client_name, connect_timeout=connect_timeout,
-                            liveness_s=liveness_s, target=target)
+                            target=target)
     except TransportError as exc:
         channel.close()
         raise _explain_connect_failure(exc, target, address, files, name) from None

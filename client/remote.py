@@ -8,11 +8,12 @@ itself, so creating a buffer or a stream never waits for the network.
 Argument checks are the same functions the local backends use, so a bad
 argument fails the same way local and remote.
 
-A session the server ends (its lease is over, its worker died) ends the gRPC
-call with the reason as a typed error, which this device raises from then
-on. While a sync call waits, the server sends a TICK frame every couple of
-seconds; with no frame at all for `liveness_s` (a dead link, a frozen
-server) the call fails with `TransportError` instead of waiting forever.
+A session the server ends (its lease is over, its worker died) ends with the
+reason as a typed error, which this device raises from then on: in the call's
+trailing metadata, or, when the server had to cancel the call, from the
+server's answer to `Why` about this session. A dead link or a frozen server
+is noticed by HTTP/2 keepalive pings (every 10 s, 5 s to answer, so within
+about 15 s) and fails the waiting call with `TransportError`.
 """
 from __future__ import annotations
 
@@ -20,8 +21,6 @@ import os
 import queue
 import socket
 import threading
-import time
-import weakref
 from typing import Any, Iterator, Sequence
 
 import grpc
@@ -39,9 +38,8 @@ from harp.protocol import ClientProtocol, Payload, Reply
 from harp.transport import error_from_rpc
 from harp.types import Buffer, DeviceInfo, Event, Function, MemInfo, Module, Stream
 
-#: Seconds a sync call may go without any frame from the server before the link counts
-#: as dead (the server sends a TICK every 2 s while it works on the call).
-LIVENESS_S = 15.0
+#: Asked, on the session's channel, why the server cancelled a session's call.
+WHY_METHOD = "/harp.v1.Session/Why"
 
 
 class _BulkJob:
@@ -51,40 +49,6 @@ class _BulkJob:
 
     def __init__(self, view: memoryview, chunk: int) -> None:
         self.view, self.chunk, self.done = view, chunk, threading.Event()
-
-
-class _Watchdog:
-    """One thread for every remote device of the process: cancels a call that has
-    waited for the server longer than its device's liveness bound."""
-
-    def __init__(self) -> None:
-        self._devices: "weakref.WeakSet[RemoteDevice]" = weakref.WeakSet()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, device: "RemoteDevice") -> None:
-        with self._lock:
-            self._devices.add(device)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="harp-liveness",
-                                                daemon=True)
-                self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            time.sleep(0.25)
-            self._check(time.monotonic())
-
-    def _check(self, now: float) -> None:
-        # Strong references only for the moment of the check: a list kept across the
-        # sleep would keep every device alive, and so in the weak set, for ever.
-        with self._lock:
-            devices = list(self._devices)
-        for device in devices:
-            device._check_liveness(now)
-
-
-_watchdog = _Watchdog()
 
 
 def ended_error(exc: grpc.RpcError, what: str) -> HarpError:
@@ -104,7 +68,7 @@ class RemoteDevice(Device):
 
     def __init__(self, channel: grpc.Channel, *, device_index: int = 0, token: str = "",
                  client_name: str = "", connect_timeout: float = 10.0,
-                 liveness_s: float = LIVENESS_S, target: str = "") -> None:
+                 target: str = "") -> None:
         self._channel = channel
         self._target = target
         self._ids = HandleIds()
@@ -114,10 +78,8 @@ class RemoteDevice(Device):
         self._broken: HarpError | None = None
         self._closed = False
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
-        self._liveness = liveness_s
-        self._waiting_since = 0.0            # monotonic time a wait for the server began
-        self._waiting_for = ""
-        self._timed_out: HarpError | None = None
+        self._timed_out = False
+        self.session_id = ""
         #: Hooks run at close, and a way to explain a broken session (set by lease connects).
         self.on_close: list[Any] = []
         self.explain: Any = None
@@ -130,12 +92,20 @@ class RemoteDevice(Device):
             client_name=client_name or f"pid {os.getpid()}", client_host=socket.gethostname())
         self._requests.put(request.SerializeToString())
         reply = pb.HandshakeReply()
-        _watchdog.watch(self)
+        # A server that accepts the connection but never answers must not hang us.
+        watchdog = threading.Timer(connect_timeout, self._handshake_timed_out)
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            reply.ParseFromString(self._next_frame("handshake", connect_timeout))
+            reply.ParseFromString(self._next_frame("handshake"))
         except HarpError:
             self._shutdown()
+            if self._timed_out:
+                raise TransportError(f"handshake: no answer from the server {target} in "
+                                     f"{connect_timeout:g} s") from None
             raise
+        finally:
+            watchdog.cancel()
         if reply.HasField("error"):
             self._shutdown()
             raise error_from_message(reply.error)
@@ -167,46 +137,47 @@ class RemoteDevice(Device):
                 continue
             yield item
 
-    def _check_liveness(self, now: float) -> None:
-        since = self._waiting_since
-        if since and now - since > self._bound:
-            self._timed_out = TransportError(
-                f"{self._waiting_for}: no answer from the server {self._target} for "
-                f"{self._bound:g} s; the server or the network is gone")
-            self._call.cancel()
+    def _handshake_timed_out(self) -> None:
+        self._timed_out = True
+        self._call.cancel()
 
-    def _next_frame(self, what: str, bound: float | None = None) -> bytes:
-        self._bound = bound if bound is not None else self._liveness
-        self._waiting_for = what
-        self._waiting_since = time.monotonic()
+    def _next_frame(self, what: str) -> bytes:
         try:
             return next(self._responses)
         except StopIteration:
             self._broken = TransportError(f"{what}: the server ended the session")
         except grpc.RpcError as exc:
-            if self._timed_out is not None:
-                self._broken = self._timed_out
-            else:
-                self._broken = ended_error(exc, what)
-        finally:
-            self._waiting_since = 0.0
+            self._broken = self._ended(exc, what)
         if self.explain is not None:
             self._broken = self.explain(self._broken)
         raise self._broken
 
+    def _ended(self, exc: grpc.RpcError, what: str) -> HarpError:
+        """Why the call ended: the server's own reason when it gave one (trailing metadata,
+        or its answer to `Why` when it cancelled the call), else the gRPC failure."""
+        error = ended_error(exc, what)
+        if exc.code() == grpc.StatusCode.CANCELLED and self.session_id and not self._closed \
+                and not self._timed_out:
+            reason = self._why()
+            if reason is not None:
+                return reason
+        return error
+
+    def _why(self) -> HarpError | None:
+        try:
+            answer = self._channel.unary_unary(WHY_METHOD)(self.session_id.encode(), timeout=5)
+        except (grpc.RpcError, ValueError):
+            return None
+        return error_from_bytes(answer) if answer else None
+
     def _frame(self, what: str) -> Reply | Payload:
-        """The next meaningful frame (TICKs only reset the liveness clock)."""
-        proto = self._proto
-        while True:
-            frame = self._next_frame(what)
-            try:
-                event = proto.receive(frame)
-            except ProtocolError as exc:
-                self._broken = exc
-                raise
-            if type(event) is not Reply and type(event) is not Payload:
-                continue
-            return event
+        """The next frame, as the protocol reads it."""
+        frame = self._next_frame(what)
+        try:
+            return self._proto.receive(frame)
+        except ProtocolError as exc:
+            self._broken = exc
+            raise
 
     def _send(self, frame: bytes) -> None:
         if self._broken is not None:
@@ -228,6 +199,10 @@ class RemoteDevice(Device):
             for key, value in self._call.trailing_metadata() or ():
                 if key == wire.ERROR_METADATA:
                     return error_from_bytes(value)
+            if self._call.code() == grpc.StatusCode.CANCELLED:
+                reason = self._why()
+                if reason is not None:
+                    return reason
         except Exception:
             pass
         return TransportError(f"{what}: the connection to the server is gone")

@@ -154,9 +154,11 @@ def check_dims(dims: Any, what: str) -> tuple[int, int, int]:
     """Grid or block dimensions as a 3-tuple of positive ints."""
     if type(dims) is int and 1 <= dims <= MAX_DIM:      # the common case, first: launches are hot
         return (dims, 1, 1)
-    if type(dims) is tuple and len(dims) == 3 and all(
-            type(d) is int and 1 <= d <= MAX_DIM for d in dims):
-        return dims
+    if type(dims) is tuple and len(dims) == 3:
+        a, b, c = dims
+        if type(a) is int and type(b) is int and type(c) is int and 1 <= a <= MAX_DIM and \
+                1 <= b <= MAX_DIM and 1 <= c <= MAX_DIM:
+            return dims
     if isinstance(dims, int) and not isinstance(dims, bool):
         dims = (dims,)
     try:

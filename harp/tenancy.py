@@ -63,6 +63,11 @@ class ComputeGate(abc.ABC):
     def idle(self) -> None:
         """The session has no kernel waiting: another may have the device."""
 
+    def wants_back(self, running_ns: int = 0) -> bool:
+        """The gate would like the device back at the next kernel boundary, counting
+        `running_ns` of kernels run since `enter` and not yet told to `exit`."""
+        return False
+
     def close(self) -> None:
         """The session is over."""
 

@@ -32,6 +32,8 @@ def channel_options(*, keepalive_s: float = KEEPALIVE_S,
         ("grpc.keepalive_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
+        # gRPC core times pings out after this (default 60 s), whatever keepalive_timeout says
+        ("grpc.http2.ping_timeout_ms", int(keepalive_timeout_s * 1000)),
         ("grpc.enable_retries", 0),
         # Reconnect quickly after a peer restarts (the scheduler, say): gRPC's default
         # backoff grows to minutes, which would outlast a lease. Not

@@ -16,11 +16,13 @@ A session is one gRPC bidirectional stream of raw byte frames:
    `[seq, error, result]` where `error` is a serialized protobuf
    `ErrorRecord` or nil. A successful `READ` of up to `INLINE_LIMIT` bytes
    carries its data in the result (`[nbytes, data]`); a larger one
-   (`[nbytes]`) is followed by bare payload frames. While a sync call runs,
-   the server may send `TICK` frames, which say only that it is alive.
+   (`[nbytes]`) is followed by bare payload frames.
 4. When the server ends a session (a protocol error, a lease that is over, a
    worker that died), it ends the gRPC call with status `ABORTED` and the
-   `ErrorRecord` in the trailing metadata key `ERROR_METADATA`.
+   `ErrorRecord` in the trailing metadata key `ERROR_METADATA`; or, when no
+   call of the session was running, it cancels the call and answers the
+   unary `/harp.v1.Session/Why` (the session id in, the `ErrorRecord` out) for
+   the session's own identity.
 
 The kind byte costs nothing where it matters: the client makes the one copy
 of each payload chunk it must make anyway (`PAYLOAD + view`), and lets a pool
@@ -72,8 +74,6 @@ MAX_ARRAY_DIMS = 32
 # Client frame kinds (the first byte of every client frame after the handshake).
 BATCH, BATCH_SYNC, PAYLOAD = 1, 2, 3
 BATCH_TAG, BATCH_SYNC_TAG, PAYLOAD_TAG = bytes((BATCH,)), bytes((BATCH_SYNC,)), bytes((PAYLOAD,))
-#: A server frame that only says "still working on your sync call" (msgpack nil).
-TICK = b"\xc0"
 
 # Op numbers, from the API table.
 ALLOC, FREE, WRITE, WRITE_CHUNKED = api.op("alloc"), api.op("free"), api.op("write"), \
@@ -138,6 +138,9 @@ def check_record(call: Any) -> None:
     if type(call) is not list or len(call) < 2:
         raise ProtocolError(f"a call record is [op, seq, ...], got {short(call)}")
     op, seq = call[0], call[1]
+    if op == LAUNCH and type(op) is int:            # the hot one, checked without loops
+        _check_launch(call)
+        return
     spec = SCHEMA.get(op) if type(op) is int else None
     if spec is None:
         raise ProtocolError(f"unknown call op {short(op)}")
@@ -151,15 +154,32 @@ def check_record(call: Any) -> None:
         if type(value) is bool or not isinstance(value, want):
             raise ProtocolError(f"{spec[0]} record has an argument of type "
                                 f"{type(value).__name__}")
-    if op == LAUNCH:
-        _check_dims(call[3], "grid")
-        _check_dims(call[4], "block")
-        _check_kernel_args(call[7])
+
+
+def _check_launch(call: list) -> None:
+    if len(call) != 8:
+        raise ProtocolError(f"launch record has {len(call) - 2} arguments, expected 6")
+    _, seq, fn, grid, block, shared, stream, args = call
+    if type(seq) is not int or seq < 1:
+        raise ProtocolError(f"bad sequence number {short(seq)} in launch")
+    if type(fn) is not int or type(shared) is not int or type(stream) is not int \
+            or type(grid) is not list or type(block) is not list or type(args) is not list:
+        raise ProtocolError("launch record has an argument of the wrong type")
+    _check_dims(grid, "grid")
+    _check_dims(block, "block")
+    if args:
+        _check_kernel_args(args)
 
 
 def _check_dims(dims: list, what: str) -> None:
-    if not 1 <= len(dims) <= 3 or any(type(d) is not int for d in dims):
-        raise ProtocolError(f"launch {what} must be 1 to 3 ints, got {short(dims)}")
+    n = len(dims)
+    if n == 3:
+        a, b, c = dims
+        if type(a) is int and type(b) is int and type(c) is int:
+            return
+    elif 1 <= n <= 3 and all(type(d) is int for d in dims):
+        return
+    raise ProtocolError(f"launch {what} must be 1 to 3 ints, got {short(dims)}")
 
 
 def _is_int(v: Any) -> bool:

@@ -239,6 +239,12 @@ class SessionGate(ComputeGate):
         self._requested = again
         return (self.link.release, used, again)
 
+    def wants_back(self, running_ns: int = 0) -> bool:
+        """Another session waits and this one has had its slice, counting `running_ns` of a
+        run of kernels not yet told to `exit`: end the run at the next kernel boundary.
+        (Read without the lock: a hint; `exit` decides.)"""
+        return self._revoked and self._used + running_ns >= self.slice_ns
+
     # -- the arbiter's side ------------------------------------------------------------
     def granted(self) -> None:
         with self._cond:

@@ -1,25 +1,25 @@
 """Where a session's calls run, as its gRPC handler sees it: a worker process, or this one.
 
-The handler gives a `SessionHost` the client's frames as they come (`feed`,
-on a reader thread of its own) and sends the client what `outgoing` yields,
-until the session is over. Two hosts:
+The handler reads the client's frames itself and gives each to its
+`SessionHost`, whose `handle(frame)` yields what the client is to get back
+(a sync call's reply, a large read's payload): one thread per session, and no
+hand-off between threads on a round trip. Two hosts:
 
 - `WorkerHost` (process isolation, the default): the session runs in a worker
   process (`harp.server.worker`); frames are relayed to it unchanged, payload
   chunks through shared memory, replies back.
 - `ThreadHost` (thread isolation, development and benchmarks): the session
-  runs here, in the reader thread, on a device of this process. It does not
+  runs here, in the handler's thread, on a device of this process. It does not
   isolate tenants from each other.
 
-Either way the host counts what passes (bytes, frames), knows whether a
-reply is owed (the client's `BATCH_SYNC` frames), and can be ended from
-outside (`end`): a lease that is over, an idle session, a stopping server;
-`outgoing` then raises `SessionEnded` with the reason, which the handler
-hands the client as the session's final error.
+Either way the host counts what passes (bytes, frames), knows whether a call is
+in progress, and can be ended from outside (`end`: a lease that is over, an
+idle session, a stopping server, a worker that died); the handler then raises
+`SessionEnded` with the reason, which reaches the client as the session's final
+error (see `PoolServer.end_session`).
 """
 from __future__ import annotations
 
-import queue
 import threading
 import time
 from typing import Any, Iterator
@@ -33,8 +33,6 @@ from harp.types import DeviceInfo
 from . import ipc
 from .session import Reply, Session
 from .workers import ControlLoop, WorkerProcess, describe_exit
-
-TICK_S = ipc.TICK_S
 
 
 class SessionEnded(Exception):
@@ -54,9 +52,10 @@ class SessionHost:
 
     def __init__(self, sid: str) -> None:
         self.id = sid
-        self.owed = 0                 # sync replies the client waits for
+        self.busy = False             # a frame is being handled (a call may be long)
         self.last_activity = time.monotonic()
         self.ended: HarpError | None = None
+        self.done = False             # the session was closed by its client
         self.bytes_in = self.bytes_out = self.frames_in = self.replies = 0
         self.started = time.time()
 
@@ -64,33 +63,25 @@ class SessionHost:
         self.frames_in += 1
         self.bytes_in += len(frame)
         self.last_activity = time.monotonic()
-        if frame[0] == wire.BATCH_SYNC:
-            self.owed += 1
 
-    def feed(self, frame: bytes) -> None:
-        raise NotImplementedError
-
-    def client_gone(self) -> None:
-        raise NotImplementedError
-
-    def outgoing(self) -> Iterator[bytes]:
+    def handle(self, frame: bytes) -> Iterator[bytes]:
+        """Run one client frame; yields the frames the client gets back."""
         raise NotImplementedError
 
     def end(self, error: HarpError) -> None:
         raise NotImplementedError
 
+    def finish(self) -> None:
+        """The client closed its side of the stream: close the session, and raise
+        `SessionEnded` if it had failed meanwhile (an asynchronous protocol error)."""
+        if self.ended is not None:
+            raise SessionEnded(self.ended)
+
     def dispose(self) -> None:
         raise NotImplementedError
 
-    @property
-    def busy(self) -> bool:
-        return self.owed > 0
-
 
 # -- in this process -------------------------------------------------------------------
-
-_DONE = ("done", b"", 0)
-
 
 class ThreadHost(SessionHost):
     """A session on a device of this process (thread isolation)."""
@@ -103,100 +94,53 @@ class ThreadHost(SessionHost):
         self.info = device.info
         self.protocol = ServerProtocol()
         self.lock = threading.Lock()
-        self._out: queue.Queue = queue.Queue(maxsize=4)
-        self._gone = False
 
-    def feed(self, frame: bytes) -> None:
+    def handle(self, frame: bytes) -> Iterator[bytes]:
         self._count_in(frame)
-        with self.lock:
-            session = self.session
-            if session.closed:
-                return
-            try:
-                reply = session.handle(self.protocol.receive(frame))
-            except ProtocolError as exc:
-                self.end(exc)
-                return
-        if reply is not None:
-            self._emit(reply)
-        if session.closed and self.ended is None:
-            self._put(_DONE)
-
-    def _emit(self, reply: Reply) -> None:
-        err = error_to_bytes(reply.error) if reply.error is not None else None
-        plan = reply.payload if err is None else None
-        self._put(("reply", ServerProtocol.reply(reply.seq, err, reply.result),
-                   plan.nbytes if plan is not None else 0))
-        if plan is not None:
-            chunks = plan.chunks()
-            while True:
-                with self.lock:
-                    if self.session.closed:
-                        return
-                    chunk = next(chunks, None)
-                if chunk is None:
-                    return
-                self._put(("payload", chunk, 0))
-
-    def _put(self, item: tuple) -> None:
-        while not self._gone and self.ended is None:
-            try:
-                self._out.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def client_gone(self) -> None:
-        self._gone = True
-        self._close_session()
+        session = self.session
+        self.busy = True
         try:
-            self._out.put_nowait(_DONE)
-        except queue.Full:
-            pass           # the handler sees `_gone` at its next wait
+            with self.lock:
+                if self.ended is not None:
+                    raise SessionEnded(self.ended)
+                reply = session.handle(self.protocol.receive(frame))
+            if session.closed:
+                self.done = True
+        finally:
+            self.busy = False
+            self.last_activity = time.monotonic()
+        if reply is not None:
+            yield from self._frames(reply)
 
-    def outgoing(self) -> Iterator[bytes]:
-        payload_left = 0
+    def _frames(self, reply: Reply) -> Iterator[bytes]:
+        err = error_to_bytes(reply.error) if reply.error is not None else None
+        frame = ServerProtocol.reply(reply.seq, err, reply.result)
+        self.replies += 1
+        self.bytes_out += len(frame)
+        yield frame
+        plan = reply.payload if err is None else None
+        if plan is None:
+            return
+        chunks = plan.chunks()
         while True:
-            try:
-                kind, frame, follows = self._out.get(timeout=TICK_S)
-            except queue.Empty:
-                if self.ended is not None:
+            with self.lock:                      # one chunk at a time: a slow reader holds
+                if self.ended is not None:       # no more than that
                     raise SessionEnded(self.ended)
-                if self._gone:
-                    return
-                if self.owed and not payload_left:
-                    yield wire.TICK
-                continue
-            if kind == "done":
-                if self.ended is not None:
-                    raise SessionEnded(self.ended)
+                chunk = next(chunks, None)
+            if chunk is None:
                 return
-            if kind == "reply":
-                self.owed -= 1
-                self.replies += 1
-                payload_left = follows
-            else:
-                payload_left -= len(frame)
-            self.bytes_out += len(frame)
-            yield frame
+            self.bytes_out += len(chunk)
+            yield chunk
 
     def end(self, error: HarpError) -> None:
         if self.ended is None:
             self.ended = error
-        self._close_session()
-        try:
-            self._out.put_nowait(_DONE)
-        except queue.Full:
-            pass           # the handler sees `ended` at its next wait
-
-    def _close_session(self) -> None:
-        # Not under `lock`: a call running in the reader thread may hold it for long; the
+        # Not under `lock`: a call running in the handler may hold it for long; the
         # device's close cancels its queues, and the call returns.
         self.session.close()
 
     def dispose(self) -> None:
-        self._gone = True
-        self._close_session()
+        self.session.close()
 
 
 # -- in a worker process ---------------------------------------------------------------
@@ -212,7 +156,6 @@ class WorkerHost(SessionHost):
         self.control = control
         self.pid = worker.pid
         self._stopped = False
-        self._killer: threading.Timer | None = None
 
     def open(self, request: dict, device: int, share: float, timeout: float = 60.0) -> None:
         """Open the session's device in the worker (or raise the worker's error)."""
@@ -233,66 +176,112 @@ class WorkerHost(SessionHost):
         raise DeviceError(f"the session's worker process {describe_exit(self.worker.exitcode())}"
                           " while opening the device")
 
-    def feed(self, frame: bytes) -> None:
+    def handle(self, frame: bytes) -> Iterator[bytes]:
         self._count_in(frame)
+        if self.ended is not None:
+            raise SessionEnded(self.ended)
         worker = self.worker
-        if frame[0] == wire.PAYLOAD:
-            n = len(frame) - 1
-            if n <= 0 or n > worker.writes.slot_size:
-                self.end(ProtocolError(f"a payload frame of {n} bytes"))
-                return
-            slot = worker.writes.take()
-            if slot is None:
-                return                               # the session is over
-            worker.writes.slot(slot, n)[:] = memoryview(frame)[1:]
-            worker.data.send(ipc.CHUNK, ipc.pack([slot, n]))
-        else:
-            worker.data.send(ipc.FRAME, frame)
-
-    def client_gone(self) -> None:
+        kind = frame[0]
         try:
-            self.worker.data.send(ipc.CLOSE)
-        except OSError:
-            pass
+            if kind == wire.PAYLOAD:
+                n = len(frame) - 1
+                if n <= 0 or n > worker.writes.slot_size:
+                    raise SessionEnded(ProtocolError(f"a payload frame of {n} bytes"))
+                slot = self._free_slot()
+                worker.writes.slot(slot, n)[:] = memoryview(frame)[1:]
+                worker.data.send(ipc.CHUNK, ipc.pack([slot, n]))
+                return
+            worker.data.send(ipc.FRAME, frame)
+            if kind == wire.BATCH_SYNC:
+                self.busy = True
+                try:
+                    yield from self._replies()
+                finally:
+                    self.busy = False
+                    self.last_activity = time.monotonic()
+        except (OSError, ValueError):
+            raise SessionEnded(self._why_gone()) from None
 
-    def outgoing(self) -> Iterator[bytes]:
-        worker = self.worker
-        data, reads = worker.data, worker.reads
+    def _replies(self) -> Iterator[bytes]:
+        """The worker's answer to a sync call: its reply, and a large read's payload."""
+        data, reads = self.worker.data, self.worker.reads
         while True:
-            try:
-                kind, body = data.recv()
-            except (OSError, ValueError):
-                kind, body = 0, b""
+            kind, body = self._next(data)
             if kind == ipc.REPLY:
-                self.owed -= 1
                 self.replies += 1
                 self.bytes_out += len(body)
                 yield body
-            elif kind == ipc.RCHUNK:
+                return
+            if kind == ipc.REPLY_MORE:               # a read whose payload follows
+                self.replies += 1
+                self.bytes_out += len(body)
+                yield body
+            elif kind == ipc.RCHUNK or kind == ipc.RCHUNK_LAST:
                 slot, n = ipc.unpack(body)
                 chunk = bytes(reads.slot(slot, n))
                 data.send(ipc.READ_FREE, ipc.pack(slot))
                 self.bytes_out += n
                 yield chunk
-            elif kind == ipc.WRITE_FREE:
-                worker.writes.give_back(ipc.unpack(body))
-            elif kind == ipc.TICK:
-                if self.owed:
-                    yield wire.TICK
+                if kind == ipc.RCHUNK_LAST:
+                    return
             elif kind == ipc.CLOSED:
-                if self.ended is not None:
-                    raise SessionEnded(self.ended)
+                self.done = True
                 return
-            elif kind == ipc.END:
+
+    def _free_slot(self) -> int:
+        """A write slot; while all are with the worker, take its word that one is free."""
+        writes = self.worker.writes
+        slot = writes.take_now()
+        while slot is None:
+            kind, _ = self._next(self.worker.data, frees=True)
+            slot = writes.take_now()
+            if kind == ipc.CLOSED:
+                raise SessionEnded(self._why_gone())
+        return slot
+
+    def _next(self, data: ipc.Channel, frees: bool = False) -> tuple[int, bytes]:
+        """The worker's next message of interest; a freed write slot is taken in passing
+        (and is of interest itself with `frees`)."""
+        while True:
+            kind, body = data.recv()
+            if kind == ipc.WRITE_FREE:
+                self.worker.writes.give_back(ipc.unpack(body))
+                if frees:
+                    return kind, body
+                continue
+            if kind == ipc.END:
                 self.ended = self.ended or error_from_bytes(body)
                 raise SessionEnded(self.ended)
-            else:                                    # the worker has gone
-                worker.writes.close()
-                if self.ended is None:
-                    self.ended = DeviceError(
-                        f"the session's worker process {describe_exit(worker.exitcode())}; "
-                        "the session is over (other sessions on the device go on)")
-                raise SessionEnded(self.ended)
+            if kind == 0:
+                raise SessionEnded(self._why_gone())
+            return kind, body
+
+    def _why_gone(self) -> HarpError:
+        if self.ended is None:
+            self.ended = DeviceError(
+                f"the session's worker process {describe_exit(self.worker.exitcode())}; "
+                "the session is over (other sessions on the device go on)")
+        return self.ended
+
+    def finish(self) -> None:
+        """Close the session and take the worker's last word: `CLOSED`, or `END` with the
+        error of a frame it was relayed without a reply (a malformed batch)."""
+        if self.ended is None and not self._stopped:
+            try:
+                self.worker.data.send(ipc.CLOSE)
+                self.worker.data.sock.settimeout(2.0)
+                try:
+                    while True:
+                        kind, body = self._next(self.worker.data)
+                        if kind == ipc.CLOSED:
+                            break
+                finally:
+                    self.worker.data.sock.settimeout(None)
+            except SessionEnded:
+                raise
+            except (OSError, ValueError):
+                pass
+        super().finish()
 
     def end(self, error: HarpError) -> None:
         """End the session from outside: the worker closes it and exits, or is killed."""
@@ -305,14 +294,17 @@ class WorkerHost(SessionHost):
             self.worker.ctl.send(ipc.STOP)
         except OSError:
             pass
-        self._killer = threading.Timer(2.0, self.worker.kill)
-        self._killer.daemon = True
-        self._killer.start()
+        killer = threading.Timer(2.0, self.worker.kill)
+        killer.daemon = True
+        killer.start()
 
     def dispose(self) -> None:
         """Forget the worker: it exits once its session is closed (or is killed if not)."""
         self.control.remove(self.id)
         if not self._stopped and self.worker.alive():
-            self.client_gone()
+            try:
+                self.worker.data.send(ipc.CLOSE)
+            except OSError:
+                pass
         self.worker.writes.close()
         self.worker.dispose()

@@ -2,8 +2,10 @@
 
 Two unix socket pairs join a worker to the server: the *data* channel carries
 the session's frames, unchanged (a client's batch frame is relayed as it came,
-a reply frame goes back as the client will get it), and notes about payload
-chunks that lie in shared memory (`SlotRing`); the *control* channel carries
+a reply frame goes back as the client will get it: `REPLY` when it is all,
+`REPLY_MORE` when a read's payload follows, chunk by chunk, the last one
+`RCHUNK_LAST`), and notes about payload chunks that lie in shared memory
+(`SlotRing`); the *control* channel carries
 the worker's memory reservations and compute-share turns, and the server's
 order to end the session. Each message is a 5-byte header (body length, kind)
 and a body; bodies of control messages are msgpack.
@@ -29,17 +31,15 @@ HEADER = struct.Struct("<IB")
 # data channel, server -> worker
 OPEN, FRAME, CHUNK, READ_FREE, CLOSE = 1, 2, 3, 4, 5
 # data channel, worker -> server
-READY, OPENED, OPEN_FAILED, REPLY, RCHUNK, WRITE_FREE, END, CLOSED, TICK = \
-    10, 11, 12, 13, 14, 15, 16, 17, 18
+READY, OPENED, OPEN_FAILED, REPLY, REPLY_MORE, RCHUNK, RCHUNK_LAST, WRITE_FREE, END, CLOSED = \
+    10, 11, 12, 13, 14, 15, 16, 17, 18, 19
 # control channel, worker -> server
-RESERVE, RELEASE, MEMINFO, REQUEST, YIELD, CHARGE = 30, 31, 32, 33, 34, 35
+RESERVE, RELEASE, MEMINFO, REQUEST, YIELD, CHARGE, FAIL = 30, 31, 32, 33, 34, 35, 36
 # control channel, server -> worker
 RESULT, GRANT, REVOKE, STOP = 40, 41, 42, 43
 
 #: Slots per direction and ring.
 SLOTS = 4
-#: Seconds between TICK frames while a sync call runs (the client gives up after several).
-TICK_S = 2.0
 
 pack = msgpack.Packer(use_bin_type=True).pack
 

@@ -2,13 +2,15 @@
 
 The handler reads the handshake, checks what the peer may open (its token,
 the server's caps), opens a session host (a worker process of its own by
-default, `hosts.WorkerHost`; `isolation="thread"` runs it here), then relays:
-a reader thread feeds the client's frames to the host while the handler
-sends the client what the host yields. Whatever ends the stream (a clean
-close, a crashed client, a broken connection, a malformed frame, a lease
-that is over, a worker that died), the session's resources are freed in
-`finally`; a session the server ends has its reason delivered as a typed
-error (status ABORTED, the `ErrorRecord` in the trailing metadata).
+default, `hosts.WorkerHost`; `isolation="thread"` runs it here), then reads
+the client's frames itself and sends back what the host yields for each: one
+thread per session, no hand-off between threads on a round trip. Whatever
+ends the stream (a clean close, a crashed client, a broken connection, a
+malformed frame, a lease that is over, a worker that died), the session's
+resources are freed in `finally`. A session the server ends has its reason
+delivered as a typed error: in the trailing metadata of the call (status
+ABORTED) when the handler is at work, else the call is cancelled and the
+client asks `Why` for the reason of its session.
 
 The server keeps one memory `Ledger` for all its sessions (device capacity,
 quotas per lease across sessions) and one `DeviceArbiter` per device (compute
@@ -32,7 +34,7 @@ from harp.backends import Backend
 from harp.errors import (HarpError, LeaseError, NoCapacityError, ProtocolError,
                          QuotaError)
 from harp.proto import session_pb2 as pb
-from harp.proto.codec import error_message, error_to_bytes, facts_to_proto
+from harp.proto.codec import error_from_bytes, error_message, error_to_bytes, facts_to_proto
 from harp.security import ANONYMOUS, Identity, peer_identity
 from harp.tenancy import Ledger, Tenancy
 from harp.transport import serve, server_options
@@ -48,6 +50,11 @@ log = logging.getLogger("harp.server")
 #: Seconds a new stream may take to send its handshake.
 HANDSHAKE_TIMEOUT_S = 10.0
 ISOLATIONS = ("process", "thread")
+WHY_METHOD = "/harp.v1.Session/Why"
+#: Seconds an ended session's handler is given to tell its client itself.
+END_GRACE_S = 1.0
+#: How long, and for how many sessions, the server remembers why it ended one.
+REASONS_KEPT_S, REASONS_KEPT = 600.0, 10_000
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class SessionRecord:
     expires_at: float = float("inf")
     client_name: str = ""
     host: SessionHost | None = None
+    context: Any = None
     admitted: float = field(default_factory=time.time)
 
 
@@ -127,6 +135,7 @@ class PoolServer:
         self._stopping = threading.Event()
         self._reaper: threading.Thread | None = None
         self._ended = 0
+        self._reasons: dict[str, tuple[str, bytes, float]] = {}   # session -> who, why, when
         self.workers: WorkerPool | None = None
         self.control: ControlLoop | None = None
         self.addresses: list[str] = []
@@ -141,7 +150,7 @@ class PoolServer:
             self.ledger.add_device(i, self.backend.describe(i).memory)
             self.arbiters[i] = DeviceArbiter()
         if self.isolation == "process":
-            self.control = ControlLoop(self.ledger, self.arbiters)
+            self.control = ControlLoop(self.ledger, self.arbiters, on_gone=self._worker_gone)
             self.control.start()
             preload = list(getattr(self.backend, "preload", ()))
             if self.trust_client_code:
@@ -155,7 +164,8 @@ class PoolServer:
                              options=server_options(),
                              maximum_concurrent_rpcs=self.max_sessions + 16)
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-            "harp.v1.Session", {"Open": grpc.stream_stream_rpc_method_handler(self._serve)}),))
+            "harp.v1.Session", {"Open": grpc.stream_stream_rpc_method_handler(self._serve),
+                                "Why": grpc.unary_unary_rpc_method_handler(self._why)}),))
         try:
             bound = serve(server, listen, credentials, (wire.HEALTH_SERVICE,))
         except BaseException:
@@ -249,15 +259,61 @@ class PoolServer:
                         f"server {self.name} ended it (open a new one)"))
 
     def end_session(self, record: SessionRecord, error: HarpError) -> None:
-        """End a session from outside its stream; the client gets `error` as the reason."""
+        """End a session from outside its stream; the client gets `error` as the reason:
+        in the call's trailing metadata if its handler is at work, else by asking `Why`
+        once the call is cancelled here (a handler waiting for the client's next frame
+        cannot be woken any other way)."""
         log.info("ending session %s: %s", record.id, error.message)
+        with self._lock:
+            now = time.time()
+            if len(self._reasons) >= REASONS_KEPT:
+                for sid in [k for k, v in self._reasons.items() if v[2] < now - REASONS_KEPT_S] \
+                        or list(self._reasons)[:REASONS_KEPT // 10]:
+                    del self._reasons[sid]
+            self._reasons[record.id] = (record.identity.name, error_to_bytes(error), now)
         if record.host is not None:
             record.host.end(error)
+        if record.context is not None:
+            # A handler at work, or woken by the client's next frame within the grace,
+            # ends the call itself, with the reason in its trailing metadata; one still
+            # waiting for the client then is cancelled, and the client asks `Why`.
+            timer = threading.Timer(END_GRACE_S, self._cancel_idle, args=(record,))
+            timer.daemon = True
+            timer.start()
+
+    def _cancel_idle(self, record: SessionRecord) -> None:
+        with self._lock:
+            still = self.sessions.get(record.id) is record
+        if still and not (record.host is not None and record.host.busy):
+            record.context.cancel()
+
+    def _worker_gone(self, sid: str, error: bytes | None) -> None:
+        """A worker failed (`error`, e.g. a malformed frame it was relayed) or its control
+        channel closed: if its session is still here and idle, end it now (a busy one
+        learns it on its data channel)."""
+        with self._lock:
+            record = self.sessions.get(sid)
+        host = record.host if record is not None else None
+        if host is None or host.ended is not None or host.busy or host.done:
+            return
+        if error is not None:
+            self.end_session(record, error_from_bytes(error))
+        elif isinstance(host, WorkerHost) and host.worker.exitcode(2.0) is not None:
+            self.end_session(record, host._why_gone())
+
+    def _why(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        """Why the server ended a session (asked by its own client): an ErrorRecord, or
+        nothing if it did not."""
+        sid = request.decode("utf-8", "replace")
+        with self._lock:
+            reason = self._reasons.get(sid)
+        if reason is None or reason[0] != self._identity(context).name:
+            return b""
+        return reason[1]
 
     # -- one session -------------------------------------------------------------
     def _serve(self, frames: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
         record: SessionRecord | None = None
-        reader: threading.Thread | None = None
         try:
             # A stream that never says hello must not hold a session slot forever.
             watchdog = threading.Timer(HANDSHAKE_TIMEOUT_S, context.cancel)
@@ -274,10 +330,15 @@ class PoolServer:
                 return
             host = record.host
             assert host is not None
-            reader = threading.Thread(target=self._read, args=(frames, host),
-                                      name=f"harp-reader-{record.id}", daemon=True)
-            reader.start()
-            yield from host.outgoing()
+            for frame in frames:
+                if not frame:
+                    raise ProtocolError("an empty frame")
+                yield from host.handle(frame)
+                if host.done:
+                    return
+                if host.ended is not None:           # ended while this frame ran
+                    raise SessionEnded(host.ended)
+            host.finish()                            # the client closed its side
         except SessionEnded as ended:
             log.info("session %s ended: %s", record.id if record else "-", ended.error.message)
             context.set_trailing_metadata(((wire.ERROR_METADATA, error_to_bytes(ended.error)),))
@@ -288,7 +349,8 @@ class PoolServer:
         except grpc.RpcError:
             pass  # the client went away; clean up below
         except Exception:  # never let one session's bug take the server down
-            log.exception("session %s failed", record.id if record else "-")
+            if record is None or record.host is None or record.host.ended is None:
+                log.exception("session %s failed", record.id if record else "-")
         finally:
             if record is not None:
                 with self._lock:
@@ -297,22 +359,6 @@ class PoolServer:
                     record.host.dispose()
                 self.ledger.close(record.id)
                 self._ended += 1
-
-    @staticmethod
-    def _read(frames: Iterator[bytes], host: SessionHost) -> None:
-        try:
-            for frame in frames:
-                if not frame:
-                    raise ProtocolError("an empty frame")
-                host.feed(frame)
-                if host.ended is not None:
-                    break
-        except ProtocolError as exc:
-            host.end(exc)
-        except Exception:           # the client went away (gRPC ends the iterator) or a bug
-            pass
-        finally:
-            host.client_gone()
 
     def _identity(self, context: grpc.ServicerContext) -> Identity:
         if self.insecure:
@@ -355,7 +401,8 @@ class PoolServer:
             record = SessionRecord(id=f"s{next(self._counter)}-{secrets.token_hex(4)}",
                                    identity=identity, device=grant.device_index,
                                    share=grant.share, lease_id=grant.lease_id,
-                                   expires_at=grant.expires_at, client_name=client)
+                                   expires_at=grant.expires_at, client_name=client,
+                                   context=context)
             self._admit(record)
             record.host = self._open_host(record, grant)
         except HarpError as exc:

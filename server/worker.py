@@ -28,7 +28,6 @@ import socket
 import sys
 import tempfile
 import threading
-import time
 from typing import Any
 
 from harp import wire
@@ -89,7 +88,6 @@ class Worker:
         self.protocol = ServerProtocol()
         self.gate: SessionGate | None = None
         self.broker = _Broker(self.ctl)
-        self.busy_since = 0.0          # a sync call runs since then (monotonic), else 0
 
     def run(self) -> None:
         self.data.send_fds(ipc.READY, ipc.pack({"pid": os.getpid()}),
@@ -99,7 +97,6 @@ class Worker:
         # started while warm, so that opening a session costs only the open
         threading.Thread(target=self._control_loop, name="harp-worker-control",
                          daemon=True).start()
-        threading.Thread(target=self._tick_loop, name="harp-worker-tick", daemon=True).start()
         kind, body = self.data.recv()               # a warm worker waits here
         if kind != ipc.OPEN:
             return
@@ -138,8 +135,6 @@ class Worker:
             while True:
                 kind, body = data.recv()
                 if kind == ipc.FRAME:
-                    if body[0] == wire.BATCH_SYNC:
-                        self.busy_since = time.monotonic()
                     reply = session.handle(protocol.receive(body))
                 elif kind == ipc.CHUNK:
                     slot, n = ipc.unpack(body)
@@ -162,28 +157,33 @@ class Worker:
                     data.send(ipc.CLOSED)
                     return
         except ProtocolError as exc:
-            data.send(ipc.END, error_to_bytes(exc))
+            record = error_to_bytes(exc)
+            self.ctl.send(ipc.FAIL, record)           # heard at once, if the server waits
+            data.send(ipc.END, record)                # for the client's next frame; or here
         except (BrokenPipeError, ConnectionError, OSError):
             pass
         finally:
             session.close()
 
     def _send_reply(self, reply: Reply) -> None:
-        self.busy_since = 0.0
+        """`REPLY`, or `REPLY_MORE` and a large read's payload chunk by chunk (the last one
+        `RCHUNK_LAST`), through the read slots."""
         err = error_to_bytes(reply.error) if reply.error is not None else None
-        self.data.send(ipc.REPLY, ServerProtocol.reply(reply.seq, err, reply.result))
-        plan = reply.payload
-        if err is not None or plan is None:
+        plan = reply.payload if err is None else None
+        frame = ServerProtocol.reply(reply.seq, err, reply.result)
+        if plan is None:
+            self.data.send(ipc.REPLY, frame)
             return
-        pos = len(plan.first)
-        if pos:                                     # the chunk read with the reply
-            self._send_chunk(lambda out: _copy_into(out, plan.first))
-        plan.first = b""
+        self.data.send(ipc.REPLY_MORE, frame)
+        first, plan.first = plan.first, b""
+        pos = self._send_chunk(lambda out: _copy_into(out, first), len(first) >= plan.nbytes)
         while pos < plan.nbytes:
             start = pos
-            pos += self._send_chunk(lambda out: plan.read_into(start, out))
+            pos += self._send_chunk(lambda out: plan.read_into(start, out),
+                                    min(self.reads.slot_size, plan.nbytes - pos) >=
+                                    plan.nbytes - pos)
 
-    def _send_chunk(self, fill: Any) -> int:
+    def _send_chunk(self, fill: Any, last: bool) -> int:
         slot = self.reads.take_now()
         while slot is None:                         # every slot is with the server: wait
             kind, body = self.data.recv()
@@ -195,19 +195,8 @@ class Worker:
             else:
                 raise ProtocolError("the client sent a frame during a read's payload")
         n = fill(self.reads.slot(slot))
-        self.data.send(ipc.RCHUNK, ipc.pack([slot, n]))
+        self.data.send(ipc.RCHUNK_LAST if last else ipc.RCHUNK, ipc.pack([slot, n]))
         return n
-
-    def _tick_loop(self) -> None:
-        """While a sync call runs long, tell the client (through the server) we are alive."""
-        while True:
-            time.sleep(ipc.TICK_S / 2)
-            since = self.busy_since
-            if since and time.monotonic() - since >= ipc.TICK_S:
-                try:
-                    self.data.send(ipc.TICK)
-                except OSError:
-                    return
 
     # -- the control channel -------------------------------------------------------
     def _control_loop(self) -> None:

@@ -204,9 +204,13 @@ class WorkerPool:
 class ControlLoop:
     """Answers every worker's control channel, on one thread."""
 
-    def __init__(self, ledger: Ledger, arbiters: dict[int, DeviceArbiter]) -> None:
+    def __init__(self, ledger: Ledger, arbiters: dict[int, DeviceArbiter],
+                 on_gone: Callable[[str, bytes | None], None] | None = None) -> None:
         self.ledger = ledger
         self.arbiters = arbiters
+        #: Called (off this thread) with the session id, and the error record a worker sent
+        #: with `FAIL` (else None), when a worker fails or its control channel closes.
+        self.on_gone = on_gone
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -273,6 +277,14 @@ class ControlLoop:
                 if kind == 0:
                     with self._lock:
                         self._unregister(channel)
+                        member = self._members.get(sid)
+                    if member is not None and self.on_gone is not None:
+                        threading.Thread(target=self.on_gone, args=(sid, None), daemon=True,
+                                         name="harp-worker-gone").start()
+                    continue
+                if kind == ipc.FAIL and self.on_gone is not None:
+                    threading.Thread(target=self.on_gone, args=(sid, body), daemon=True,
+                                     name="harp-worker-failed").start()
                     continue
                 try:
                     self._handle(sid, channel, kind, body)

@@ -11,7 +11,7 @@ The frame format itself is in `harp.wire`.
 """
 from __future__ import annotations
 
-from .client import ClientProtocol, Payload, Reply, Tick
+from .client import ClientProtocol, Payload, Reply
 from .server import Calls, Chunk, ServerProtocol
 
-__all__ = ["ClientProtocol", "ServerProtocol", "Reply", "Payload", "Tick", "Calls", "Chunk"]
+__all__ = ["ClientProtocol", "ServerProtocol", "Reply", "Payload", "Calls", "Chunk"]

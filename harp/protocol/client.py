@@ -22,14 +22,6 @@ from ..errors import HarpError, ProtocolError
 IDLE, AWAIT_REPLY, AWAIT_PAYLOAD = "idle", "await-reply", "await-payload"
 
 
-class Tick:
-    """The server is alive and still working on the sync call."""
-    __slots__ = ()
-
-
-TICK = Tick()
-
-
 class Reply:
     """The reply to the pending sync call: its result (a large read's data follows)."""
     __slots__ = ("result",)
@@ -112,7 +104,7 @@ class ClientProtocol:
         return wire.PAYLOAD_TAG + chunk
 
     # -- receiving -----------------------------------------------------------------
-    def receive(self, frame: bytes) -> Tick | Reply | Payload:
+    def receive(self, frame: bytes) -> Reply | Payload:
         """The meaning of one frame from the server; raises the reply's error, if any."""
         if self.state == AWAIT_PAYLOAD:
             n = len(frame)
@@ -125,8 +117,6 @@ class ClientProtocol:
             return Payload(frame, self._left == 0)
         if self.state != AWAIT_REPLY:
             raise self._broken("the server sent a frame when none was due")
-        if frame == wire.TICK:
-            return TICK
         try:
             seq, error, result = msgpack.unpackb(frame, raw=False)
         except Exception:

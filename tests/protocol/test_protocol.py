@@ -10,7 +10,7 @@ import harp
 from harp import api, wire
 from harp.errors import HarpError, ProtocolError
 from harp.proto.codec import error_from_bytes, error_to_bytes
-from harp.protocol import Calls, Chunk, ClientProtocol, Payload, Reply, ServerProtocol, Tick
+from harp.protocol import Calls, Chunk, ClientProtocol, Payload, Reply, ServerProtocol
 from harp.server.session import Session
 
 
@@ -48,7 +48,6 @@ def test_a_sync_call_ends_its_batch_and_awaits_its_reply():
     frame = client.sync([wire.MEM_INFO, 2])
     event = server.receive(frame)
     assert event.sync and [r[0] for r in event.records] == [wire.ALLOC, wire.MEM_INFO]
-    assert isinstance(client.receive(wire.TICK), Tick)          # alive, still working
     reply = client.receive(ServerProtocol.reply(2, None, [10, 20]))
     assert isinstance(reply, Reply) and reply.result == [10, 20]
     with pytest.raises(ProtocolError):                           # nothing more is due

@@ -64,19 +64,20 @@ class BlackHoleProxy:
             s.close()
 
 
-def test_a_dead_link_fails_a_sync_call_within_the_liveness_bound(fresh_pool):
+def test_a_dead_link_fails_a_sync_call_within_the_keepalive_bound(fresh_pool):
     proxy = BlackHoleProxy(fresh_pool.address)
     try:
-        dev = harp.connect(f"harp://{proxy.address}", tls=fresh_pool.client_tls, liveness_s=3)
+        dev = harp.connect(f"harp://{proxy.address}", tls=fresh_pool.client_tls,
+                           keepalive_s=1, keepalive_timeout_s=1)
         buf = dev.alloc(1024)
         dev.write(buf, 0, b"x" * 1024)
         dev.synchronize()
         proxy.dead.set()                                  # the link goes silent
         t0 = time.monotonic()
-        with pytest.raises(harp.TransportError, match="no answer from the server"):
+        with pytest.raises(harp.TransportError, match="ping timeout"):
             dev.synchronize()
         took = time.monotonic() - t0
-        print(f"dead link noticed after {took:.2f} s (liveness bound 3 s)")
+        print(f"dead link noticed after {took:.2f} s (keepalive 1 s + 1 s)")
         assert took < 8
         dev.close()
     finally:
@@ -84,9 +85,9 @@ def test_a_dead_link_fails_a_sync_call_within_the_liveness_bound(fresh_pool):
 
 
 def test_a_long_call_on_a_live_server_is_not_mistaken_for_a_dead_link(fresh_pool):
-    """The server sends TICKs while a sync call runs, so a call longer than the liveness
-    bound still returns."""
-    dev = fresh_pool.connect(liveness_s=3)
+    """gRPC core answers keepalive pings while a long call runs, so a call longer than the
+    keepalive bound still returns."""
+    dev = fresh_pool.connect(keepalive_s=1, keepalive_timeout_s=1)
     lib = dev.load_module(harp.CATALOG_IMAGE, "catalog")
     gemm = dev.function(lib, "gemm_f64")
     m = 1024

@@ -13,8 +13,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-import time
-
 from ... import catalog
 from ...device import Device, Dims
 from ...errors import (ArgumentError, DeviceError, HarpError, InvalidHandleError,
@@ -51,26 +49,10 @@ class CpuDevice(Device):
         self._modules: dict[int, tuple[str, Any, int]] = {}  # id -> (format, payload, bytes)
         self._functions: dict[int, tuple[Any, Any]] = {}   # id -> (catalog kernel | None, runner)
         self._events: dict[int, Recording | None] = {}
-        self._executor = Executor(f"harp-cpu{card.index}", self._on_async_error,
-                                  on_idle=compute.idle if compute is not None else None)
+        self._executor = Executor(f"harp-cpu{card.index}", self._on_async_error, gate=compute)
         self._streams: dict[int, StreamQueue] = {0: self._executor.stream("default")}
 
     # -- internals -------------------------------------------------------------
-    def _gated(self, runner: Any) -> Any:
-        """`runner` holding the session's compute gate, charged its run time."""
-        gate = self._gate
-        if gate is None:
-            return runner
-
-        def run(*args: Any) -> None:
-            gate.enter()
-            t0 = time.perf_counter_ns()
-            try:
-                runner(*args)
-            finally:
-                gate.exit(time.perf_counter_ns() - t0)
-        return run
-
     def _on_async_error(self, exc: BaseException, call: str, seq: int) -> None:
         if not isinstance(exc, HarpError):
             exc = DeviceError(f"{type(exc).__name__}: {exc}")
@@ -297,14 +279,13 @@ class CpuDevice(Device):
                                          "session")
             format, payload, _ = entry
             if format == "catalog":
-                kernel, runner = catalog_function(fn.name)
-                self._functions[fn.id] = (kernel, self._gated(runner))
+                self._functions[fn.id] = catalog_function(fn.name)
             else:
                 kernel = payload.get(fn.name)
                 if kernel is None:
                     raise ArgumentError(f"module has no kernel {fn.name!r}; it has "
                                         f"{', '.join(sorted(payload)) or 'none'}")
-                self._functions[fn.id] = (None, self._gated(numba_runner(kernel)))
+                self._functions[fn.id] = (None, numba_runner(kernel))
         except HarpError as exc:
             self._errors.add(exc, "function", seq)
         return fn
@@ -329,7 +310,7 @@ class CpuDevice(Device):
         except HarpError as exc:
             self._errors.add(exc, "launch", seq)
             return
-        worker.submit("launch", seq, runner, grid3, block3, shared_mem, resolved)
+        worker.submit("launch", seq, runner, grid3, block3, shared_mem, resolved, kernel=True)
 
     def _resolve(self, arg: Any) -> Any:
         if isinstance(arg, BufferArg):

@@ -69,10 +69,14 @@ class Executor:
     """The pool of threads that runs one session's streams, and its queued-bytes bound."""
 
     def __init__(self, name: str, on_error: OnError, *, threads: int = THREADS,
-                 on_idle: Callable[[], None] | None = None) -> None:
+                 gate: Any = None) -> None:
         self.name = name
         self._on_error = on_error
-        self._on_idle = on_idle
+        #: The session's compute gate (`harp.tenancy.ComputeGate`), held while kernels run:
+        #: taken once for a run of kernels and given back when the run ends or the gate
+        #: asks for it (`wants_back`), so a trivial kernel does not pay for it each time.
+        self.gate = gate
+        self._on_idle = gate.idle if gate is not None else None
         self._max = threads
         self._cond = threading.Condition(threading.Lock())
         self._ready: deque[StreamQueue] = deque()
@@ -180,7 +184,7 @@ class StreamQueue:
         return self._completed == self._submitted
 
     def submit(self, call: str, seq: int, op: Callable[..., Any], *args: Any,
-               nbytes: int = 0) -> None:
+               nbytes: int = 0, kernel: bool = False) -> None:
         """Queue `op(*args)`; if it raises, the error is recorded against (call, seq).
         `nbytes` of payload it keeps count against the session's queued-bytes bound.
 
@@ -195,7 +199,7 @@ class StreamQueue:
                 ex.drop_bytes(nbytes)
             return
         self._submitted += 1
-        self._ops.append((call, seq, op, args, nbytes))
+        self._ops.append((call, seq, op, args, nbytes, kernel))
         if not self._scheduled:
             self._put_in_line()
 
@@ -226,7 +230,7 @@ class StreamQueue:
     def _drop(self) -> None:
         dropped = 0
         while self._ops:
-            _, _, _, _, nbytes = self._ops.popleft()
+            nbytes = self._ops.popleft()[4]
             dropped += nbytes
             self._completed += 1
         if dropped:
@@ -236,6 +240,15 @@ class StreamQueue:
 
     def _run_burst(self) -> None:
         """Run up to BURST operations (in a pool thread), then park, requeue or stop."""
+        gate = self.executor.gate
+        held = [0]                                   # when the gate was entered (ns), or 0
+        try:
+            self._burst(gate, held)
+        finally:
+            if held[0]:
+                gate.exit(time.perf_counter_ns() - held[0])
+
+    def _burst(self, gate: Any, held: list) -> None:
         ex = self.executor
         ops = self._ops
         for _ in range(BURST):
@@ -247,13 +260,22 @@ class StreamQueue:
                 if ops:                              # one came while we let go: run on
                     self._put_in_line()
                 return
-            call, seq, op, args, nbytes = ops[0]
+            call, seq, op, args, nbytes, kernel = ops[0]
             if op is _Wait:
                 if args[0].when_done(lambda: ex.wake(self)):
                     return                           # parked: the recording wakes us
                 ops.popleft()
                 self._finish(0)
                 continue
+            if gate is not None:
+                if kernel and not held[0]:
+                    gate.enter()
+                    held[0] = time.perf_counter_ns()
+                elif held[0] and (not kernel or gate.wants_back(
+                        time.perf_counter_ns() - held[0])):
+                    gate.exit(time.perf_counter_ns() - held[0])
+                    held[0] = 0
+                    continue                         # enter again for the kernel, in turn
             ops.popleft()
             try:
                 op(*args)
