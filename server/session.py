@@ -14,7 +14,6 @@ served by the method `_key`.
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 from typing import Any, Iterator
 
@@ -178,17 +177,13 @@ class Session:
             self.errors.add(_as_harp(exc), name, seq)
             return None
 
-    @contextlib.contextmanager
-    def _pending_first(self, seq: int) -> Iterator[None]:
+    def _refused(self, seq: int, error: HarpError) -> HarpError:
         """A sync call refused here, before the backend saw it, must still raise the
         backend's earlier failures first, as a local device does: ask the backend for them
-        with a sync call of its own (`mem_info` raises what is pending)."""
-        try:
-            yield
-        except HarpError:
-            self._backend_call(seq)
-            self.device.mem_info()
-            raise
+        with a sync call of its own (`mem_info` raises what is pending); else `error`."""
+        self._backend_call(seq)
+        self.device.mem_info()
+        return error
 
     def _sync(self, seq: int, name: str, fn: Any) -> Reply:
         """Run a sync call; its reply carries the earliest failure since the last sync."""
@@ -277,11 +272,13 @@ class Session:
 
     def _read(self, seq: int, buf: int, offset: int, nbytes: int, stream: int) -> Reply:
         def run() -> Any:
-            with self._pending_first(seq):
+            try:
                 target, queue = self.handles.get(Buffer, buf), self.handles.get(Stream, stream)
                 if offset < 0 or nbytes < 0 or offset + nbytes > target.nbytes:
                     raise ArgumentError(f"read [{offset}, {offset + nbytes}) is outside the "
                                         f"buffer of {target.nbytes} bytes")
+            except HarpError as exc:
+                raise self._refused(seq, exc)
             if nbytes <= wire.INLINE_LIMIT:  # small reads ride in the reply record itself
                 return [nbytes, self._read_chunk(seq, target, offset, nbytes, queue)
                         if nbytes else b""]
@@ -364,16 +361,22 @@ class Session:
 
     def _synchronize(self, seq: int, stream: int | None) -> Reply:
         def run() -> None:
-            with self._pending_first(seq):
-                target = None if stream is None else self.handles.get(Stream, stream)
+            target = None
+            if stream is not None:
+                try:
+                    target = self.handles.get(Stream, stream)
+                except HarpError as exc:
+                    raise self._refused(seq, exc)
             self._backend_call(seq)
             self.device.synchronize(target)
         return self._sync(seq, "synchronize", run)
 
     def _elapsed(self, seq: int, start: int, end: int) -> Reply:
         def run() -> float:
-            with self._pending_first(seq):
+            try:
                 a, b = self.handles.get(Event, start), self.handles.get(Event, end)
+            except HarpError as exc:
+                raise self._refused(seq, exc)
             self._backend_call(seq)
             return self.device.elapsed(a, b)
         return self._sync(seq, "elapsed", run)
