@@ -104,7 +104,7 @@ class PoolServer:
                  authorizer: Authorizer = open_authorizer, chunk_size: int = wire.CHUNK_SIZE,
                  max_sessions: int = 64, max_sessions_per_lease: int = 8,
                  max_sessions_per_identity: int = 32, idle_timeout_s: float = 1800.0,
-                 isolation: str = "process", warm_workers: int = 2,
+                 isolation: str = "process", warm_workers: int = 4,
                  backend_options: dict | None = None,
                  wrap_device: Callable[[Any, str], Any] | None = None) -> None:
         if isolation not in ISOLATIONS:

@@ -88,7 +88,7 @@ class WorkerProcess:
 class WorkerPool:
     """Warm workers for one backend, and the way to get one more."""
 
-    def __init__(self, backend: str, options: dict, *, chunk_size: int, warm: int = 2,
+    def __init__(self, backend: str, options: dict, *, chunk_size: int, warm: int = 4,
                  wrap: Callable | None = None, preload: list[str] | None = None) -> None:
         self.spec = {"backend": backend, "options": options, "chunk_size": chunk_size,
                      "wrap": wrap}
@@ -168,8 +168,9 @@ class WorkerPool:
         return WorkerProcess(self.forks, data, ctl, ipc.SlotRing(fds[0], chunk),
                              ipc.SlotRing(fds[1], chunk), pid)
 
-    #: A replacement is started this long after a worker is taken (unless none is left), so
-    #: its start-up does not compete for the CPU with the session just opened on the other.
+    #: A replacement is started this long after a worker is taken (at once when fewer than
+    #: half are left), so its start-up does not compete for the CPU with the session just
+    #: opened.
     REFILL_DELAY_S = 0.25
 
     def _refill_loop(self) -> None:
@@ -180,7 +181,7 @@ class WorkerPool:
                 if self._stopping:
                     return
                 wait = self._last_take + self.REFILL_DELAY_S - time.monotonic()
-                if self._ready and wait > 0:
+                if len(self._ready) * 2 >= self.warm and wait > 0:   # half left: not yet
                     self._cond.wait(wait)
                     continue
             try:

@@ -43,9 +43,26 @@ def test_bad_values_are_usage_errors(args, words):
     _one_line_error(harp(*args), *words)
 
 
-def test_sizes_in_help_are_accepted():
+def test_sizes_as_the_help_writes_them_are_accepted():
     from harp.units import parse_size
     assert parse_size("1Mi") == 1 << 20 and parse_size("4GiB") == 4 << 30
+    out = harp("demo", "--size", "1Ki", "--gemm", "16", "--local-only", "--json")
+    assert out.returncode == 0 and json.loads(out.stdout)["size"] == 1024, out.stderr
+
+
+def test_grpc_core_log_lines_stay_off_stderr(tmp_path, fresh_pool):
+    """A TLS refusal is HARP's one-line error, without gRPC core's own log lines."""
+    from harp.security import ephemeral_pool
+    other = ephemeral_pool(tmp_path / "other")[1]
+    code = ("import sys, harp\nfrom harp.security import TlsFiles\n"
+            f"t = TlsFiles({str(other.ca)!r}, {str(other.cert)!r}, {str(other.key)!r})\n"
+            "try:\n"
+            f"    harp.connect({fresh_pool.url!r}, tls=t)\n"
+            "except harp.AuthError as e:\n    print('refused', file=sys.stderr)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60)
+    assert "refused" in out.stderr
+    assert "ssl_transport_security" not in out.stderr and "I1" not in out.stderr, out.stderr
 
 
 def test_without_certificates_the_error_says_how_to_get_them(tmp_path):

@@ -19,6 +19,7 @@ from typing import Any, BinaryIO, Iterator
 import msgpack
 import zstandard
 
+from harp import api
 from harp.errors import HarpError
 
 #: First 8 bytes of every trace (PNG-style: a high byte, a name, line-ending traps).
@@ -48,34 +49,46 @@ BLOB_PART = 16 << 20
 #: Bodies smaller than this are stored raw: compressing them costs more than it saves.
 COMPRESS_MIN = 256
 
-# Call ops: the number in a record's first field, and its API name.
-(ALLOC, FREE, WRITE, READ, COPY, FILL, LOAD_MODULE, FUNCTION, LAUNCH, STREAM, EVENT, RECORD,
- WAIT, SYNCHRONIZE, ELAPSED, MEM_INFO, CLOSE) = range(1, 18)
+# Call ops: the number in a record's first field, from the API table (`harp.api`: each
+# call's `trace_op`, fixed for format version 1), and the record's own fields.
+_TRACE_OP = {c.name: c.trace_op for c in api.CALLS if c.trace_op}
+ALLOC, FREE, WRITE, READ = (_TRACE_OP[n] for n in ("alloc", "free", "write", "read"))
+COPY, FILL, LOAD_MODULE, FUNCTION = (_TRACE_OP[n] for n in ("copy", "fill", "load_module",
+                                                            "function"))
+LAUNCH, STREAM, EVENT, RECORD, WAIT = (_TRACE_OP[n] for n in ("launch", "stream", "event",
+                                                              "record", "wait"))
+SYNCHRONIZE, ELAPSED, MEM_INFO, CLOSE = (_TRACE_OP[n] for n in ("synchronize", "elapsed",
+                                                                "mem_info", "close"))
 
-#: op -> (API name, names of the fields after [op, seq, t0, t1, error]).
-OPS: dict[int, tuple[str, tuple[str, ...]]] = {
-    ALLOC: ("alloc", ("nbytes", "buffer")),
-    FREE: ("free", ("buffer", "buffer_nbytes")),
-    WRITE: ("write", ("buffer", "buffer_nbytes", "offset", "nbytes", "stream", "blob")),
-    READ: ("read", ("buffer", "buffer_nbytes", "offset", "nbytes", "stream", "digest")),
-    COPY: ("copy", ("dst", "dst_nbytes", "dst_offset", "src", "src_nbytes", "src_offset",
-                    "nbytes", "stream")),
-    FILL: ("fill", ("buffer", "buffer_nbytes", "value", "offset", "nbytes", "stream")),
-    LOAD_MODULE: ("load_module", ("format", "blob", "is_str", "module")),
-    FUNCTION: ("function", ("module", "name", "function")),
-    LAUNCH: ("launch", ("function", "grid", "block", "shared_mem", "stream", "args")),
-    STREAM: ("stream", ("stream_id",)),
-    EVENT: ("event", ("event",)),
-    RECORD: ("record", ("event", "stream")),
-    WAIT: ("wait", ("stream", "event")),
-    SYNCHRONIZE: ("synchronize", ("stream",)),
-    ELAPSED: ("elapsed", ("start", "end", "ms")),
-    MEM_INFO: ("mem_info", ("free", "total")),
-    CLOSE: ("close", ()),
+#: API name -> the names of the fields after [op, seq, t0, t1, error] (the trace's own:
+#: what a replay and a report need, e.g. a buffer's size and a read's digest).
+FIELDS: dict[str, tuple[str, ...]] = {
+    "alloc": ("nbytes", "buffer"),
+    "free": ("buffer", "buffer_nbytes"),
+    "write": ("buffer", "buffer_nbytes", "offset", "nbytes", "stream", "blob"),
+    "read": ("buffer", "buffer_nbytes", "offset", "nbytes", "stream", "digest"),
+    "copy": ("dst", "dst_nbytes", "dst_offset", "src", "src_nbytes", "src_offset", "nbytes",
+             "stream"),
+    "fill": ("buffer", "buffer_nbytes", "value", "offset", "nbytes", "stream"),
+    "load_module": ("format", "blob", "is_str", "module"),
+    "function": ("module", "name", "function"),
+    "launch": ("function", "grid", "block", "shared_mem", "stream", "args"),
+    "stream": ("stream_id",),
+    "event": ("event",),
+    "record": ("event", "stream"),
+    "wait": ("stream", "event"),
+    "synchronize": ("stream",),
+    "elapsed": ("start", "end", "ms"),
+    "mem_info": ("free", "total"),
+    "close": (),
 }
+
+#: op -> (API name, field names); one entry per call of the API table.
+OPS: dict[int, tuple[str, tuple[str, ...]]] = {_TRACE_OP[name]: (name, FIELDS[name])
+                                               for name in api.NAMES}
 API_NAMES = {op: spec[0] for op, spec in OPS.items()}
 OPS_BY_NAME = {spec[0]: op for op, spec in OPS.items()}
-SYNC_OPS = frozenset((READ, SYNCHRONIZE, ELAPSED, MEM_INFO, CLOSE))
+SYNC_OPS = frozenset(_TRACE_OP[name] for name in api.SYNC_NAMES)
 #: Index of the first op-specific field in a record.
 FIELDS_AT = 5
 

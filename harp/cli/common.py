@@ -30,6 +30,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_count(text: str) -> int:
+    """A number of elements, at least 1, written as a size may be: 1048576, 1Mi, 64k."""
+    if text.strip().startswith("-"):
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (examples: 4096, 64k, "
+                                         "1Mi)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
+
+
 def count(text: str) -> int:
     """A whole number >= 0."""
     try:
@@ -161,6 +175,7 @@ def say(text: str) -> None:
         pass
 
 
-__all__ = ["size", "positive_int", "count", "positive_float", "share", "listen_address",
+__all__ = ["size", "positive_int", "positive_count", "count", "positive_float", "share",
+           "listen_address",
            "format_size", "add_scheduler_options", "scheduler_address", "scheduler_client",
            "add_tls_server_options", "server_tls", "server_credentials", "wait_for_signal", "say"]

@@ -19,12 +19,12 @@ from .. import catalog
 from ..device import Device
 from ..types import Scalar
 from ..output import emit_json, table
-from .common import positive_int
+from .common import positive_count, positive_int
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=positive_int, default=1 << 20,
-                   help="vector length (default 1048576)")
+    p.add_argument("--size", type=positive_count, default=1 << 20,
+                   help="vector length (default 1Mi = 1048576)")
     p.add_argument("--gemm", type=positive_int, default=256,
                    help="matrix size for gemm (default 256)")
     p.add_argument("--local-only", action="store_true", help="skip the embedded pool server")

@@ -50,8 +50,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                             "so tenants cannot reach each other's memory or crash each other; "
                             "thread: sessions share this process (development and benchmarks "
                             "only: it does not isolate tenants)")
-    serve.add_argument("--warm-workers", type=count, default=2,
-                       help="session worker processes kept started ahead (default 2)")
+    serve.add_argument("--warm-workers", type=count, default=4,
+                       help="session worker processes kept started ahead (default 4)")
     serve.add_argument("--max-sessions", type=positive_int, default=64,
                        help="most sessions open at once (default 64)")
     serve.add_argument("--max-sessions-per-lease", type=positive_int, default=8,

@@ -353,3 +353,14 @@ def test_unaccepted_format_is_deferred(device):
         device.synchronize()                                     # 2
     assert ei.value.call == "load_module" and ei.value.seq == 1
     device.synchronize()
+
+
+@pytest.mark.parametrize("n", [-1, -2, -(1 << 40)])
+def test_a_negative_size_is_refused_and_writes_nothing(device, catalog, n):
+    fill = device.function(catalog, "fill_f32")
+    buf = device.alloc(64)
+    device.write(buf, 0, np.zeros(16, np.float32))
+    device.launch(fill, 1, 16, [buf, np.float32(7), np.int64(n)])
+    with pytest.raises(harp.ArgumentError, match="n must be >= 0"):
+        device.synchronize()
+    assert not np.frombuffer(device.read(buf, 0, 64), np.float32).any()

@@ -208,8 +208,10 @@ def spin(out):
 '''
 
 
-@pytest.mark.parametrize("isolation", ["process", "thread"])
-def test_sigterm_stops_a_server_while_client_code_runs_on_it(tmp_path, isolation):
+@pytest.mark.parametrize("isolation, sig", [("process", signal.SIGTERM),
+                                            ("process", signal.SIGINT),
+                                            ("thread", signal.SIGTERM)])
+def test_a_signal_stops_a_server_while_client_code_runs_on_it(tmp_path, isolation, sig):
     pytest.importorskip("numba.cuda.simulator")
     proc, url, tls = _serve(tmp_path, "--trust-client-code", "--isolation", isolation)
     dev = harp.connect(url, tls=tls)
@@ -221,7 +223,7 @@ def test_sigterm_stops_a_server_while_client_code_runs_on_it(tmp_path, isolation
         thread.start()
         time.sleep(1.0)                                   # the kernel is spinning
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert proc.wait(20) == 0
         assert time.monotonic() - t0 < 15
     finally:
