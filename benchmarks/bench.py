@@ -28,6 +28,9 @@ Measurements (the client is this process unless said otherwise):
   6. isolation: the same pool server with sessions in worker processes (the default)
      beside one with --isolation thread, interleaved: async launches, synchronize(),
      bulk write and read, and connect-to-first-sync (what the relay costs).
+  7. same host: a pool server on a unix socket, sessions with a shared-memory window
+     beside sessions that move bulk data over the stream, interleaved: 256 MiB write
+     and read vs memcpy of the same bytes, synchronize() and 64-byte reads.
 See benchmarks/README.md for what each row compares and how to read it.
 
 Usage:
@@ -502,16 +505,17 @@ class Watchdog:
         t.start()
 
 
-def harp_server_argv(cert_dir, memory="2GiB", extra=()):
+def harp_server_argv(cert_dir, memory="2GiB", extra=(), listen="127.0.0.1:0"):
     exe = os.path.join(os.path.dirname(sys.executable), "harp")
     head = [exe] if os.path.exists(exe) else \
         [sys.executable, "-c", "import sys; from harp.cli.main import main; sys.exit(main())"]
-    return head + ["server", "serve", "--listen", "127.0.0.1:0", "--cert-dir", cert_dir,
+    return head + ["server", "serve", "--listen", listen, "--cert-dir", cert_dir,
                    "--memory", memory, *extra]
 
 
-def start_harp_server(cert_dir, children, prefix=(), memory="2GiB", extra=()):
-    c = Child("harp server", list(prefix) + harp_server_argv(cert_dir, memory, extra))
+def start_harp_server(cert_dir, children, prefix=(), memory="2GiB", extra=(),
+                      listen="127.0.0.1:0"):
+    c = Child("harp server", list(prefix) + harp_server_argv(cert_dir, memory, extra, listen))
     children.append(c)
     line = c.wait_line(lambda ln: "listening on harp://" in ln, 60)
     url = line.split("listening on ")[1].split()[0]
@@ -571,6 +575,21 @@ class Bench:
         import harp
         _, cli = tls_paths(self.a.cert_dir)
         return harp.connect(self.url, tls=cli)
+
+    def bulk_pass(self, dev, mode, data, out):
+        """One timed write and read of `data` (after a write that faults the pages in)."""
+        n = data.nbytes
+        buf = dev.alloc(n)
+        dev.write(buf, 0, data)
+        dev.synchronize()
+        t0 = time.perf_counter()
+        dev.write(buf, 0, data)
+        dev.synchronize()
+        self.put(f"{mode}: bulk write", n / (time.perf_counter() - t0) / 1e9, "GB/s")
+        t0 = time.perf_counter()
+        dev.read(buf, 0, n, out=out)
+        self.put(f"{mode}: bulk read", n / (time.perf_counter() - t0) / 1e9, "GB/s")
+        return buf
 
     # -- 1. bulk -----------------------------------------------------------------
     def sec_bulk(self):
@@ -823,16 +842,7 @@ class Bench:
                 self.put(f"{mode}: async launches", launches / (time.perf_counter() - t0),
                          "launch/s")
                 self.put(f"{mode}: synchronize()", timed_rate(dev.synchronize, a.dur), "rt/s")
-                buf = dev.alloc(n)
-                dev.write(buf, 0, data)                 # fault the worker's pages in
-                dev.synchronize()
-                t0 = time.perf_counter()
-                dev.write(buf, 0, data)
-                dev.synchronize()
-                self.put(f"{mode}: bulk write", n / (time.perf_counter() - t0) / 1e9, "GB/s")
-                t0 = time.perf_counter()
-                dev.read(buf, 0, n, out=out)
-                self.put(f"{mode}: bulk read", n / (time.perf_counter() - t0) / 1e9, "GB/s")
+                self.bulk_pass(dev, mode, data, out)
 
         one_mode("process")                              # warm both servers
         one_mode("thread")
@@ -841,6 +851,46 @@ class Bench:
         for i in range(a.reps):
             log("  isolation rep %d/%d" % (i + 1, a.reps))
             for mode in (("process", "thread") if i % 2 == 0 else ("thread", "process")):
+                one_mode(mode)
+
+    # -- 7. same host: shared memory -------------------------------------------------
+    def sec_samehost(self):
+        """A pool server on a unix socket: sessions with a shared-memory window beside
+        sessions that move bulk data over the stream, and memcpy of the same bytes."""
+        import numpy as np
+        import harp
+        a = self.a
+        _, cli = tls_paths(self.a.cert_dir)
+        n = a.bulk
+        data = np.frombuffer(os.urandom(MiB) * (n // MiB), np.uint8)
+        out = np.empty(n, np.uint8)
+        small = bytearray(64)
+        out[:] = data                                   # fault the pages in
+
+        def memcpy():
+            t0 = time.perf_counter()
+            np.copyto(out, data)
+            self.put("memcpy (numpy copyto)", n / (time.perf_counter() - t0) / 1e9, "GB/s")
+
+        def one_mode(mode):
+            dev = harp.connect(self.unix_url, tls=cli, shared_memory=(mode == "shm"))
+            try:
+                assert dev.shared_memory == (mode == "shm"), "shared memory not as asked"
+                buf = self.bulk_pass(dev, mode, data, out)
+                self.put(f"{mode}: synchronize()", timed_rate(dev.synchronize, a.dur), "rt/s")
+                self.put(f"{mode}: read 64B", timed_rate(
+                    lambda: dev.read(buf, 0, 64, out=small), a.dur), "rt/s")
+            finally:
+                dev.close()
+
+        one_mode("shm")                                  # warm-up
+        one_mode("unix")
+        for key in [k for k in self.series if k.startswith(("shm:", "unix:"))]:
+            del self.series[key]
+        for i in range(a.reps):
+            log("  same-host rep %d/%d" % (i + 1, a.reps))
+            memcpy()
+            for mode in (("shm", "unix") if i % 2 == 0 else ("unix", "shm")):
                 one_mode(mode)
 
     # -- 5. local path ---------------------------------------------------------------
@@ -947,9 +997,10 @@ class Bench:
         from harp.security import ephemeral_pool
         from pathlib import Path
         ephemeral_pool(Path(a.cert_dir))
-        sections = [s for s in ("bulk", "sync", "launch", "isolation", "local")
+        sections = [s for s in ("bulk", "sync", "launch", "isolation", "samehost", "local")
                     if s in a.sections]
-        remote = any(s in sections for s in ("bulk", "sync", "launch", "isolation"))
+        remote = any(s in sections for s in ("bulk", "sync", "launch", "isolation",
+                                             "samehost"))
         try:
             if remote:
                 self.dog.arm(120, "server start-up")
@@ -963,6 +1014,10 @@ class Bench:
                 if "isolation" in sections:
                     _, self.thread_url = start_harp_server(
                         a.cert_dir, self.children, extra=["--isolation", "thread"])
+                if "samehost" in sections:
+                    sock = os.path.join(tempfile.mkdtemp(prefix="harp-b-"), "pool.sock")
+                    _, self.unix_url = start_harp_server(a.cert_dir, self.children,
+                                                         listen="unix:" + sock)
                 _, ready = start_role("grpc-server", a, self.children)
                 self.grpc_port = ready[0]
                 if "bulk" in sections:
@@ -975,6 +1030,7 @@ class Bench:
                        "launch": 60 + 10 * a.reps * max(a.launch_s, a.dur),
                        "isolation": 90 + 2 * a.reps * (30 * a.bulk / (256 * MiB) + 4 * a.dur
                                                          + 2 * a.launch_s),
+                       "samehost": 60 + 2 * a.reps * (10 * a.bulk / (256 * MiB) + 2 * a.dur),
                        "local": 40 + 20 * a.reps * a.local_s}
             for s in sections:
                 log("[%s] ..." % s)
@@ -1053,6 +1109,18 @@ def row_specs(per):
          "thread isolation, same run", 0.9),
         ("isolation: connect + first sync (1/s)", "process: connect + first sync",
          "thread: connect + first sync", "thread isolation, same run", 1 / 1.5),
+        ("same host: bulk write", "shm: bulk write", "memcpy (numpy copyto)",
+         "memcpy of the same bytes", 0.45),
+        ("same host: bulk read", "shm: bulk read", "memcpy (numpy copyto)",
+         "memcpy of the same bytes", 0.45),
+        ("same host: bulk write", "shm: bulk write", "unix: bulk write",
+         "same unix socket, no shared memory", None),
+        ("same host: bulk read", "shm: bulk read", "unix: bulk read",
+         "same unix socket, no shared memory", None),
+        ("same host: synchronize()", "shm: synchronize()", "unix: synchronize()",
+         "same unix socket, no shared memory", 0.9),
+        ("same host: read 64B", "shm: read 64B", "unix: read 64B",
+         "same unix socket, no shared memory", 0.9),
         ("local: noop launches", "local connect noop launches", "local backend noop launches",
          "CpuBackend().open(0) direct", 0.97),
         ("local: 1MiB write+sync", "local connect 1MiB write+sync",
@@ -1098,7 +1166,7 @@ def target_text(meas, target):
         return ">= 100k/s"
     if meas.startswith("isolation: connect"):
         return "time <= 1.5x"
-    if meas.startswith("isolation"):
+    if meas.startswith("isolation") or (meas.startswith("same host") and target == 0.9):
         return "within 10%"
     return ">= %gx" % target
 
@@ -1397,8 +1465,8 @@ def main():
     ap.add_argument("--placement", choices=["split", "free"], default="split",
                     help="split (default on 2+ cores): servers on core 0, clients on core 1, "
                          "for HARP and every limit alike, so runs compare; free: unpinned")
-    ap.add_argument("--sections", default="bulk,sync,launch,isolation,local",
-                    help="comma list of: bulk, sync, launch, isolation, local")
+    ap.add_argument("--sections", default="bulk,sync,launch,isolation,samehost,local",
+                    help="comma list of: bulk, sync, launch, isolation, samehost, local")
     ap.add_argument("--bulk-mib", type=int, default=None, help="bulk size (default 256; quick 64)")
     ap.add_argument("--dur", type=float, default=None,
                     help="seconds per rate measurement (default 1.0; quick 0.3)")

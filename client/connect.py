@@ -6,6 +6,8 @@
 """
 from __future__ import annotations
 
+import os
+
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,15 +82,22 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
                    server_name: str | None = None, connect_timeout: float = 10.0,
                    keepalive_s: float = KEEPALIVE_S,
                    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
+                   shared_memory: bool | None = None,
                    **unknown: Any) -> RemoteDevice:
     """Open a session on device `device_index` of the pool server at `target`.
 
     `connect_timeout` bounds the handshake; a keepalive ping every `keepalive_s` that goes
     unanswered for `keepalive_timeout_s` fails the session with `TransportError` (a dead
-    link or a frozen server is noticed within their sum)."""
+    link or a frozen server is noticed within their sum). On a unix socket the session
+    moves bulk data through shared memory with the server (`shared_memory`, default: yes
+    unless `HARP_SHARED_MEMORY=0`); elsewhere, and when the server offers none, over the
+    stream."""
     if unknown:
         raise TypeError(f"unknown option(s) for a remote device: {', '.join(sorted(unknown))}")
     address, secure = parse_address(target)
+    if shared_memory is None:
+        shared_memory = os.environ.get("HARP_SHARED_MEMORY", "1") != "0"
+    shared_memory = bool(shared_memory) and address.startswith("unix:")
     name = server_name or ("localhost" if address.startswith("unix") else None)
     options = channel_options(keepalive_s=keepalive_s, keepalive_timeout_s=keepalive_timeout_s,
                               server_name=name)
@@ -104,7 +113,7 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
     try:
         return RemoteDevice(channel, device_index=device_index, token=token,
                             client_name=client_name, connect_timeout=connect_timeout,
-                            target=target)
+                            target=target, shared_memory=shared_memory)
     except TransportError as exc:
         channel.close()
         raise _explain_connect_failure(exc, target, address, files, name) from None

@@ -17,6 +17,7 @@ about 15 s) and fails the waiting call with `TransportError`.
 """
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import socket
@@ -35,8 +36,11 @@ from harp.frontend import (HandleIds, as_bytes_view, check_buffer, check_copy, c
 from harp.proto import session_pb2 as pb
 from harp.proto.codec import error_from_bytes, error_from_message, facts_from_proto
 from harp.protocol import ClientProtocol, Payload, Reply
+from harp.shm import SharedWindow, pick_up
 from harp.transport import error_from_rpc
 from harp.types import Buffer, DeviceInfo, Event, Function, MemInfo, Module, Stream
+
+log = logging.getLogger("harp.client")
 
 #: Asked, on the session's channel, why the server cancelled a session's call.
 WHY_METHOD = "/harp.v1.Session/Why"
@@ -49,6 +53,17 @@ class _BulkJob:
 
     def __init__(self, view: memoryview, chunk: int) -> None:
         self.view, self.chunk, self.done = view, chunk, threading.Event()
+
+
+def _take_window(offer: Any) -> SharedWindow | None:
+    """The session's shared-memory window, picked up at the server's door; None (bulk data
+    takes the stream) when the door cannot be reached or its window is not right."""
+    try:
+        fds = pick_up(offer.door, offer.ticket)
+        return SharedWindow.attach(fds, offer.slot_size, offer.slots, client=True)
+    except (OSError, ProtocolError) as exc:
+        log.info("no shared memory from %s (%s); bulk data takes the stream", offer.door, exc)
+        return None
 
 
 def ended_error(exc: grpc.RpcError, what: str) -> HarpError:
@@ -68,7 +83,7 @@ class RemoteDevice(Device):
 
     def __init__(self, channel: grpc.Channel, *, device_index: int = 0, token: str = "",
                  client_name: str = "", connect_timeout: float = 10.0,
-                 target: str = "") -> None:
+                 target: str = "", shared_memory: bool = False) -> None:
         self._channel = channel
         self._target = target
         self._ids = HandleIds()
@@ -79,6 +94,7 @@ class RemoteDevice(Device):
         self._closed = False
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._timed_out = False
+        self._window: SharedWindow | None = None
         self.session_id = ""
         #: Hooks run at close, and a way to explain a broken session (set by lease connects).
         self.on_close: list[Any] = []
@@ -89,7 +105,8 @@ class RemoteDevice(Device):
         request = pb.HandshakeRequest(
             versions=pb.VersionRange(min=wire.PROTOCOL_MIN, max=wire.PROTOCOL_MAX),
             device_index=device_index, token=token,
-            client_name=client_name or f"pid {os.getpid()}", client_host=socket.gethostname())
+            client_name=client_name or f"pid {os.getpid()}", client_host=socket.gethostname(),
+            shared_memory=shared_memory)
         self._requests.put(request.SerializeToString())
         reply = pb.HandshakeReply()
         # A server that accepts the connection but never answers must not hang us.
@@ -113,6 +130,13 @@ class RemoteDevice(Device):
         self.server_name = reply.server_name
         self.protocol_version = reply.version
         self._info = facts_from_proto(reply.device)
+        if reply.HasField("shared_memory"):
+            self._window = _take_window(reply.shared_memory)
+
+    @property
+    def shared_memory(self) -> bool:
+        """Whether bulk data moves through a shared-memory window (a same-host session)."""
+        return self._window is not None
 
     # -- transport -----------------------------------------------------------------
     def _frames(self) -> Iterator[bytes]:
@@ -262,6 +286,11 @@ class RemoteDevice(Device):
             if nbytes <= wire.INLINE_LIMIT:
                 self._issue([wire.WRITE, seq, buf.id, offset, sid, view.tobytes()], nbytes)
                 return
+            if self._window is not None:
+                self._send(self._proto.shm_write([wire.WRITE_SHM, seq, buf.id, offset, sid,
+                                                  nbytes]))
+                self._through_window("write", self._put_all, view)
+                return
             self._send(self._proto.chunked_write(
                 [wire.WRITE_CHUNKED, seq, buf.id, offset, sid, nbytes]))
             self._send_bulk(view)
@@ -273,6 +302,8 @@ class RemoteDevice(Device):
             offset, nbytes = check_range(buf, offset, nbytes, "read")
             sid = check_stream(stream).id
             dst = None if out is None else out_view(out, nbytes)
+            if self._window is not None and nbytes > wire.INLINE_LIMIT:
+                return self._read_shm(seq, buf, offset, nbytes, sid, out, dst)
             result = self._sync([wire.READ, seq, buf.id, offset, nbytes, sid])
             try:
                 inline = self._proto.read_data(result, nbytes)
@@ -294,6 +325,53 @@ class RemoteDevice(Device):
                     dst[pos:pos + len(chunk)] = chunk
                 pos += len(chunk)
         return b"".join(chunks) if dst is None else out
+
+    def _read_shm(self, seq: int, buf: Buffer, offset: int, nbytes: int, sid: int, out: Any,
+                  dst: memoryview | None) -> Any:
+        """A large read through the window: its chunks, then its reply."""
+        if self._broken is not None:
+            raise self._broken
+        target = memoryview(bytearray(nbytes)) if dst is None else dst
+        self._send(self._proto.sync([wire.READ_SHM, seq, buf.id, offset, nbytes, sid]))
+        received = self._through_window("read", self._take_all, target)
+        event = self._frame("read")                # raises the read's error, if it failed
+        try:
+            self._proto.shm_read_done(event.result, nbytes, received)  # type: ignore[union-attr]
+        except ProtocolError as exc:
+            self._broken = exc
+            raise
+        return bytes(target.obj) if dst is None else out
+
+    def _put_all(self, view: memoryview, alive: Any) -> int:
+        window = self._window
+        assert window is not None
+        step = window.slot_size
+        for pos in range(0, view.nbytes, step):
+            window.put(view[pos:pos + step], alive)
+        return view.nbytes
+
+    def _take_all(self, target: memoryview, alive: Any) -> int:
+        window = self._window
+        assert window is not None
+        pos, nbytes = 0, target.nbytes
+        while pos < nbytes:
+            n = window.take(target[pos:], alive)
+            if n < 0:
+                break                              # the read failed; its reply says why
+            pos += n
+        return pos
+
+    def _through_window(self, what: str, move: Any, view: memoryview) -> int:
+        """Move a transfer's bytes through the window; a session the server ended meanwhile
+        raises the server's reason."""
+        try:
+            return move(view, self._call.is_active)
+        except TransportError:
+            self._broken = self._reason(what)
+            raise self._broken from None
+        except ProtocolError as exc:
+            self._broken = exc
+            raise
 
     def copy(self, dst: Buffer, dst_offset: int, src: Buffer, src_offset: int, nbytes: int,
              stream: Stream | None = None) -> None:
@@ -396,3 +474,5 @@ class RemoteDevice(Device):
         self._requests.put(None)
         self._call.cancel()
         self._channel.close()
+        if self._window is not None:
+            self._window.close()

@@ -9,8 +9,9 @@ Each entry gives the call's API name, its op number on the session wire, its
 op number in trace files (format version 1, fixed: traces already written use
 it), whether it is *sync* (its record gets exactly one reply), and the
 arguments its wire record carries after `[op, seq]`, by name and type.
-`write` has two wire forms: inline (`write`) and chunked (`write_chunked`),
-whose payload follows as bare frames.
+`write` has three wire forms: inline (`write`), chunked (`write_chunked`),
+whose payload follows as bare frames, and through a same-host session's
+shared-memory window (`write_shm`); `read` has two (`read`, `read_shm`).
 """
 from __future__ import annotations
 
@@ -54,12 +55,16 @@ CALLS: tuple[Call, ...] = (
     Call("event", "event", 11, 11, False, (("id", I),)),
     Call("record", "record", 12, 12, False, (("event", I), ("stream", I))),
     Call("wait", "wait", 13, 13, False, (("stream", I), ("event", I))),
+    Call("write_shm", "write", 14, 0, False, (("buffer", I), ("offset", I), ("stream", I),
+                                             ("nbytes", I))),
     Call("read", "read", 20, 4, True, (("buffer", I), ("offset", I), ("nbytes", I),
                                        ("stream", I))),
     Call("synchronize", "synchronize", 21, 14, True, (("stream", (I, N)),)),
     Call("elapsed", "elapsed", 22, 15, True, (("start", I), ("end", I))),
     Call("mem_info", "mem_info", 23, 16, True, ()),
     Call("close", "close", 24, 17, True, ()),
+    Call("read_shm", "read", 25, 0, True, (("buffer", I), ("offset", I), ("nbytes", I),
+                                           ("stream", I))),
 )
 
 BY_KEY: dict[str, Call] = {c.key: c for c in CALLS}

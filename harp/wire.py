@@ -11,6 +11,10 @@ A session is one gRPC bidirectional stream of raw byte frames:
      sync call ends its batch. A chunked write (`WRITE_CHUNKED`) also ends its
      batch, and `PAYLOAD` frames carrying its `nbytes` follow it.
    - `PAYLOAD`, then bytes of the chunked write in progress, as they are.
+   A session that took a shared-memory window (`harp.shm`: same host, unix
+   socket) moves large payloads through it instead: `WRITE_SHM` ends its batch
+   and its bytes follow through the window's write ring; `READ_SHM` is a sync
+   call whose data goes through the read ring before its reply (`[nbytes]`).
 3. server -> client, with no kind byte (the client always knows what comes
    next): one *reply* frame for each sync call, a msgpack array
    `[seq, error, result]` where `error` is a serialized protobuf
@@ -84,6 +88,7 @@ LAUNCH, STREAM, EVENT, RECORD, WAIT = api.op("launch"), api.op("stream"), api.op
     api.op("record"), api.op("wait")
 READ, SYNCHRONIZE, ELAPSED, MEM_INFO, CLOSE = api.op("read"), api.op("synchronize"), \
     api.op("elapsed"), api.op("mem_info"), api.op("close")
+WRITE_SHM, READ_SHM = api.op("write_shm"), api.op("read_shm")
 
 # Kernel argument tags inside a LAUNCH record.
 ARG_BUFFER, ARG_SCALAR, ARG_ARRAY = 0, 1, 2

@@ -15,18 +15,32 @@ class VersionRange(_message.Message):
     def __init__(self, min: _Optional[int] = ..., max: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("versions", "device_index", "token", "client_name", "client_host")
+    __slots__ = ("versions", "device_index", "token", "client_name", "client_host", "shared_memory")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     versions: VersionRange
     device_index: int
     token: str
     client_name: str
     client_host: str
-    def __init__(self, versions: _Optional[_Union[VersionRange, _Mapping]] = ..., device_index: _Optional[int] = ..., token: _Optional[str] = ..., client_name: _Optional[str] = ..., client_host: _Optional[str] = ...) -> None: ...
+    shared_memory: bool
+    def __init__(self, versions: _Optional[_Union[VersionRange, _Mapping]] = ..., device_index: _Optional[int] = ..., token: _Optional[str] = ..., client_name: _Optional[str] = ..., client_host: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+
+class SharedMemory(_message.Message):
+    __slots__ = ("door", "ticket", "slot_size", "slots")
+    DOOR_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    SLOT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    door: str
+    ticket: bytes
+    slot_size: int
+    slots: int
+    def __init__(self, door: _Optional[str] = ..., ticket: _Optional[bytes] = ..., slot_size: _Optional[int] = ..., slots: _Optional[int] = ...) -> None: ...
 
 class DeviceFacts(_message.Message):
     __slots__ = ("kind", "name", "backend", "index", "memory", "compute_capability", "formats", "extra_json")
@@ -49,20 +63,22 @@ class DeviceFacts(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., index: _Optional[int] = ..., memory: _Optional[int] = ..., compute_capability: _Optional[_Iterable[int]] = ..., formats: _Optional[_Iterable[str]] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("version", "session_id", "device", "error", "chunk_size", "server_name")
+    __slots__ = ("version", "session_id", "device", "error", "chunk_size", "server_name", "shared_memory")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     version: int
     session_id: str
     device: DeviceFacts
     error: ErrorRecord
     chunk_size: int
     server_name: str
-    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[str] = ..., device: _Optional[_Union[DeviceFacts, _Mapping]] = ..., error: _Optional[_Union[ErrorRecord, _Mapping]] = ..., chunk_size: _Optional[int] = ..., server_name: _Optional[str] = ...) -> None: ...
+    shared_memory: SharedMemory
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[str] = ..., device: _Optional[_Union[DeviceFacts, _Mapping]] = ..., error: _Optional[_Union[ErrorRecord, _Mapping]] = ..., chunk_size: _Optional[int] = ..., server_name: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
 
 class ErrorRecord(_message.Message):
     __slots__ = ("code", "message", "call", "seq", "detail", "later")

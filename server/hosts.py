@@ -28,6 +28,7 @@ from harp import wire
 from harp.errors import DeviceError, HarpError, ProtocolError
 from harp.proto.codec import error_from_bytes, error_to_bytes
 from harp.protocol import ServerProtocol
+from harp.shm import SharedWindow
 from harp.types import DeviceInfo
 
 from . import ipc
@@ -88,9 +89,10 @@ class ThreadHost(SessionHost):
 
     isolation = "thread"
 
-    def __init__(self, sid: str, device: Any, chunk_size: int) -> None:
+    def __init__(self, sid: str, device: Any, chunk_size: int,
+                 window: SharedWindow | None = None) -> None:
         super().__init__(sid)
-        self.session = Session(device, sid, chunk_size)
+        self.session = Session(device, sid, chunk_size, window)
         self.info = device.info
         self.protocol = ServerProtocol()
         self.lock = threading.Lock()
@@ -141,6 +143,8 @@ class ThreadHost(SessionHost):
 
     def dispose(self) -> None:
         self.session.close()
+        if self.session.window is not None:
+            self.session.window.close()      # the handler is done with it: unmap
 
 
 # -- in a worker process ---------------------------------------------------------------
@@ -157,10 +161,16 @@ class WorkerHost(SessionHost):
         self.pid = worker.pid
         self._stopped = False
 
-    def open(self, request: dict, device: int, share: float, timeout: float = 60.0) -> None:
-        """Open the session's device in the worker (or raise the worker's error)."""
+    def open(self, request: dict, device: int, share: float, timeout: float = 60.0,
+             window: SharedWindow | None = None) -> None:
+        """Open the session's device in the worker (or raise the worker's error), handing it
+        the session's shared-memory window, if any."""
         self.control.add(self.id, self.worker.ctl, device, share)
-        self.worker.data.send(ipc.OPEN, ipc.pack(request))
+        if window is not None:
+            request = {**request, "window": [window.slot_size, window.slots]}
+            self.worker.data.send_fds(ipc.OPEN, ipc.pack(request), window.fds())
+        else:
+            self.worker.data.send(ipc.OPEN, ipc.pack(request))
         self.worker.data.sock.settimeout(timeout)
         try:
             kind, body = self.worker.data.recv()
@@ -300,8 +310,9 @@ class WorkerHost(SessionHost):
 
     def dispose(self) -> None:
         """Forget the worker: it exits once its session is closed (or is killed if not)."""
+        self._stopped = True                 # from now on `end` has nothing to stop
         self.control.remove(self.id)
-        if not self._stopped and self.worker.alive():
+        if self.ended is None and self.worker.alive():
             try:
                 self.worker.data.send(ipc.CLOSE)
             except OSError:

@@ -93,11 +93,16 @@ class Channel:
 
     def recv_fds(self, nfds: int) -> tuple[int, bytes, list[int]]:
         """A message sent with `send_fds` (call before any `recv`: no read-ahead yet)."""
-        data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, nfds)
-        if len(data) < HEADER.size:
+        header, fds, _, _ = socket.recv_fds(self.sock, HEADER.size, nfds)
+        if 0 < len(header) < HEADER.size:
+            header += self._read_exact(HEADER.size - len(header))
+        if len(header) < HEADER.size:
             return 0, b"", fds
-        size, kind = HEADER.unpack_from(data)
-        return kind, data[HEADER.size:HEADER.size + size], fds
+        size, kind = HEADER.unpack(header)
+        body = self._read_exact(size) if size else b""
+        if len(body) < size:
+            return 0, b"", fds
+        return kind, body, fds
 
     def close(self) -> None:
         try:

@@ -32,15 +32,17 @@ import grpc
 from harp import wire
 from harp.backends import Backend
 from harp.errors import (HarpError, LeaseError, NoCapacityError, ProtocolError,
-                         QuotaError)
+                         QuotaError, TransportError)
 from harp.proto import session_pb2 as pb
 from harp.proto.codec import error_from_bytes, error_message, error_to_bytes, facts_to_proto
+from harp.shm import SharedWindow
 from harp.security import ANONYMOUS, Identity, peer_identity
 from harp.tenancy import Ledger, Tenancy
 from harp.transport import serve, server_options
 
 from . import malloc
 from harp.executor import ElasticExecutor
+from .door import Door, door_path
 from .fairshare import DeviceArbiter
 from .hosts import SessionEnded, SessionHost, ThreadHost, WorkerHost
 from .workers import ControlLoop, WorkerPool
@@ -106,7 +108,8 @@ class PoolServer:
                  max_sessions_per_identity: int = 32, idle_timeout_s: float = 1800.0,
                  isolation: str = "process", warm_workers: int = 4,
                  backend_options: dict | None = None,
-                 wrap_device: Callable[[Any, str], Any] | None = None) -> None:
+                 wrap_device: Callable[[Any, str], Any] | None = None,
+                 shared_memory: bool = True) -> None:
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation is one of {', '.join(ISOLATIONS)}, not {isolation!r}")
         self.backend = backend
@@ -125,6 +128,9 @@ class PoolServer:
         #: Wraps each session's backend device, e.g. in a trace recorder (`--trace-dir`);
         #: with process isolation it runs in the worker, so it must pickle.
         self.wrap_device = wrap_device
+        #: Offer same-host clients (on a unix socket) a shared-memory window for bulk data.
+        self.shared_memory = shared_memory
+        self.doors: list[Door] = []
         self.insecure = False
         self.sessions: dict[str, SessionRecord] = {}
         self.ledger = Ledger()
@@ -175,12 +181,29 @@ class PoolServer:
                 self.control.stop()
             raise
         self._server, self.addresses = server, bound
+        if self.shared_memory:
+            self._open_doors(bound)
         self._reaper = threading.Thread(target=self._reap_loop, name="harp-session-reaper",
                                         daemon=True)
         self._reaper.start()
         log.info("pool server %s serving %s on %s (%s isolation)", self.name, self.backend.name,
                  bound, self.isolation)
         return bound
+
+    def _open_doors(self, bound: list[str]) -> None:
+        """A door beside each unix listen socket, where same-host clients pick up their
+        shared-memory windows (`harp.server.door`); without one, bulk data takes the stream."""
+        for address in bound:
+            if not address.startswith("unix:"):
+                continue
+            door = Door(door_path(address))
+            try:
+                door.start()
+            except OSError as exc:
+                log.warning("no shared-memory door at %s (%s); same-host sessions will move "
+                            "bulk data over the stream", door.path, exc)
+                continue
+            self.doors.append(door)
 
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop accepting, end every session and free what it held."""
@@ -195,6 +218,9 @@ class PoolServer:
             self.workers.stop()
         if self.control is not None:
             self.control.stop()
+        for door in self.doors:
+            door.stop()
+        self.doors = []
 
     def wait(self) -> None:
         if self._server is not None:
@@ -330,6 +356,9 @@ class PoolServer:
                 return
             host = record.host
             assert host is not None
+            # A client that goes while its call runs (a read waiting on it in shared memory)
+            # must not leave the host waiting: end it.
+            context.add_callback(lambda: self._rpc_over(record))
             for frame in frames:
                 if not frame:
                     raise ProtocolError("an empty frame")
@@ -359,6 +388,11 @@ class PoolServer:
                     record.host.dispose()
                 self.ledger.close(record.id)
                 self._ended += 1
+
+    def _rpc_over(self, record: SessionRecord) -> None:
+        host = record.host
+        if host is not None and host.busy and host.ended is None and not host.done:
+            host.end(TransportError("the client went away during a call"))
 
     def _identity(self, context: grpc.ServicerContext) -> Identity:
         if self.insecure:
@@ -404,7 +438,16 @@ class PoolServer:
                                    expires_at=grant.expires_at, client_name=client,
                                    context=context)
             self._admit(record)
-            record.host = self._open_host(record, grant)
+            window = self._window_for(request, context)
+            try:
+                record.host = self._open_host(record, grant, window)
+                offer = self._offer(window)
+            except BaseException:
+                if window is not None and record.host is None:
+                    window.close()
+                raise
+            if window is not None and self.isolation == "process":
+                window.close()               # the worker and the door have their own copies
         except HarpError as exc:
             if record is not None:
                 with self._lock:
@@ -417,9 +460,33 @@ class PoolServer:
                  record.identity, client, grant.device_index)
         return record, pb.HandshakeReply(
             version=version, session_id=record.id, device=facts_to_proto(record.host.info),
-            chunk_size=self.chunk_size, server_name=self.name).SerializeToString()
+            chunk_size=self.chunk_size, server_name=self.name,
+            shared_memory=offer).SerializeToString()
 
-    def _open_host(self, record: SessionRecord, grant: Grant) -> SessionHost:
+    def _window_for(self, request: Any, context: grpc.ServicerContext) -> SharedWindow | None:
+        """A shared-memory window, for a client that asks for one on a unix socket."""
+        if not (request.shared_memory and self.doors and context.peer().startswith("unix:")):
+            return None
+        try:
+            return SharedWindow.create()
+        except OSError as exc:
+            log.warning("no shared-memory window for a same-host session: %s", exc)
+            return None
+
+    def _offer(self, window: SharedWindow | None) -> pb.SharedMemory | None:
+        if window is None:
+            return None
+        door = self.doors[0]
+        try:
+            ticket = door.offer(window.fds())
+        except OSError as exc:                   # out of file descriptors: take the stream
+            log.warning("cannot offer a shared-memory window: %s", exc)
+            return None
+        return pb.SharedMemory(door=door.path, ticket=ticket, slot_size=window.slot_size,
+                               slots=window.slots)
+
+    def _open_host(self, record: SessionRecord, grant: Grant,
+                   window: SharedWindow | None = None) -> SessionHost:
         quota = grant.memory_quota or None
         if self.isolation == "thread":
             account = self.ledger.open(record.id, grant.device_index, quota=quota,
@@ -430,14 +497,15 @@ class PoolServer:
                                        tenancy=Tenancy(account, gate))
             if self.wrap_device is not None:
                 device = self.wrap_device(device, record.id)
-            return ThreadHost(record.id, device, self.chunk_size)
+            return ThreadHost(record.id, device, self.chunk_size, window)
         assert self.workers is not None and self.control is not None
         self.ledger.open(record.id, grant.device_index, quota=quota, lease=grant.lease_id)
         worker = self.workers.take()
         host = WorkerHost(record.id, worker, self.control)
         try:
             host.open({"session": record.id, "device": grant.device_index, "quota": quota,
-                       "trust": self.trust_client_code}, grant.device_index, grant.share)
+                       "trust": self.trust_client_code}, grant.device_index, grant.share,
+                      window=window)
         except BaseException:
             host.dispose()
             worker.kill()

@@ -22,6 +22,7 @@ from harp.device import Device
 from harp.errors import ArgumentError, HarpError, InternalError, ProtocolError
 from harp.frontend import DeferredErrors
 from harp.protocol import Calls, Chunk
+from harp.shm import SharedWindow
 from harp.types import ArrayArg, Buffer, BufferArg, Event, Function, Module, Scalar, Stream
 
 from .handles import HandleTable
@@ -110,8 +111,11 @@ class ChunkSink:
 class Session:
     """A client's session on one backend device: handle table, call numbering, errors."""
 
-    def __init__(self, device: Device, session_id: str, chunk_size: int = wire.CHUNK_SIZE) -> None:
+    def __init__(self, device: Device, session_id: str, chunk_size: int = wire.CHUNK_SIZE,
+                 window: SharedWindow | None = None) -> None:
         self.device = device
+        #: The same-host session's shared-memory window (`harp.shm`), if it took one.
+        self.window = window
         self.id = session_id
         self.chunk_size = chunk_size
         self.handles = HandleTable()
@@ -258,6 +262,66 @@ class Session:
         return ChunkSink(self, seq, found[0] if found else None, offset,
                          found[1] if found else None)
 
+    def _alive(self) -> bool:
+        return not self.closed
+
+    def _window(self, what: str) -> SharedWindow:
+        if self.window is None:
+            raise ProtocolError(f"a shared-memory {what} in a session without a window")
+        return self.window
+
+    def _write_shm(self, seq: int, buf: int, offset: int, stream: int, nbytes: int) -> None:
+        """A write whose bytes come through the window, chunk by chunk, each handed to the
+        backend and its slot given back at once; a refused write still drains its chunks."""
+        window = self._window("write")
+        found = self._lookup(seq, "write", (Buffer, buf), (Stream, stream))
+        if found and (offset < 0 or offset + nbytes > found[0].nbytes):
+            self.errors.add(ArgumentError(f"write [{offset}, {offset + nbytes}) is outside "
+                                          f"the buffer of {found[0].nbytes} bytes"), "write", seq)
+            found = None
+        pos = 0
+        while pos < nbytes:
+            chunk = window.receive(nbytes - pos, self._alive)
+            try:
+                if found:
+                    self._async(seq, "write", self.device.write, found[0], offset + pos, chunk,
+                                found[1])
+            finally:
+                window.done()
+            pos += len(chunk)
+
+    def _read_shm(self, seq: int, buf: int, offset: int, nbytes: int, stream: int) -> Reply:
+        """A read whose data goes through the window before its reply; a read that fails
+        marks its next slot `FAILED`, and the reply says why."""
+        window = self._window("read")
+
+        def run() -> list:
+            sent = 0
+            try:
+                try:
+                    target, queue = self.handles.get(Buffer, buf), self.handles.get(Stream, stream)
+                    if offset < 0 or nbytes <= 0 or offset + nbytes > target.nbytes:
+                        raise ArgumentError(f"read [{offset}, {offset + nbytes}) is outside the "
+                                            f"buffer of {target.nbytes} bytes")
+                except HarpError as exc:
+                    raise self._refused(seq, exc)
+                if self.errors:                  # an earlier failure is this call's reply
+                    return [nbytes]
+                while sent < nbytes:
+                    start = sent
+
+                    def fill(out: memoryview) -> int:
+                        n = min(len(out), nbytes - start)
+                        self._backend_call(seq)
+                        self.device.read(target, offset + start, n, out[:n], queue)
+                        return n
+                    sent += window.produce(fill, self._alive)
+                return [nbytes]
+            finally:
+                if sent < nbytes:
+                    window.fail(self._alive)
+        return self._sync(seq, "read", run)
+
     def _copy(self, seq: int, dst: int, dst_off: int, src: int, src_off: int, nbytes: int,
               stream: int) -> None:
         found = self._lookup(seq, "copy", (Buffer, dst), (Buffer, src), (Stream, stream))
@@ -393,6 +457,8 @@ class Session:
                 self.device.close()
             except Exception:  # the session is going away regardless
                 log.exception("closing session %s", self.id)
+            if self.window is not None:
+                self.window.closed = True        # a wait on the window ends; unmapped later
 
 
 def _named(error: HarpError, call: str, seq: int) -> HarpError:

@@ -34,6 +34,7 @@ from harp import wire
 from harp.errors import HarpError, InternalError, ProtocolError
 from harp.proto.codec import error_from_bytes, error_to_bytes
 from harp.protocol import ServerProtocol
+from harp.shm import SharedWindow
 from harp.tenancy import MemoryBroker, Tenancy
 from harp.types import MemInfo
 
@@ -97,17 +98,21 @@ class Worker:
         # started while warm, so that opening a session costs only the open
         threading.Thread(target=self._control_loop, name="harp-worker-control",
                          daemon=True).start()
-        kind, body = self.data.recv()               # a warm worker waits here
+        kind, body, fds = self.data.recv_fds(3)     # a warm worker waits here
         if kind != ipc.OPEN:
             return
-        self._open(backend, ipc.unpack(body))
+        self._open(backend, ipc.unpack(body), fds)
         if self.session is not None:
             self._serve()
 
     # -- opening -------------------------------------------------------------------
-    def _open(self, backend: Any, request: dict) -> None:
+    def _open(self, backend: Any, request: dict, fds: list[int]) -> None:
         sid = request["session"]
+        window = None
         try:
+            if fds:                                  # the session's shared-memory window
+                slot_size, slots = request["window"]
+                window = SharedWindow.attach(fds, slot_size, slots, client=False)
             gate = None
             if request.get("gated", True):
                 gate = self.gate = SessionGate(_GateLink(self.ctl))
@@ -124,7 +129,7 @@ class Worker:
             self.data.send(ipc.OPEN_FAILED, error_to_bytes(InternalError(
                 f"the session's worker could not open the device: {type(exc).__name__}: {exc}")))
             return
-        self.session = Session(device, sid, self.writes.slot_size)
+        self.session = Session(device, sid, self.writes.slot_size, window)
         self.data.send(ipc.OPENED, ipc.pack(device.info.to_dict()))
 
     # -- the session ---------------------------------------------------------------

@@ -7,17 +7,29 @@ by adding one entry to `DEVICE_KINDS` and one branch to `_open_device`.
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 import harp
 
 DEVICE_KINDS = [
-    "local-cpu", "remote-cpu", "remote-cpu-thread",
+    "local-cpu", "remote-cpu", "remote-cpu-thread", "remote-cpu-shm",
     # the cuda backend, on a real GPU (skipped without one, see pytest_collection_modifyitems)
     pytest.param("local-cuda", marks=pytest.mark.gpu),
     pytest.param("remote-cuda", marks=pytest.mark.gpu),
 ]
+
+
+def wait_until(predicate, timeout=15.0, interval=0.05):
+    """Poll `predicate` until it is true or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return predicate()
 
 
 def _gpu_present() -> bool:
@@ -47,6 +59,11 @@ def _open_device(kind: str, request) -> harp.Device:
     if kind == "remote-cpu-thread":
         pool = request.getfixturevalue("thread_pool_server")
         return harp.connect(pool.url, tls=pool.client_tls)
+    if kind == "remote-cpu-shm":
+        pool = request.getfixturevalue("unix_pool_server")
+        dev = harp.connect(pool.url, tls=pool.client_tls)
+        assert dev.shared_memory, "a unix-socket session should take a shared-memory window"
+        return dev
     if kind == "local-cuda":
         return harp.connect("local:cuda", memory="2GiB")
     if kind == "remote-cuda":
@@ -60,14 +77,14 @@ class Pool:
 
     backend = "cpu"
 
-    def __init__(self, tmp_path, **server_options):
+    def __init__(self, tmp_path, listen="127.0.0.1:0", **server_options):
         from harp.backends import load_backend
         from harp.security import ephemeral_pool, server_credentials
         from harp.server import PoolServer
         self.server_tls, self.client_tls = ephemeral_pool(tmp_path)
         self.server = PoolServer(load_backend(self.backend, memory="2GiB"),
                                  trust_client_code=True, **server_options)
-        self.address = self.server.start(["127.0.0.1:0"], server_credentials(self.server_tls))[0]
+        self.address = self.server.start([listen], server_credentials(self.server_tls))[0]
         self.url = f"harp://{self.address}"
 
     def connect(self, **options) -> harp.Device:
@@ -90,6 +107,20 @@ def pool_server(tmp_path_factory):
 def thread_pool_server(tmp_path_factory):
     """The same with thread isolation (sessions in the server process)."""
     pool = Pool(tmp_path_factory.mktemp("thread-pool"), isolation="thread")
+    yield pool
+    pool.stop()
+
+
+def unix_listen() -> str:
+    """A unix socket address in a short temporary directory (paths are limited to 107 bytes)."""
+    import tempfile
+    return f"unix:{tempfile.mkdtemp(prefix='harp-')}/pool.sock"
+
+
+@pytest.fixture(scope="session")
+def unix_pool_server(tmp_path_factory):
+    """The process-isolated pool on a unix socket: same-host sessions with shared memory."""
+    pool = Pool(tmp_path_factory.mktemp("unix-pool"), listen=unix_listen())
     yield pool
     pool.stop()
 

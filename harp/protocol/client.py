@@ -17,6 +17,7 @@ from typing import Any, Callable
 import msgpack
 
 from .. import wire
+from ..wire import short as short_result
 from ..errors import HarpError, ProtocolError
 
 IDLE, AWAIT_REPLY, AWAIT_PAYLOAD = "idle", "await-reply", "await-payload"
@@ -98,6 +99,10 @@ class ClientProtocol:
         self.calls, self.nbytes = [], 0
         return frame
 
+    def shm_write(self, record: list) -> bytes:
+        """The frame that opens a write through the shared-memory window (it ends its batch)."""
+        return self.chunked_write(record)
+
     @staticmethod
     def payload_frame(chunk: Any) -> bytes:
         """One payload frame: the kind byte and the chunk, in one copy."""
@@ -139,6 +144,12 @@ class ClientProtocol:
         if nbytes:
             self.state, self._left = AWAIT_PAYLOAD, nbytes
         return None if nbytes else b""
+
+    def shm_read_done(self, result: Any, nbytes: int, received: int) -> None:
+        """Check the reply of a read whose data came through the window (`received` bytes)."""
+        if type(result) is not list or result != [nbytes] or received != nbytes:
+            raise self._broken(f"the server replied to a shared-memory read of {nbytes} bytes "
+                               f"with {short_result(result)} after {received} bytes")
 
     def _broken(self, message: str) -> ProtocolError:
         self.state = "broken"

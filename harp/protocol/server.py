@@ -3,7 +3,8 @@
 Receiving: a batch frame becomes its checked call records (`Calls`); a sync
 call must end its batch, and a batch that says it is sync (`BATCH_SYNC`)
 must end with one; a chunked write ends its batch, and exactly its `nbytes`
-then arrive as payload (`Chunk`s) before anything else. Any breach is a
+then arrive as payload (`Chunk`s) before anything else; a shared-memory write
+ends its batch too (its bytes come through the window). Any breach is a
 `ProtocolError`, and the session ends.
 
 Sending: a reply record per sync call, then a large read's payload frames.
@@ -60,7 +61,7 @@ class ServerProtocol:
         last = len(records) - 1
         for i, record in enumerate(records):
             op = record[0]
-            if op in wire.SYNC_OPS or op == wire.WRITE_CHUNKED:
+            if op in wire.SYNC_OPS or op == wire.WRITE_CHUNKED or op == wire.WRITE_SHM:
                 if i != last:
                     raise ProtocolError(f"{wire.SCHEMA[op][0]} (call #{record[1]}) must end "
                                         "its batch")
@@ -74,6 +75,8 @@ class ServerProtocol:
             if nbytes <= 0 or nbytes > 1 << 62:
                 raise ProtocolError("a chunked write carries at least one byte")
             self._left = nbytes
+        elif op == wire.WRITE_SHM and not 0 < records[last][5] <= 1 << 62:
+            raise ProtocolError("a shared-memory write carries at least one byte")
         return Calls(records, sync)
 
     def receive_payload(self, data: Any) -> Chunk:

@@ -18,18 +18,11 @@ from harp import security, wire
 from harp.client.remote import ended_error
 from harp.proto import session_pb2 as pb
 from harp.proto.codec import error_from_bytes
+from tests.conftest import wait_until as _wait_until
 
 HANDSHAKE = pb.HandshakeRequest(
     versions=pb.VersionRange(min=wire.PROTOCOL_MIN, max=wire.PROTOCOL_MAX)).SerializeToString()
 
-
-def _wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _round_trip(dev):

@@ -20,15 +20,8 @@ import pytest
 
 import harp
 from harp import security
+from tests.conftest import wait_until as _wait_until
 
-
-def _wait_until(predicate, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 def _round_trip(dev):

@@ -264,3 +264,14 @@ def test_only_pool_servers_may_register_or_heartbeat(cluster):
             assert "server certificates" in info.value.details()
     with cluster.scheduler_client() as s:
         assert s.renew(lease.lease_id).state == "active"      # the lease was not lost
+
+
+def test_a_same_host_lease_takes_the_unix_socket_and_shared_memory(cluster):
+    import tempfile
+    sock = f"{tempfile.mkdtemp(prefix='harp-')}/pool.sock"
+    cluster.start_server("p1", "256MiB", 1, "--listen", f"unix:{sock}")
+    with cluster.scheduler_client() as s:
+        lease = s.attach("cpu", memory=64 * MiB, same_host=True)
+    with connect_lease(lease, tls=cluster.client_tls) as dev:
+        assert dev.shared_memory                          # picked by itself
+        _round_trip(dev, 8 * MiB)
