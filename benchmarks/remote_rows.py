@@ -1,0 +1,227 @@
+"""HARP over loopback beside bare gRPC and raw TLS: bulk, sync round trips, async launches."""
+from __future__ import annotations
+
+import os
+import queue
+import time
+
+from harness import MSG64, MiB, Q, REC64, log, timed_rate
+
+
+class RemoteSections:
+    # -- 1. bulk -----------------------------------------------------------------
+    def sec_bulk(self):
+        import numpy as np
+        a = self.a
+        n = a.bulk
+        nmib = n // MiB
+        data = os.urandom(MiB) * nmib
+        out = np.empty(n, dtype=np.uint8)
+        out.fill(1)
+        dev = self.connect_harp()
+        ch = self.grpc_channel(self.grpc_port)
+        up = ch.stream_unary("/bench.B/Up")
+        down = ch.unary_stream("/bench.B/Down")
+        up_copy = ch.stream_unary("/bench.B/UpCopy")
+        down_copy = ch.unary_stream("/bench.B/DownCopy")
+        chunk = os.urandom(MiB)
+        data_mv = memoryview(data)
+        out_mv = memoryview(out).cast("B")
+        try:
+            buf = dev.alloc(n)
+
+            def harp_write():
+                t0 = time.perf_counter()
+                dev.write(buf, 0, data)
+                dev.synchronize()
+                return n / (time.perf_counter() - t0) / 1e9
+
+            def harp_read():
+                t0 = time.perf_counter()
+                dev.read(buf, 0, n, out=out)
+                return n / (time.perf_counter() - t0) / 1e9
+
+            def grpc_up():
+                t0 = time.perf_counter()
+                r = up((chunk for _ in range(nmib)), timeout=120)
+                dt = time.perf_counter() - t0
+                assert Q.unpack(r)[0] == n
+                return n / dt / 1e9
+
+            def grpc_down():
+                t0 = time.perf_counter()
+                got = 0
+                for m in down(Q.pack(nmib) + Q.pack(MiB), timeout=120):
+                    got += len(m)
+                dt = time.perf_counter() - t0
+                assert got == n
+                return n / dt / 1e9
+
+            def grpc_up_copy():     # client cuts the caller's data into bytes, server copies in
+                t0 = time.perf_counter()
+                r = up_copy((data_mv[p:p + MiB].tobytes() for p in range(0, n, MiB)),
+                            timeout=120)
+                dt = time.perf_counter() - t0
+                assert Q.unpack(r)[0] == n
+                return n / dt / 1e9
+
+            def grpc_down_copy():   # server copies out of memory, client into `out`
+                t0 = time.perf_counter()
+                pos = 0
+                for m in down_copy(Q.pack(nmib) + Q.pack(MiB), timeout=120):
+                    out_mv[pos:pos + len(m)] = m
+                    pos += len(m)
+                dt = time.perf_counter() - t0
+                assert pos == n
+                return n / dt / 1e9
+
+            def raw(cmd):
+                r = self.raw_client.command("%s %d" % (cmd, n), 120)
+                self.meta["raw_tls_cipher"] = r["cipher"]
+                return r["gbps"]
+
+            # warm-up: fault in the server's device pages, the raw buffers, TLS sessions
+            harp_write(), harp_read(), grpc_up(), grpc_down(), raw("up"), raw("down")
+            grpc_up_copy(), grpc_down_copy()
+            for i in range(a.reps):
+                log("  bulk rep %d/%d" % (i + 1, a.reps))
+                self.put("harp bulk write", harp_write(), "GB/s")
+                self.put("bare gRPC client-stream 1MiB msgs", grpc_up(), "GB/s")
+                self.put("raw TLS send", raw("up"), "GB/s")
+                self.put("bare gRPC client-stream + HARP's 2 copies", grpc_up_copy(), "GB/s")
+                self.put("harp bulk read", harp_read(), "GB/s")
+                self.put("bare gRPC server-stream 1MiB msgs", grpc_down(), "GB/s")
+                self.put("raw TLS recv", raw("down"), "GB/s")
+                self.put("bare gRPC server-stream + HARP's 2 copies", grpc_down_copy(), "GB/s")
+            dev.free(buf)
+        finally:
+            dev.close()
+            ch.close()
+
+    # -- 2. sync round trips -------------------------------------------------------
+    def sec_sync(self):
+        a = self.a
+        dev = self.connect_harp()
+        ch = self.grpc_channel(self.grpc_port)
+        echo = ch.stream_stream("/bench.B/Echo")
+        try:
+            small = dev.alloc(64)
+            dev.write(small, 0, MSG64)
+            out = bytearray(64)
+
+            def harp_sync():
+                return timed_rate(dev.synchronize, a.dur)
+
+            def harp_read64():
+                return timed_rate(lambda: dev.read(small, 0, 64, out=out), a.dur)
+
+            def pingpong(dur):
+                q = queue.SimpleQueue()
+
+                def reqs():
+                    while True:
+                        m = q.get()
+                        if m is None:
+                            return
+                        yield m
+                q.put(MSG64)
+                it = echo(reqs(), timeout=dur + 60)
+                cnt = 0
+                t0 = now = time.perf_counter()
+                deadline = t0 + dur
+                for _ in it:
+                    cnt += 1
+                    if (cnt & 31) == 0:
+                        now = time.perf_counter()
+                        if now >= deadline:
+                            q.put(None)
+                            break
+                    q.put(MSG64)
+                for _ in it:
+                    pass
+                return cnt / (now - t0)
+
+            timed_rate(dev.synchronize, 0.2)            # warm-up
+            timed_rate(lambda: dev.read(small, 0, 64, out=out), 0.2)
+            pingpong(0.2)
+            for i in range(a.reps):
+                log("  sync rep %d/%d" % (i + 1, a.reps))
+                self.put("harp synchronize()", harp_sync(), "rt/s")
+                self.put("bare gRPC bidi ping-pong 64B", pingpong(a.dur), "rt/s")
+                self.put("harp read 64B", harp_read64(), "rt/s")
+        finally:
+            dev.close()
+            ch.close()
+
+    # -- 3./4. async launches -------------------------------------------------------
+    def sec_launch(self):
+        import msgpack
+        import harp
+        from harp import wire
+        a = self.a
+        dev = self.connect_harp()
+        ch = self.grpc_channel(self.grpc_port)
+        count = ch.stream_stream("/bench.B/Count")
+        naive = ch.unary_unary("/bench.B/Naive")
+        try:
+            mod = dev.load_module(harp.CATALOG_IMAGE, "catalog")
+            noop = dev.function(mod, "noop")
+            launch, sync = dev.launch, dev.synchronize
+
+            def harp_launches(n):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    launch(noop, 1, 1, [])
+                sync()
+                return n / (time.perf_counter() - t0)
+
+            per = wire.BATCH_CALLS
+            batch = REC64 * per
+
+            def pipelined(n):
+                msgs = -(-n // per)
+                t0 = time.perf_counter()
+                got = None
+                for r in count((batch for _ in range(msgs)), timeout=120):
+                    got = Q.unpack_from(r, 0)[0]
+                dt = time.perf_counter() - t0
+                assert got == msgs, got
+                return msgs * per / dt
+
+            rec = msgpack.packb([wire.LAUNCH, 1, [1, 1, 1], [1, 1, 1], 0, 0, []])
+            sync_rec = msgpack.packb([wire.SYNCHRONIZE])
+
+            def naive_rate(dur):
+                def one():
+                    naive(rec, timeout=30)
+                cnt = 0
+                t0 = time.perf_counter()
+                deadline = t0 + dur
+                while True:
+                    for _ in range(32):
+                        one()
+                    cnt += 32
+                    if time.perf_counter() >= deadline:
+                        break
+                naive(sync_rec, timeout=30)
+                return cnt / (time.perf_counter() - t0)
+
+            # calibrate N so that one HARP rep takes about launch_s seconds
+            harp_launches(5000)
+            rate = harp_launches(20000)
+            n = int(min(max(rate * a.launch_s, 20000), 3_000_000))
+            n = -(-n // per) * per
+            self.meta["launch_n"] = n
+            self.meta["launch_record_bytes"] = len(msgpack.packb(
+                [wire.LAUNCH, 100_000, noop.id, [1, 1, 1], [1, 1, 1], 0, 0, []]))
+            pipelined(min(n, 50000))
+            naive_rate(0.2)
+            for i in range(a.reps):
+                log("  launch rep %d/%d (N=%d)" % (i + 1, a.reps, n))
+                self.put("harp async launches", harp_launches(n), "launch/s")
+                self.put("bare gRPC pipelined 64B records, %d/msg" % per, pipelined(n),
+                         "rec/s")
+                self.put("naive unary gRPC call per launch", naive_rate(a.dur), "launch/s")
+        finally:
+            dev.close()
+            ch.close()
