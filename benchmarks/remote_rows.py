@@ -155,7 +155,9 @@ class RemoteSections:
 
     # -- 3./4. async launches -------------------------------------------------------
     def sec_launch(self):
+        import collections
         import msgpack
+        import numpy as np
         import harp
         from harp import wire
         a = self.a
@@ -187,6 +189,31 @@ class RemoteSections:
                 dt = time.perf_counter() - t0
                 assert got == msgs, got
                 return msgs * per / dt
+
+            axpy = dev.function(mod, "axpy_f32")
+            y = dev.alloc(4096)
+            four = [y, y, np.float32(2.0), np.int64(0)]     # y, x, alpha, n=0: no work
+
+            def harp_launches_4(n):
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    launch(axpy, 1, 1, four)
+                sync()
+                return n / (time.perf_counter() - t0)
+
+            def lean_loop(n, args):
+                """The floor of a record path in Python: the same records, packed 512 to
+                a batch; unpack, dispatch by op through a dict, queue for a worker."""
+                recs = [[wire.LAUNCH, i + 1, 1, [1, 1, 1], [1, 1, 1], 0, 0, args]
+                        for i in range(per)]
+                frames = [msgpack.packb(recs)] * (-(-n // per))
+                queued = collections.deque(maxlen=1024)
+                table = {wire.LAUNCH: lambda r: queued.append((r[2], r[7]))}
+                t0 = time.perf_counter()
+                for frame in frames:
+                    for r in msgpack.unpackb(frame):
+                        table[r[0]](r)
+                return len(frames) * per / (time.perf_counter() - t0)
 
             rec = msgpack.packb([wire.LAUNCH, 1, [1, 1, 1], [1, 1, 1], 0, 0, []])
             sync_rec = msgpack.packb([wire.SYNCHRONIZE])
@@ -222,6 +249,12 @@ class RemoteSections:
                 self.put("bare gRPC pipelined 64B records, %d/msg" % per, pipelined(n),
                          "rec/s")
                 self.put("naive unary gRPC call per launch", naive_rate(a.dur), "launch/s")
+                r0, r4 = self.series["harp async launches"]["vals"][-1], harp_launches_4(n // 2)
+                self.put("harp async launches, 4 args", r4, "launch/s")
+                self.put("harp launch: cost per argument", (1 / r4 - 1 / r0) / 4 * 1e6, "us")
+                self.put("lean msgpack loop, 0 args", lean_loop(n, []), "rec/s")
+                self.put("lean msgpack loop, 4 args", lean_loop(
+                    n, [[0, 3, 0], [0, 3, 0], [1, 2.0, "float32"], [1, 0, "int64"]]), "rec/s")
         finally:
             dev.close()
             ch.close()

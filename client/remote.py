@@ -413,7 +413,12 @@ class RemoteDevice(Device):
             check_function(fn)
             grid3, block3 = check_dims(grid, "grid"), check_dims(block, "block")
             shared_mem = check_count(shared_mem, "shared_mem")
-            encoded = [wire.encode_arg(a) for a in normalize_args(args)] if args else []
+            if not args:
+                encoded = []
+            elif type(args) is list or type(args) is tuple:
+                encoded = wire.encode_args(args)
+            else:
+                encoded = wire.encode_args(normalize_args(args))
             self._issue([wire.LAUNCH, seq, fn.id, list(grid3), list(block3), shared_mem,
                          check_stream(stream).id, encoded])
 

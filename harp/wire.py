@@ -43,9 +43,11 @@ import reprlib
 from typing import Any
 
 import msgpack
+import numpy as np
 
 from . import api
 from .errors import ProtocolError, VersionMismatchError
+from .types import ArrayArg, Buffer, BufferArg, Scalar, as_kernel_arg
 
 #: Protocol versions this build speaks (inclusive). Version 2: frame kinds, ABORTED ends.
 PROTOCOL_MIN = 2
@@ -227,10 +229,39 @@ def choose_version(client_min: int, client_max: int) -> int:
 
 def encode_arg(arg: Any) -> list:
     """One normalised kernel argument as a LAUNCH record element."""
-    from .types import ArrayArg, BufferArg
     if isinstance(arg, BufferArg):
         return [ARG_BUFFER, arg.buffer.id, arg.offset]
     if isinstance(arg, ArrayArg):
         return [ARG_ARRAY, arg.buffer.id, arg.dtype, list(arg.shape), arg.offset,
                 list(arg.strides) if arg.strides is not None else None]
     return [ARG_SCALAR, arg.value, arg.dtype]
+
+
+#: NumPy scalar types whose dtype name a `Scalar` accepted (numeric ones only).
+_NUMERIC_SCALARS: dict[type, str] = {}
+
+
+def encode_args(args: Any) -> list:
+    """Launch arguments as LAUNCH record elements, normalised as `types.as_kernel_arg`
+    would normalise them, without building the argument objects for the common kinds
+    (a buffer, a buffer at an offset, a `Scalar`, a NumPy scalar)."""
+    out: list = []
+    append = out.append
+    for a in args:
+        t = type(a)
+        if t is BufferArg:
+            append([ARG_BUFFER, a.buffer.id, a.offset])
+        elif t is Buffer:
+            append([ARG_BUFFER, a.id, 0])
+        elif t is Scalar:
+            append([ARG_SCALAR, a.value, a.dtype])
+        else:
+            name = _NUMERIC_SCALARS.get(t)
+            if name is not None:
+                append([ARG_SCALAR, a.item(), name])
+                continue
+            arg = as_kernel_arg(a)
+            if isinstance(a, np.generic):
+                _NUMERIC_SCALARS[t] = arg.dtype      # as_kernel_arg accepted its dtype
+            append(encode_arg(arg))
+    return out

@@ -18,6 +18,7 @@ resource tracker of its own.
 """
 from __future__ import annotations
 
+import gc
 import importlib
 import os
 import pickle
@@ -54,6 +55,10 @@ def main() -> None:
             print(f"harp fork server: could not preload {module}: {exc}", file=sys.stderr)
     sock = socket.socket(fileno=fd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # What is imported by now lives as long as every worker: keep it out of the cyclic
+    # collector's passes (and its pages shared with the children, untouched by it).
+    gc.collect()
+    gc.freeze()
     children: set[int] = set()
     buffer = b""
     pending_fds: list[int] = []

@@ -19,6 +19,7 @@ exits when the server's end of either channel closes.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -130,6 +131,7 @@ class Worker:
                 f"the session's worker could not open the device: {type(exc).__name__}: {exc}")))
             return
         self.session = Session(device, sid, self.writes.slot_size, window)
+        gc.freeze()         # the session's long-lived objects: out of the collector's passes
         self.data.send(ipc.OPENED, ipc.pack(device.info.to_dict()))
 
     # -- the session ---------------------------------------------------------------

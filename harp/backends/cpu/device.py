@@ -9,6 +9,8 @@ this session's own tables, so another session's handles are unknown here.
 """
 from __future__ import annotations
 
+import math
+
 from typing import Any, Sequence
 
 import numpy as np
@@ -313,6 +315,18 @@ class CpuDevice(Device):
         worker.submit("launch", seq, runner, grid3, block3, shared_mem, resolved, kernel=True)
 
     def _resolve(self, arg: Any) -> Any:
+        """A kernel argument as the cpu kernels take it: (memory, offset), an array view,
+        or a NumPy scalar of its dtype (a value that does not fit is an ArgumentError)."""
+        t = type(arg)
+        if t is BufferArg:                      # the common kinds first, without the slow
+            mem = self._buffers.get(arg.buffer.id)   # paths' checks (launches are hot)
+            offset = arg.offset
+            if mem is not None and type(offset) is int and 0 <= offset <= mem.size:
+                return (mem, offset)
+        elif t is Scalar:
+            value = _fast_scalar(arg.value, arg.dtype)
+            if value is not None:
+                return value
         if isinstance(arg, BufferArg):
             mem = self._mem(arg.buffer)
             offset = check_count(arg.offset, "argument offset")
@@ -442,3 +456,37 @@ class CpuDevice(Device):
     def used_bytes(self) -> int:
         """Bytes this session holds (for the server's accounting and tests)."""
         return self._used
+
+
+#: dtype name -> (NumPy type, lowest, highest) for integer dtypes, (type, None, None) for
+#: floating ones: scalars of these convert without NumPy's error-state machinery.
+_SCALAR_KINDS: dict[str, tuple[Any, Any, Any]] = {}
+for _name in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"):
+    _info = np.iinfo(_name)
+    _SCALAR_KINDS[_name] = (np.dtype(_name).type, int(_info.min), int(_info.max))
+for _name in ("float16", "float32", "float64"):
+    _SCALAR_KINDS[_name] = (np.dtype(_name).type, None, None)
+
+
+def _fast_scalar(value: Any, dtype: str) -> Any:
+    """`value` as a NumPy scalar of `dtype` when that is plain (an int in range, a finite
+    float well inside the dtype's range); None to take the checked slow path."""
+    kind = _SCALAR_KINDS.get(dtype)
+    if kind is None:
+        return None
+    make, lo, hi = kind
+    t = type(value)
+    if lo is not None:
+        return make(value) if t is int and lo <= value <= hi else None
+    if t is int:
+        if -_EXACT <= value <= _EXACT and (dtype != "float16" or -65504 < value < 65504):
+            return make(value)
+    elif t is float and math.isfinite(value):
+        a = abs(value)
+        if dtype == "float64" or a < _FLOAT_BELOW.get(dtype, 0.0):
+            return make(value)
+    return None
+
+
+_EXACT = 1 << 53
+_FLOAT_BELOW = {"float32": 3.4e38, "float16": 65504.0}

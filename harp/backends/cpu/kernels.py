@@ -32,37 +32,51 @@ def _elements(arg: Any, dtype: np.dtype, count: int, kernel: str, param: str) ->
     return mem[offset:offset + need].view(dtype)
 
 
-def _run_catalog(kernel: catalog.Kernel, a: list) -> None:
+_UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}
+
+
+def _catalog_runner(kernel: catalog.Kernel) -> Runner:
+    """The runner of one catalog kernel, with what does not change between launches
+    (its dtype, its parameters' places) worked out once, not per launch."""
     op, name = kernel.op.name, kernel.name
     if op == "noop":
-        return
+        return lambda grid, block, shared, a: None
     t = np.dtype(kernel.dtype)
-    s = dict(zip((p.name for p in kernel.op.params), a))
+    at = {p.name: i for i, p in enumerate(kernel.op.params)}
+
+    def el(a: list, param: str, n: int) -> np.ndarray:
+        return _elements(a[at[param]], t, n, name, param)
+
     if op == "gemm":
-        m, n, k = int(s["m"]), int(s["n"]), int(s["k"])
-        c = _elements(s["c"], t, m * n, name, "c").reshape(m, n)
-        am = _elements(s["a"], t, m * k, name, "a").reshape(m, k)
-        bm = _elements(s["b"], t, k * n, name, "b").reshape(k, n)
-        c[...] = s["alpha"] * (am @ bm) + s["beta"] * c
-        return
-    n = int(s["n"])
-    el = lambda p: _elements(s[p], t, n, name, p)  # noqa: E731
-    with np.errstate(all="ignore"):
-        if op == "fill":
-            el("out")[...] = s["value"]
-        elif op == "scale":
-            np.multiply(el("x"), s["alpha"], out=el("out"))
-        elif op == "axpy":
-            y = el("y")
-            y[...] = s["alpha"] * el("x") + y
-        elif op in ("add", "sub", "mul", "div"):
-            ufunc = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}[op]
-            ufunc(el("a"), el("b"), out=el("out"))
-        elif op == "reduce_sum":
-            out = _elements(s["out"], t, 1, name, "out")
-            out[0] = el("x").sum(dtype=t)
-        else:  # pragma: no cover - the catalog and this table are kept in step by tests
-            raise DeviceError(f"catalog kernel {name} has no cpu implementation")
+        def gemm(grid: Any, block: Any, shared: int, a: list) -> None:
+            m, n, k = int(a[at["m"]]), int(a[at["n"]]), int(a[at["k"]])
+            c = el(a, "c", m * n).reshape(m, n)
+            am = el(a, "a", m * k).reshape(m, k)
+            bm = el(a, "b", k * n).reshape(k, n)
+            with np.errstate(all="ignore"):
+                c[...] = a[at["alpha"]] * (am @ bm) + a[at["beta"]] * c
+        return gemm
+    i_n = at.get("n")
+
+    def elementwise(grid: Any, block: Any, shared: int, a: list) -> None:
+        n = int(a[i_n])
+        if n == 0 and op != "reduce_sum":            # the sum of nothing is still written
+            return
+        with np.errstate(all="ignore"):
+            if op == "fill":
+                el(a, "out", n)[...] = a[at["value"]]
+            elif op == "scale":
+                np.multiply(el(a, "x", n), a[at["alpha"]], out=el(a, "out", n))
+            elif op == "axpy":
+                y = el(a, "y", n)
+                y[...] = a[at["alpha"]] * el(a, "x", n) + y
+            elif op in _UFUNCS:
+                _UFUNCS[op](el(a, "a", n), el(a, "b", n), out=el(a, "out", n))
+            elif op == "reduce_sum":
+                el(a, "out", 1)[0] = el(a, "x", n).sum(dtype=t)
+            else:  # pragma: no cover - the catalog and this table are kept in step by tests
+                raise DeviceError(f"catalog kernel {name} has no cpu implementation")
+    return elementwise
 
 
 #: Catalog parameters that count elements (never negative).
@@ -93,7 +107,7 @@ def catalog_function(name: str) -> tuple[catalog.Kernel, Runner]:
     kernel = catalog.KERNELS.get(name)
     if kernel is None:
         raise ArgumentError(f"the catalog has no kernel {name!r}")
-    return kernel, lambda grid, block, shared, a: _run_catalog(kernel, a)
+    return kernel, _catalog_runner(kernel)
 
 
 # -- numba kernels in the CUDA simulator ---------------------------------------
