@@ -89,10 +89,10 @@ class Bench(RemoteSections, IsolationSection, SameHostSection, LocalSection):
         grpc.channel_ready_future(ch).result(timeout=20)
         return ch
 
-    def connect_harp(self):
+    def connect_harp(self, **options):
         import harp
         _, cli = tls_paths(self.a.cert_dir)
-        return harp.connect(self.url, tls=cli)
+        return harp.connect(self.url, tls=cli, **options)
 
     def bulk_pass(self, dev, mode, data, out):
         """One timed write and read of `data` (after a write that faults the pages in)."""

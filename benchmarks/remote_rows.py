@@ -19,6 +19,8 @@ class RemoteSections:
         out = np.empty(n, dtype=np.uint8)
         out.fill(1)
         dev = self.connect_harp()
+        stream_dev = self.connect_harp(data_channel=False)    # the same, on the stream only
+        assert dev.data_channel and not stream_dev.data_channel, "data channel not as asked"
         ch = self.grpc_channel(self.grpc_port)
         up = ch.stream_unary("/bench.B/Up")
         down = ch.unary_stream("/bench.B/Down")
@@ -29,14 +31,15 @@ class RemoteSections:
         out_mv = memoryview(out).cast("B")
         try:
             buf = dev.alloc(n)
+            stream_buf = stream_dev.alloc(n)
 
-            def harp_write():
+            def harp_write(dev=dev, buf=buf):
                 t0 = time.perf_counter()
                 dev.write(buf, 0, data)
                 dev.synchronize()
                 return n / (time.perf_counter() - t0) / 1e9
 
-            def harp_read():
+            def harp_read(dev=dev, buf=buf):
                 t0 = time.perf_counter()
                 dev.read(buf, 0, n, out=out)
                 return n / (time.perf_counter() - t0) / 1e9
@@ -82,6 +85,7 @@ class RemoteSections:
 
             # warm-up: fault in the server's device pages, the raw buffers, TLS sessions
             harp_write(), harp_read(), grpc_up(), grpc_down(), raw("up"), raw("down")
+            harp_write(stream_dev, stream_buf), harp_read(stream_dev, stream_buf)
             grpc_up_copy(), grpc_down_copy()
             for i in range(a.reps):
                 log("  bulk rep %d/%d" % (i + 1, a.reps))
@@ -93,9 +97,14 @@ class RemoteSections:
                 self.put("bare gRPC server-stream 1MiB msgs", grpc_down(), "GB/s")
                 self.put("raw TLS recv", raw("down"), "GB/s")
                 self.put("bare gRPC server-stream + HARP's 2 copies", grpc_down_copy(), "GB/s")
+                self.put("harp bulk write, stream only", harp_write(stream_dev, stream_buf),
+                         "GB/s")
+                self.put("harp bulk read, stream only", harp_read(stream_dev, stream_buf),
+                         "GB/s")
             dev.free(buf)
         finally:
             dev.close()
+            stream_dev.close()
             ch.close()
 
     # -- 2. sync round trips -------------------------------------------------------

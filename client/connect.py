@@ -19,6 +19,7 @@ from harp.transport import (KEEPALIVE_S, KEEPALIVE_TIMEOUT_S, channel_options, d
                             is_loopback)
 
 from .address import parse_address
+from .datachannel import opener
 from .remote import RemoteDevice
 
 if TYPE_CHECKING:
@@ -82,7 +83,7 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
                    server_name: str | None = None, connect_timeout: float = 10.0,
                    keepalive_s: float = KEEPALIVE_S,
                    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
-                   shared_memory: bool | None = None,
+                   shared_memory: bool | None = None, data_channel: bool | None = None,
                    **unknown: Any) -> RemoteDevice:
     """Open a session on device `device_index` of the pool server at `target`.
 
@@ -90,8 +91,9 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
     unanswered for `keepalive_timeout_s` fails the session with `TransportError` (a dead
     link or a frozen server is noticed within their sum). On a unix socket the session
     moves bulk data through shared memory with the server (`shared_memory`, default: yes
-    unless `HARP_SHARED_MEMORY=0`); elsewhere, and when the server offers none, over the
-    stream."""
+    unless `HARP_SHARED_MEMORY=0`); over TCP with TLS through a data channel beside the
+    stream (`data_channel`, default: yes unless `HARP_DATA_CHANNEL=0`); else, and when the
+    server offers neither, over the stream."""
     if unknown:
         raise TypeError(f"unknown option(s) for a remote device: {', '.join(sorted(unknown))}")
     address, secure = parse_address(target)
@@ -110,10 +112,14 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
             raise AuthError(f"refusing plain text to non-loopback {address}: use harp:// "
                             "(mutual TLS)")
         channel = grpc.insecure_channel(address, options=options)
+    if data_channel is None:
+        data_channel = os.environ.get("HARP_DATA_CHANNEL", "1") != "0"
+    data = opener(address, files, name) if data_channel and files is not None and \
+        not address.startswith("unix:") else None
     try:
         return RemoteDevice(channel, device_index=device_index, token=token,
                             client_name=client_name, connect_timeout=connect_timeout,
-                            target=target, shared_memory=shared_memory)
+                            target=target, shared_memory=shared_memory, data_channel=data)
     except TransportError as exc:
         channel.close()
         raise _explain_connect_failure(exc, target, address, files, name) from None

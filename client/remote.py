@@ -37,7 +37,7 @@ from harp.proto import session_pb2 as pb
 from harp.proto.codec import error_from_bytes, error_from_message, facts_from_proto
 from harp.protocol import ClientProtocol, Payload, Reply
 from harp.shm import SharedWindow, pick_up
-from harp.transport import error_from_rpc
+from harp.transport import error_from_rpc, recv_into_exactly
 from harp.types import Buffer, DeviceInfo, Event, Function, MemInfo, Module, Stream
 
 log = logging.getLogger("harp.client")
@@ -83,7 +83,8 @@ class RemoteDevice(Device):
 
     def __init__(self, channel: grpc.Channel, *, device_index: int = 0, token: str = "",
                  client_name: str = "", connect_timeout: float = 10.0,
-                 target: str = "", shared_memory: bool = False) -> None:
+                 target: str = "", shared_memory: bool = False,
+                 data_channel: Any = None) -> None:
         self._channel = channel
         self._target = target
         self._ids = HandleIds()
@@ -95,6 +96,7 @@ class RemoteDevice(Device):
         self._requests: queue.SimpleQueue = queue.SimpleQueue()
         self._timed_out = False
         self._window: SharedWindow | None = None
+        self._data: Any = None                  # the data channel's socket, when open
         self.session_id = ""
         #: Hooks run at close, and a way to explain a broken session (set by lease connects).
         self.on_close: list[Any] = []
@@ -106,7 +108,7 @@ class RemoteDevice(Device):
             versions=pb.VersionRange(min=wire.PROTOCOL_MIN, max=wire.PROTOCOL_MAX),
             device_index=device_index, token=token,
             client_name=client_name or f"pid {os.getpid()}", client_host=socket.gethostname(),
-            shared_memory=shared_memory)
+            shared_memory=shared_memory, data_channel=data_channel is not None)
         self._requests.put(request.SerializeToString())
         reply = pb.HandshakeReply()
         # A server that accepts the connection but never answers must not hang us.
@@ -132,6 +134,13 @@ class RemoteDevice(Device):
         self._info = facts_from_proto(reply.device)
         if reply.HasField("shared_memory"):
             self._window = _take_window(reply.shared_memory)
+        if reply.HasField("data_channel") and data_channel is not None:
+            self._data = data_channel(reply.data_channel)
+
+    @property
+    def data_channel(self) -> bool:
+        """Whether bulk data moves over a data channel beside the stream (TCP, with TLS)."""
+        return self._data is not None
 
     @property
     def shared_memory(self) -> bool:
@@ -293,6 +302,13 @@ class RemoteDevice(Device):
                 return
             self._send(self._proto.chunked_write(
                 [wire.WRITE_CHUNKED, seq, buf.id, offset, sid, nbytes]))
+            if self._data is not None:
+                self._send(self._proto.data_frame(nbytes))
+                try:
+                    self._data.sendall(view)
+                except (OSError, ValueError) as exc:
+                    raise self._data_broken("write", exc) from None
+                return
             self._send_bulk(view)
 
     def read(self, buf: Buffer, offset: int, nbytes: int, out: Any = None,
@@ -306,7 +322,7 @@ class RemoteDevice(Device):
                 return self._read_shm(seq, buf, offset, nbytes, sid, out, dst)
             result = self._sync([wire.READ, seq, buf.id, offset, nbytes, sid])
             try:
-                inline = self._proto.read_data(result, nbytes)
+                inline = self._proto.read_data(result, nbytes, self._data is not None)
             except ProtocolError as exc:
                 self._broken = exc
                 raise
@@ -315,6 +331,13 @@ class RemoteDevice(Device):
                     return inline
                 dst[:] = inline
                 return out
+            if self._data is not None:             # the payload is on the data channel
+                target = memoryview(bytearray(nbytes)) if dst is None else dst
+                try:
+                    recv_into_exactly(self._data, target)
+                except (OSError, ValueError) as exc:
+                    raise self._data_broken("read", exc) from None
+                return bytes(target.obj) if dst is None else out
             chunks, pos = [], 0
             while pos < nbytes:
                 event = self._frame("read")
@@ -341,6 +364,13 @@ class RemoteDevice(Device):
             self._broken = exc
             raise
         return bytes(target.obj) if dst is None else out
+
+    def _data_broken(self, what: str, exc: BaseException) -> HarpError:
+        """The session after its data channel failed: the server's reason, if it ended
+        the session, else a `TransportError` naming the failure."""
+        reason = self._reason(what) if not self._call.is_active() else None
+        self._broken = reason or TransportError(f"{what}: the data channel failed: {exc}")
+        return self._broken
 
     def _put_all(self, view: memoryview, alive: Any) -> int:
         window = self._window
@@ -481,3 +511,8 @@ class RemoteDevice(Device):
         self._channel.close()
         if self._window is not None:
             self._window.close()
+        if self._data is not None:
+            try:
+                self._data.close()
+            except OSError:
+                pass

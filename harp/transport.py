@@ -193,3 +193,13 @@ def diagnose_tls(address: str, ca: str, cert: str, key: str, *, server_name: str
     finally:
         tls.close()
     return None
+
+
+def recv_into_exactly(sock: socket.socket, view: memoryview) -> None:
+    """Fill `view` from `sock` (a data channel); `ConnectionError` if the peer stops short."""
+    got, n = 0, len(view)
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            raise ConnectionError(f"the data channel closed after {got} of {n} bytes")
+        got += k

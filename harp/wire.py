@@ -11,6 +11,10 @@ A session is one gRPC bidirectional stream of raw byte frames:
      sync call ends its batch. A chunked write (`WRITE_CHUNKED`) also ends its
      batch, and `PAYLOAD` frames carrying its `nbytes` follow it.
    - `PAYLOAD`, then bytes of the chunked write in progress, as they are.
+   - `DATA`, then a little-endian u64: all the remaining bytes of the chunked
+     write in progress follow on the session's data channel (a mutual-TLS
+     socket beside the stream, `harp/datachannel.py`), as they are. A session
+     with a data channel also gets a large read's payload on it, not in frames.
    A session that took a shared-memory window (`harp.shm`: same host, unix
    socket) moves large payloads through it instead: `WRITE_SHM` ends its batch
    and its bytes follow through the window's write ring; `READ_SHM` is a sync
@@ -40,6 +44,7 @@ C, with no schema step (see ARCHITECTURE.md for the measurement).
 from __future__ import annotations
 
 import reprlib
+import struct
 from typing import Any
 
 import msgpack
@@ -78,8 +83,21 @@ MAX_KERNEL_ARGS = 1024
 MAX_ARRAY_DIMS = 32
 
 # Client frame kinds (the first byte of every client frame after the handshake).
-BATCH, BATCH_SYNC, PAYLOAD = 1, 2, 3
+BATCH, BATCH_SYNC, PAYLOAD, DATA = 1, 2, 3, 4
 BATCH_TAG, BATCH_SYNC_TAG, PAYLOAD_TAG = bytes((BATCH,)), bytes((BATCH_SYNC,)), bytes((PAYLOAD,))
+_U64 = struct.Struct("<Q")
+
+
+def data_frame(nbytes: int) -> bytes:
+    """A `DATA` frame: the chunked write's remaining `nbytes` follow on the data channel."""
+    return bytes((DATA,)) + _U64.pack(nbytes)
+
+
+def data_frame_size(frame: Any) -> int:
+    """The byte count a `DATA` frame announces (`ProtocolError` if it is malformed)."""
+    if len(frame) != 1 + _U64.size:
+        raise ProtocolError(f"a data frame is 9 bytes, got {len(frame)}")
+    return _U64.unpack_from(frame, 1)[0]
 
 # Op numbers, from the API table.
 ALLOC, FREE, WRITE, WRITE_CHUNKED = api.op("alloc"), api.op("free"), api.op("write"), \

@@ -15,20 +15,30 @@ class VersionRange(_message.Message):
     def __init__(self, min: _Optional[int] = ..., max: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
-    __slots__ = ("versions", "device_index", "token", "client_name", "client_host", "shared_memory")
+    __slots__ = ("versions", "device_index", "token", "client_name", "client_host", "shared_memory", "data_channel")
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
     DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
     CLIENT_HOST_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     versions: VersionRange
     device_index: int
     token: str
     client_name: str
     client_host: str
     shared_memory: bool
-    def __init__(self, versions: _Optional[_Union[VersionRange, _Mapping]] = ..., device_index: _Optional[int] = ..., token: _Optional[str] = ..., client_name: _Optional[str] = ..., client_host: _Optional[str] = ..., shared_memory: _Optional[bool] = ...) -> None: ...
+    data_channel: bool
+    def __init__(self, versions: _Optional[_Union[VersionRange, _Mapping]] = ..., device_index: _Optional[int] = ..., token: _Optional[str] = ..., client_name: _Optional[str] = ..., client_host: _Optional[str] = ..., shared_memory: _Optional[bool] = ..., data_channel: _Optional[bool] = ...) -> None: ...
+
+class DataChannel(_message.Message):
+    __slots__ = ("port", "ticket")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TICKET_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    ticket: bytes
+    def __init__(self, port: _Optional[int] = ..., ticket: _Optional[bytes] = ...) -> None: ...
 
 class SharedMemory(_message.Message):
     __slots__ = ("door", "ticket", "slot_size", "slots")
@@ -63,7 +73,7 @@ class DeviceFacts(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., name: _Optional[str] = ..., backend: _Optional[str] = ..., index: _Optional[int] = ..., memory: _Optional[int] = ..., compute_capability: _Optional[_Iterable[int]] = ..., formats: _Optional[_Iterable[str]] = ..., extra_json: _Optional[str] = ...) -> None: ...
 
 class HandshakeReply(_message.Message):
-    __slots__ = ("version", "session_id", "device", "error", "chunk_size", "server_name", "shared_memory")
+    __slots__ = ("version", "session_id", "device", "error", "chunk_size", "server_name", "shared_memory", "data_channel")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +81,7 @@ class HandshakeReply(_message.Message):
     CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVER_NAME_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    DATA_CHANNEL_FIELD_NUMBER: _ClassVar[int]
     version: int
     session_id: str
     device: DeviceFacts
@@ -78,7 +89,8 @@ class HandshakeReply(_message.Message):
     chunk_size: int
     server_name: str
     shared_memory: SharedMemory
-    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[str] = ..., device: _Optional[_Union[DeviceFacts, _Mapping]] = ..., error: _Optional[_Union[ErrorRecord, _Mapping]] = ..., chunk_size: _Optional[int] = ..., server_name: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ...) -> None: ...
+    data_channel: DataChannel
+    def __init__(self, version: _Optional[int] = ..., session_id: _Optional[str] = ..., device: _Optional[_Union[DeviceFacts, _Mapping]] = ..., error: _Optional[_Union[ErrorRecord, _Mapping]] = ..., chunk_size: _Optional[int] = ..., server_name: _Optional[str] = ..., shared_memory: _Optional[_Union[SharedMemory, _Mapping]] = ..., data_channel: _Optional[_Union[DataChannel, _Mapping]] = ...) -> None: ...
 
 class ErrorRecord(_message.Message):
     __slots__ = ("code", "message", "call", "seq", "detail", "later")

@@ -20,14 +20,16 @@ error (see `PoolServer.end_session`).
 """
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from typing import Any, Iterator
 
 from harp import wire
-from harp.errors import DeviceError, HarpError, ProtocolError
+from harp.errors import DeviceError, HarpError, ProtocolError, TransportError
 from harp.proto.codec import error_from_bytes, error_to_bytes
-from harp.protocol import ServerProtocol
+from harp.protocol import External, ServerProtocol
+from harp.transport import recv_into_exactly
 from harp.shm import SharedWindow
 from harp.types import DeviceInfo
 
@@ -59,6 +61,37 @@ class SessionHost:
         self.done = False             # the session was closed by its client
         self.bytes_in = self.bytes_out = self.frames_in = self.replies = 0
         self.started = time.time()
+        #: The session's data channel (`harp.server.datachannel`), once its client opened it.
+        self.data: Any = None
+
+    def attach_data(self, sock: Any) -> bool:
+        """Take the session's data channel (from the data listener); False if it is over."""
+        if self.ended is not None or self.done or self.data is not None:
+            return False
+        self.data = sock
+        return True
+
+    def _data_broken(self, exc: BaseException) -> SessionEnded:
+        if self.ended is None:
+            self.ended = TransportError(f"the session's data channel failed: {exc}")
+        return SessionEnded(self.ended)
+
+    def _interrupt_data(self) -> None:
+        """Wake a transfer blocked on the data channel (the handler closes it later)."""
+        sock = self.data
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _close_data(self) -> None:
+        sock, self.data = self.data, None
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
 
     def _count_in(self, frame: bytes) -> None:
         self.frames_in += 1
@@ -96,6 +129,7 @@ class ThreadHost(SessionHost):
         self.info = device.info
         self.protocol = ServerProtocol()
         self.lock = threading.Lock()
+        self._staging: memoryview | None = None
 
     def handle(self, frame: bytes) -> Iterator[bytes]:
         self._count_in(frame)
@@ -105,7 +139,11 @@ class ThreadHost(SessionHost):
             with self.lock:
                 if self.ended is not None:
                     raise SessionEnded(self.ended)
-                reply = session.handle(self.protocol.receive(frame))
+                event = self.protocol.receive(frame)
+                if type(event) is External:
+                    reply = self._receive_data(event.nbytes)
+                else:
+                    reply = session.handle(event)
             if session.closed:
                 self.done = True
         finally:
@@ -113,6 +151,24 @@ class ThreadHost(SessionHost):
             self.last_activity = time.monotonic()
         if reply is not None:
             yield from self._frames(reply)
+
+    def _receive_data(self, nbytes: int) -> Reply | None:
+        """The rest of a chunked write, from the data channel, a chunk at a time."""
+        if self.data is None:
+            raise SessionEnded(ProtocolError("a data frame in a session without a data channel"))
+        if self._staging is None:
+            self._staging = memoryview(bytearray(self.session.chunk_size))
+        reply, left = None, nbytes
+        while left:
+            view = self._staging[:min(left, len(self._staging))]
+            try:
+                recv_into_exactly(self.data, view)
+            except (OSError, ValueError) as exc:
+                raise self._data_broken(exc) from None
+            self.bytes_in += len(view)
+            left -= len(view)
+            reply = self.session.handle(self.protocol.receive_payload(view))
+        return reply
 
     def _frames(self, reply: Reply) -> Iterator[bytes]:
         err = error_to_bytes(reply.error) if reply.error is not None else None
@@ -132,7 +188,13 @@ class ThreadHost(SessionHost):
             if chunk is None:
                 return
             self.bytes_out += len(chunk)
-            yield chunk
+            if self.data is not None:
+                try:
+                    self.data.sendall(chunk)
+                except (OSError, ValueError) as exc:
+                    raise self._data_broken(exc) from None
+            else:
+                yield chunk
 
     def end(self, error: HarpError) -> None:
         if self.ended is None:
@@ -140,9 +202,11 @@ class ThreadHost(SessionHost):
         # Not under `lock`: a call running in the handler may hold it for long; the
         # device's close cancels its queues, and the call returns.
         self.session.close()
+        self._interrupt_data()
 
     def dispose(self) -> None:
         self.session.close()
+        self._close_data()
         if self.session.window is not None:
             self.session.window.close()      # the handler is done with it: unmap
 
@@ -193,6 +257,9 @@ class WorkerHost(SessionHost):
         worker = self.worker
         kind = frame[0]
         try:
+            if kind == wire.DATA:
+                self._relay_data(wire.data_frame_size(frame))
+                return
             if kind == wire.PAYLOAD:
                 n = len(frame) - 1
                 if n <= 0 or n > worker.writes.slot_size:
@@ -212,6 +279,24 @@ class WorkerHost(SessionHost):
         except (OSError, ValueError):
             raise SessionEnded(self._why_gone()) from None
 
+    def _relay_data(self, nbytes: int) -> None:
+        """A chunked write's bytes from the data channel straight into the worker's write
+        slots (one copy, the decryption's own); the worker checks their count."""
+        if self.data is None:
+            raise SessionEnded(ProtocolError("a data frame in a session without a data channel"))
+        writes, left = self.worker.writes, nbytes
+        while left > 0:
+            slot = self._free_slot()
+            n = min(left, writes.slot_size)
+            try:
+                recv_into_exactly(self.data, writes.slot(slot, n))
+            except (OSError, ValueError) as exc:
+                writes.give_back(slot)
+                raise self._data_broken(exc) from None
+            self.worker.data.send(ipc.CHUNK, ipc.pack([slot, n]))
+            self.bytes_in += n
+            left -= n
+
     def _replies(self) -> Iterator[bytes]:
         """The worker's answer to a sync call: its reply, and a large read's payload."""
         data, reads = self.worker.data, self.worker.reads
@@ -228,10 +313,18 @@ class WorkerHost(SessionHost):
                 yield body
             elif kind == ipc.RCHUNK or kind == ipc.RCHUNK_LAST:
                 slot, n = ipc.unpack(body)
-                chunk = bytes(reads.slot(slot, n))
-                data.send(ipc.READ_FREE, ipc.pack(slot))
                 self.bytes_out += n
-                yield chunk
+                if self.data is not None:           # from the slot to the socket, no copy
+                    try:
+                        self.data.sendall(reads.slot(slot, n))
+                    except (OSError, ValueError) as exc:
+                        raise self._data_broken(exc) from None
+                    finally:
+                        data.send(ipc.READ_FREE, ipc.pack(slot))
+                else:
+                    chunk = bytes(reads.slot(slot, n))
+                    data.send(ipc.READ_FREE, ipc.pack(slot))
+                    yield chunk
                 if kind == ipc.RCHUNK_LAST:
                     return
             elif kind == ipc.CLOSED:
@@ -300,6 +393,7 @@ class WorkerHost(SessionHost):
         if self._stopped:
             return
         self._stopped = True
+        self._interrupt_data()
         try:
             self.worker.ctl.send(ipc.STOP)
         except OSError:
@@ -311,6 +405,7 @@ class WorkerHost(SessionHost):
     def dispose(self) -> None:
         """Forget the worker: it exits once its session is closed (or is killed if not)."""
         self._stopped = True                 # from now on `end` has nothing to stop
+        self._close_data()
         self.control.remove(self.id)
         if self.ended is None and self.worker.alive():
             try:

@@ -36,12 +36,13 @@ from harp.errors import (HarpError, LeaseError, NoCapacityError, ProtocolError,
 from harp.proto import session_pb2 as pb
 from harp.proto.codec import error_from_bytes, error_message, error_to_bytes, facts_to_proto
 from harp.shm import SharedWindow
-from harp.security import ANONYMOUS, Identity, peer_identity
+from harp.security import ANONYMOUS, Identity, TlsFiles, peer_identity
 from harp.tenancy import Ledger, Tenancy
-from harp.transport import serve, server_options
+from harp.transport import serve, server_options, split_host_port
 
 from . import malloc
 from harp.executor import ElasticExecutor
+from .datachannel import DataListener, TicketBook, server_context
 from .door import Door, door_path
 from .fairshare import DeviceArbiter
 from .hosts import SessionEnded, SessionHost, ThreadHost, WorkerHost
@@ -109,7 +110,7 @@ class PoolServer:
                  isolation: str = "process", warm_workers: int = 4,
                  backend_options: dict | None = None,
                  wrap_device: Callable[[Any, str], Any] | None = None,
-                 shared_memory: bool = True) -> None:
+                 shared_memory: bool = True, data_channel: bool = True) -> None:
         if isolation not in ISOLATIONS:
             raise ValueError(f"isolation is one of {', '.join(ISOLATIONS)}, not {isolation!r}")
         self.backend = backend
@@ -131,6 +132,11 @@ class PoolServer:
         #: Offer same-host clients (on a unix socket) a shared-memory window for bulk data.
         self.shared_memory = shared_memory
         self.doors: list[Door] = []
+        #: Offer TCP clients a mutual-TLS data channel beside the stream for bulk bytes.
+        self.data_channel = data_channel
+        self.data_listeners: dict[str, DataListener] = {}
+        self.data_port = 0
+        self._data_tickets: TicketBook | None = None
         self.insecure = False
         self.sessions: dict[str, SessionRecord] = {}
         self.ledger = Ledger()
@@ -147,9 +153,11 @@ class PoolServer:
         self.addresses: list[str] = []
 
     # -- lifetime ----------------------------------------------------------------
-    def start(self, listen: list[str], credentials: grpc.ServerCredentials | None) -> list[str]:
+    def start(self, listen: list[str], credentials: grpc.ServerCredentials | None,
+              tls: TlsFiles | None = None) -> list[str]:
         """Listen on each address (port 0 picks one); `credentials=None` is plain text,
-        allowed on loopback addresses only. Returns the bound addresses."""
+        allowed on loopback addresses only. Returns the bound addresses. With `tls` (the
+        files `credentials` came from) sessions get a data channel beside the stream."""
         self.insecure = credentials is None
         malloc.tune()
         for i in range(self.backend.device_count()):
@@ -183,6 +191,8 @@ class PoolServer:
         self._server, self.addresses = server, bound
         if self.shared_memory:
             self._open_doors(bound)
+        if self.data_channel and tls is not None and credentials is not None:
+            self._open_data_listeners(bound, tls)
         self._reaper = threading.Thread(target=self._reap_loop, name="harp-session-reaper",
                                         daemon=True)
         self._reaper.start()
@@ -205,6 +215,33 @@ class PoolServer:
                 continue
             self.doors.append(door)
 
+    def _open_data_listeners(self, bound: list[str], tls: TlsFiles) -> None:
+        """A data listener on the host of each TCP listen address (a port of its own)."""
+        try:
+            context = server_context(tls)
+        except (OSError, ValueError) as exc:
+            log.warning("no data channels (the TLS files do not load for Python's ssl: %s); "
+                        "bulk data will take the stream", exc)
+            return
+        tickets = TicketBook()
+        for address in bound:
+            if address.startswith("unix:"):
+                continue
+            host = split_host_port(address)[0].strip("[]")
+            if host in self.data_listeners:
+                continue
+            try:             # one port on every host, so that a client dials where it is
+                listener = DataListener(host, context, tickets, port=self.data_port)
+            except OSError as exc:
+                log.warning("no data channel on %s (%s); bulk data will take the stream",
+                            host, exc)
+                continue
+            listener.start()
+            self.data_listeners[host] = listener
+            self.data_port = listener.port
+        if self.data_listeners:
+            self._data_tickets = tickets
+
     def stop(self, grace: float | None = 1.0) -> None:
         """Stop accepting, end every session and free what it held."""
         self._stopping.set()
@@ -221,6 +258,9 @@ class PoolServer:
         for door in self.doors:
             door.stop()
         self.doors = []
+        for listener in self.data_listeners.values():
+            listener.stop()
+        self.data_listeners, self._data_tickets = {}, None
 
     def wait(self) -> None:
         if self._server is not None:
@@ -460,8 +500,22 @@ class PoolServer:
                  record.identity, client, grant.device_index)
         return record, pb.HandshakeReply(
             version=version, session_id=record.id, device=facts_to_proto(record.host.info),
-            chunk_size=self.chunk_size, server_name=self.name,
-            shared_memory=offer).SerializeToString()
+            chunk_size=self.chunk_size, server_name=self.name, shared_memory=offer,
+            data_channel=self._offer_data(request, context, record)).SerializeToString()
+
+    def _offer_data(self, request: Any, context: grpc.ServicerContext,
+                    record: SessionRecord) -> pb.DataChannel | None:
+        """A data channel for a TCP session that can take one."""
+        if not request.data_channel or self._data_tickets is None or record.host is None:
+            return None
+        peer = context.peer()
+        if not peer.startswith(("ipv4:", "ipv6:")):
+            return None
+        # Every listener has the same port, so the client dials the host it reached the
+        # stream at; any listener's ticket book will do, as long as it is that one's.
+        ticket = self._data_tickets.offer(record.identity.name, record.host.attach_data)
+        return pb.DataChannel(port=self.data_port, ticket=ticket)
+
 
     def _window_for(self, request: Any, context: grpc.ServicerContext) -> SharedWindow | None:
         """A shared-memory window, for a client that asks for one on a unix socket."""

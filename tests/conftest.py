@@ -14,7 +14,7 @@ import pytest
 import harp
 
 DEVICE_KINDS = [
-    "local-cpu", "remote-cpu", "remote-cpu-thread", "remote-cpu-shm",
+    "local-cpu", "remote-cpu", "remote-cpu-thread", "remote-cpu-shm", "remote-cpu-stream",
     # the cuda backend, on a real GPU (skipped without one, see pytest_collection_modifyitems)
     pytest.param("local-cuda", marks=pytest.mark.gpu),
     pytest.param("remote-cuda", marks=pytest.mark.gpu),
@@ -55,10 +55,17 @@ def _open_device(kind: str, request) -> harp.Device:
         return harp.connect("local:cpu", memory="2GiB", trust_client_code=True)
     if kind == "remote-cpu":
         pool = request.getfixturevalue("pool_server")
-        return harp.connect(pool.url, tls=pool.client_tls)
+        dev = harp.connect(pool.url, tls=pool.client_tls)
+        assert dev.data_channel, "a TCP session with TLS should open a data channel"
+        return dev
     if kind == "remote-cpu-thread":
         pool = request.getfixturevalue("thread_pool_server")
         return harp.connect(pool.url, tls=pool.client_tls)
+    if kind == "remote-cpu-stream":           # bulk data in gRPC frames, no data channel
+        pool = request.getfixturevalue("pool_server")
+        dev = harp.connect(pool.url, tls=pool.client_tls, data_channel=False)
+        assert not dev.data_channel
+        return dev
     if kind == "remote-cpu-shm":
         pool = request.getfixturevalue("unix_pool_server")
         dev = harp.connect(pool.url, tls=pool.client_tls)
@@ -84,7 +91,8 @@ class Pool:
         self.server_tls, self.client_tls = ephemeral_pool(tmp_path)
         self.server = PoolServer(load_backend(self.backend, memory="2GiB"),
                                  trust_client_code=True, **server_options)
-        self.address = self.server.start([listen], server_credentials(self.server_tls))[0]
+        self.address = self.server.start([listen], server_credentials(self.server_tls),
+                                         self.server_tls)[0]
         self.url = f"harp://{self.address}"
 
     def connect(self, **options) -> harp.Device:

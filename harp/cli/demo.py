@@ -98,7 +98,7 @@ def _embedded_pool(tmp: Path, results: list, args: argparse.Namespace) -> None:
     # the pool server registers under the name its certificate carries
     demo_files = TlsFiles(server_files.ca, *issue(tmp, "server", "demo", days=1))
     server = PoolServer(load_backend("cpu"), name="demo")
-    address = server.start(["127.0.0.1:0"], server_credentials(server_files))[0]
+    address = server.start(["127.0.0.1:0"], server_credentials(server_files), server_files)[0]
     scheduler = open_scheduler(tmp / "scheduler", heartbeat_s=1.0)
     registrar = None
     try:

@@ -55,6 +55,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--no-shared-memory", dest="shared_memory", action="store_false",
                        help="do not offer same-host clients (on a unix socket) a shared-memory "
                             "window for bulk data; their bulk data then takes the stream")
+    serve.add_argument("--no-data-channel", dest="data_channel", action="store_false",
+                       help="do not offer TCP clients a mutual-TLS data channel beside the "
+                            "stream for bulk data; their bulk data then takes the stream")
     serve.add_argument("--max-sessions", type=positive_int, default=64,
                        help="most sessions open at once (default 64)")
     serve.add_argument("--max-sessions-per-lease", type=positive_int, default=8,
@@ -110,8 +113,9 @@ def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
                         max_sessions_per_identity=args.max_sessions_per_identity,
                         idle_timeout_s=args.idle_timeout, isolation=args.isolation,
                         warm_workers=args.warm_workers, wrap_device=wrap,
-                        shared_memory=args.shared_memory)
-    bound = server.start(args.listen or ["127.0.0.1:50051"], server_credentials(args))
+                        shared_memory=args.shared_memory, data_channel=args.data_channel)
+    bound = server.start(args.listen or ["127.0.0.1:50051"], server_credentials(args),
+                         None if args.insecure else server_tls(args))
     if not name:
         tcp = next((a for a in bound if not a.startswith("unix")), bound[0])
         server.name = f"{socket.gethostname()}-{tcp.rpartition(':')[2]}"

@@ -12,6 +12,6 @@ The frame format itself is in `harp.wire`.
 from __future__ import annotations
 
 from .client import ClientProtocol, Payload, Reply
-from .server import Calls, Chunk, ServerProtocol
+from .server import Calls, Chunk, External, ServerProtocol
 
-__all__ = ["ClientProtocol", "ServerProtocol", "Reply", "Payload", "Calls", "Chunk"]
+__all__ = ["ClientProtocol", "ServerProtocol", "Reply", "Payload", "Calls", "Chunk", "External"]

@@ -104,6 +104,11 @@ class ClientProtocol:
         return self.chunked_write(record)
 
     @staticmethod
+    def data_frame(nbytes: int) -> bytes:
+        """The frame after a chunked write's record when its bytes go on the data channel."""
+        return wire.data_frame(nbytes)
+
+    @staticmethod
     def payload_frame(chunk: Any) -> bytes:
         """One payload frame: the kind byte and the chunk, in one copy."""
         return wire.PAYLOAD_TAG + chunk
@@ -133,15 +138,16 @@ class ClientProtocol:
             raise self._decode_error(error)
         return Reply(result)
 
-    def read_data(self, result: Any, nbytes: int) -> bytes | None:
-        """A read's inline data (small reads), or None when `nbytes` of payload frames follow."""
+    def read_data(self, result: Any, nbytes: int, external: bool = False) -> bytes | None:
+        """A read's inline data (small reads), or None when `nbytes` of payload follow: in
+        frames, or on the data channel (`external`), which the carrier reads itself."""
         if type(result) is not list or not result or result[0] != nbytes:
             raise self._broken("the server sent a read reply of the wrong size")
         if len(result) == 2:
             if type(result[1]) is not bytes or len(result[1]) != nbytes:
                 raise self._broken("the server sent a read reply of the wrong size")
             return result[1]
-        if nbytes:
+        if nbytes and not external:
             self.state, self._left = AWAIT_PAYLOAD, nbytes
         return None if nbytes else b""
 

@@ -3,7 +3,8 @@
 Receiving: a batch frame becomes its checked call records (`Calls`); a sync
 call must end its batch, and a batch that says it is sync (`BATCH_SYNC`)
 must end with one; a chunked write ends its batch, and exactly its `nbytes`
-then arrive as payload (`Chunk`s) before anything else; a shared-memory write
+then arrive as payload (`Chunk`s) before anything else, or a `DATA` frame
+says they all come on the data channel (`External`); a shared-memory write
 ends its batch too (its bytes come through the window). Any breach is a
 `ProtocolError`, and the session ends.
 
@@ -33,6 +34,15 @@ class Chunk:
         self.data, self.last = data, last
 
 
+class External:
+    """The rest of the chunked write in progress (`nbytes`) comes on the data channel;
+    the carrier reads it and hands it over with `receive_payload`."""
+    __slots__ = ("nbytes",)
+
+    def __init__(self, nbytes: int) -> None:
+        self.nbytes = nbytes
+
+
 class ServerProtocol:
     """Frame rules of one session, for the side that executes its calls."""
 
@@ -45,13 +55,19 @@ class ServerProtocol:
     def expecting_payload(self) -> int:
         return self._left
 
-    def receive(self, frame: Any) -> Calls | Chunk:
+    def receive(self, frame: Any) -> Calls | Chunk | External:
         """The event one client frame carries (the frame's kind byte included)."""
         if not len(frame):
             raise ProtocolError("an empty frame")
         kind = frame[0]
         if kind == wire.PAYLOAD:
             return self.receive_payload(memoryview(frame)[1:])
+        if kind == wire.DATA:
+            n = wire.data_frame_size(frame)
+            if n != self._left:
+                raise ProtocolError(f"a data frame announces {n} bytes where the chunked "
+                                    f"write has {self._left} to come")
+            return External(n)
         if kind not in (wire.BATCH, wire.BATCH_SYNC):
             raise ProtocolError(f"unknown frame kind {kind}")
         if self._left:
