@@ -97,6 +97,8 @@ class RemoteDevice(Device):
         self._timed_out = False
         self._window: SharedWindow | None = None
         self._data: Any = None                  # the data channel's socket, when open
+        self._data_offer: Any = None
+        self._open_data: Any = None
         self.session_id = ""
         #: Hooks run at close, and a way to explain a broken session (set by lease connects).
         self.on_close: list[Any] = []
@@ -134,13 +136,25 @@ class RemoteDevice(Device):
         self._info = facts_from_proto(reply.device)
         if reply.HasField("shared_memory"):
             self._window = _take_window(reply.shared_memory)
-        if reply.HasField("data_channel") and data_channel is not None:
-            self._data = data_channel(reply.data_channel)
+        # The data channel opens with the first large transfer, not here: a session that
+        # moves no bulk data pays no second TLS handshake for it.
+        self._data_offer = reply.data_channel if reply.HasField("data_channel") else None
+        self._open_data = data_channel
 
     @property
     def data_channel(self) -> bool:
-        """Whether bulk data moves over a data channel beside the stream (TCP, with TLS)."""
-        return self._data is not None
+        """Whether bulk data moves over a data channel beside the stream (TCP, with TLS):
+        open, or offered and to be opened by the first large transfer."""
+        return self._data is not None or (self._data_offer is not None and
+                                           self._open_data is not None)
+
+    def _data_socket(self) -> Any:
+        """The data channel, opened now if it was offered and is not yet; None (the stream
+        carries the bytes) when there is none or it cannot be opened."""
+        if self._data is None and self._data_offer is not None and self._open_data is not None:
+            offer, self._data_offer = self._data_offer, None
+            self._data = self._open_data(offer)
+        return self._data
 
     @property
     def shared_memory(self) -> bool:
@@ -300,9 +314,10 @@ class RemoteDevice(Device):
                                                   nbytes]))
                 self._through_window("write", self._put_all, view)
                 return
+            data = self._data_socket()
             self._send(self._proto.chunked_write(
                 [wire.WRITE_CHUNKED, seq, buf.id, offset, sid, nbytes]))
-            if self._data is not None:
+            if data is not None:
                 self._send(self._proto.data_frame(nbytes))
                 try:
                     self._data.sendall(view)
@@ -318,8 +333,10 @@ class RemoteDevice(Device):
             offset, nbytes = check_range(buf, offset, nbytes, "read")
             sid = check_stream(stream).id
             dst = None if out is None else out_view(out, nbytes)
-            if self._window is not None and nbytes > wire.INLINE_LIMIT:
-                return self._read_shm(seq, buf, offset, nbytes, sid, out, dst)
+            if nbytes > wire.INLINE_LIMIT:
+                if self._window is not None:
+                    return self._read_shm(seq, buf, offset, nbytes, sid, out, dst)
+                self._data_socket()             # a large read opens the data channel
             result = self._sync([wire.READ, seq, buf.id, offset, nbytes, sid])
             try:
                 inline = self._proto.read_data(result, nbytes, self._data is not None)

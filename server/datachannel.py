@@ -12,7 +12,7 @@ session has its socket; from then on a chunked write's bytes and a large
 read's payload go on it, while records, replies and errors stay on the stream.
 
 A connection is bound to its session twice: by the ticket (32 random bytes
-sent over the session's own mutual-TLS stream, good once for `TICKET_TTL_S`)
+sent over the session's own mutual-TLS stream, good once, while the session lasts)
 and by identity (the certificate on the data connection must name the
 session's identity). TLS handshakes run in threads of their own, at most
 `MAX_PENDING` at once, each bounded by `HANDSHAKE_TIMEOUT_S`, so a peer that
@@ -33,7 +33,9 @@ from harp.security import TlsFiles, identity_from_pem
 log = logging.getLogger("harp.server.data")
 
 TICKET_BYTES = 32
-TICKET_TTL_S = 10.0
+#: A ticket is good for the life of its session (the client opens the channel with its
+#: first large transfer); the server discards it when the session ends.
+TICKET_TTL_S = 24 * 3600.0
 HANDSHAKE_TIMEOUT_S = 5.0
 MAX_PENDING = 32
 ACK, NACK = b"\x01", b"\x00"
@@ -68,6 +70,11 @@ class TicketBook:
                 del self._tickets[old]
             self._tickets[ticket] = (identity, attach, now)
         return ticket
+
+    def discard(self, ticket: bytes) -> None:
+        """Forget a ticket (its session has ended)."""
+        with self._lock:
+            self._tickets.pop(ticket, None)
 
     def claim(self, ticket: bytes | None) -> tuple[str, Callable[[ssl.SSLSocket], bool]] | None:
         """Who a shown ticket is for, and where its socket goes (once, while it is good)."""

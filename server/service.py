@@ -91,6 +91,7 @@ class SessionRecord:
     client_name: str = ""
     host: SessionHost | None = None
     context: Any = None
+    data_ticket: bytes = b""
     admitted: float = field(default_factory=time.time)
 
 
@@ -426,6 +427,8 @@ class PoolServer:
                     self.sessions.pop(record.id, None)
                 if record.host is not None:
                     record.host.dispose()
+                if record.data_ticket and self._data_tickets is not None:
+                    self._data_tickets.discard(record.data_ticket)
                 self.ledger.close(record.id)
                 self._ended += 1
 
@@ -514,6 +517,7 @@ class PoolServer:
         # Every listener has the same port, so the client dials the host it reached the
         # stream at; any listener's ticket book will do, as long as it is that one's.
         ticket = self._data_tickets.offer(record.identity.name, record.host.attach_data)
+        record.data_ticket = ticket
         return pb.DataChannel(port=self.data_port, ticket=ticket)
 
 

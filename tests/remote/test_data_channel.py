@@ -43,13 +43,18 @@ def test_a_tcp_session_moves_bulk_data_over_its_data_channel(tcp_pool):
     dev = tcp_pool.connect()
     try:
         assert dev.data_channel and not dev.shared_memory
+        assert dev._data is None                          # opened by the first large transfer
         n = 5 * wire.CHUNK_SIZE + 777                      # not whole chunks
         data = _pattern(n)
         buf = dev.alloc(n + 64)
         dev.write(buf, 64, data)
         out = np.zeros(n, np.uint8)
+        assert dev._data is not None
         dev.read(buf, 64, n, out)
         assert np.array_equal(out, data)
+        stats = next(x for x in tcp_pool.server.session_stats()
+                     if x["session"] == dev.session_id)
+        assert stats["bytes_in"] >= n and stats["bytes_out"] >= n   # counted, off the stream
         assert dev.read(buf, 64 + 3, 2 * MiB) == data[3:3 + 2 * MiB].tobytes()
         dev.write(buf, 0, b"\x09" * 100)                  # small ones stay inline
         assert dev.read(buf, 0, 100) == b"\x09" * 100
@@ -82,10 +87,10 @@ def test_opting_out_or_plain_text_or_no_listener_keeps_the_stream(tcp_pool, tmp_
         listener.stop()                                   # offered, but nobody answers
     dev = tcp_pool.connect()
     try:
-        assert not dev.data_channel
         buf = dev.alloc(3 * MiB)
         data = _pattern(3 * MiB, 2)
-        dev.write(buf, 0, data)
+        dev.write(buf, 0, data)                           # tries to open it, and cannot
+        assert not dev.data_channel
         assert dev.read(buf, 0, 3 * MiB) == data.tobytes()
     finally:
         dev.close()
@@ -107,15 +112,10 @@ def test_a_plain_text_server_offers_no_data_channel(tmp_path):
 
 def _offer_of(pool):
     """A session whose data channel offer we keep instead of opening it."""
-    got = {}
-
-    def keep(offer):
-        got["offer"] = offer
-        return None
     channel = grpc.secure_channel(pool.address, security.channel_credentials(pool.client_tls),
                                   options=channel_options())
-    dev = RemoteDevice(channel, data_channel=keep)
-    return dev, got["offer"]
+    dev = RemoteDevice(channel, data_channel=lambda offer: None)
+    return dev, dev._data_offer
 
 
 def _show(pool, files, ticket):
@@ -159,6 +159,7 @@ def test_a_client_that_stops_short_ends_only_its_own_session(tcp_pool):
     buf = dev.alloc(n)
     dev.synchronize()
     with dev._lock:
+        assert dev._data_socket() is not None
         dev._send(dev._proto.chunked_write([wire.WRITE_CHUNKED, dev._next(), buf.id, 0, 0, n]))
         dev._send(dev._proto.data_frame(n))
         dev._data.sendall(b"\x07" * MiB)                 # a quarter, then gone
@@ -177,6 +178,7 @@ def test_a_data_frame_that_lies_about_the_size_ends_the_session(tcp_pool):
     buf = dev.alloc(4 * MiB)
     dev.synchronize()
     with dev._lock:
+        assert dev._data_socket() is not None
         dev._send(dev._proto.chunked_write([wire.WRITE_CHUNKED, dev._next(), buf.id, 0, 0,
                                             2 * MiB]))
         dev._send(dev._proto.data_frame(3 * MiB))
