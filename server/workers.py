@@ -22,7 +22,7 @@ import socket
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Callable
 
 from harp.errors import BackendError, HarpError
 from harp.proto.codec import error_to_bytes
@@ -149,9 +149,9 @@ class WorkerPool:
         data, ctl = ipc.Channel(parent_data), ipc.Channel(parent_ctl, buffered=False)
         parent_data.settimeout(timeout)
         try:
-            kind, body, fds = data.recv_fds(2)
+            kind, _, fds = data.recv_fds(2)
         except OSError:
-            kind, body, fds = 0, b"", []
+            kind, fds = 0, []
         finally:
             parent_data.settimeout(None)
         if kind != ipc.READY or len(fds) != 2:
