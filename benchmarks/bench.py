@@ -31,9 +31,11 @@ Measurements (the client is this process unless said otherwise):
   7. same host: a pool server on a unix socket, sessions with a shared-memory window
      beside sessions that move bulk data over the stream, interleaved: 256 MiB write
      and read vs memcpy of the same bytes, synchronize() and 64-byte reads.
+  8. many sessions: aggregate noop launches and fairness for 1, 2, 4, ... 64 sessions
+     beside as many bare gRPC streams of records, and the server's memory after.
 See benchmarks/README.md for what each row compares and how to read it. The
 sections live beside this file, one module per kind of measurement
-(remote_rows, isolation_rows, samehost_rows, local_rows), on a common harness
+(remote_rows, isolation_rows, samehost_rows, sessions_rows, local_rows), on a common harness
 (harness.py: child processes, TLS material, timing), the limit peers
 (limits.py), the report (report.py) and the profiler (profiling.py).
 
@@ -65,8 +67,9 @@ from profiling import role_profile_client, run_profile
 from remote_rows import RemoteSections
 from report import build_rows, print_report, summarize
 from samehost_rows import SameHostSection
+from sessions_rows import SessionsSection
 
-class Bench(RemoteSections, IsolationSection, SameHostSection, LocalSection):
+class Bench(RemoteSections, IsolationSection, SameHostSection, SessionsSection, LocalSection):
     """One run: every section's series, its errors, and the children it started."""
     def __init__(self, a):
         self.a = a
@@ -115,10 +118,10 @@ class Bench(RemoteSections, IsolationSection, SameHostSection, LocalSection):
         from harp.security import ephemeral_pool
         from pathlib import Path
         ephemeral_pool(Path(a.cert_dir))
-        sections = [s for s in ("bulk", "sync", "launch", "isolation", "samehost", "local")
-                    if s in a.sections]
+        sections = [s for s in ("bulk", "sync", "launch", "isolation", "samehost", "sessions",
+                                "local") if s in a.sections]
         remote = any(s in sections for s in ("bulk", "sync", "launch", "isolation",
-                                             "samehost"))
+                                             "samehost", "sessions"))
         try:
             if remote:
                 self.dog.arm(120, "server start-up")
@@ -128,7 +131,10 @@ class Bench(RemoteSections, IsolationSection, SameHostSection, LocalSection):
                 self.meta["raw_tls_forced_suite"] = suite or "TLS_AES_128_GCM_SHA256"
                 raw_env = dict(os.environ, OPENSSL_CONF=suite_conf(
                     a.cert_dir, suite or "TLS_AES_128_GCM_SHA256"))
-                self.harp_server, self.url = start_harp_server(a.cert_dir, self.children)
+                # room for the sessions section's 64 sessions of one identity
+                self.harp_server, self.url = start_harp_server(
+                    a.cert_dir, self.children,
+                    extra=["--max-sessions", "80", "--max-sessions-per-identity", "80"])
                 if "isolation" in sections:
                     _, self.thread_url = start_harp_server(
                         a.cert_dir, self.children, extra=["--isolation", "thread"])
@@ -149,6 +155,7 @@ class Bench(RemoteSections, IsolationSection, SameHostSection, LocalSection):
                        "isolation": 90 + 2 * a.reps * (30 * a.bulk / (256 * MiB) + 4 * a.dur
                                                          + 2 * a.launch_s),
                        "samehost": 60 + 2 * a.reps * (10 * a.bulk / (256 * MiB) + 2 * a.dur),
+                       "sessions": 120 + a.reps * 7 * 2 * (max(a.dur, 0.5) + 4),
                        "local": 40 + 20 * a.reps * a.local_s}
             for s in sections:
                 log("[%s] ..." % s)
@@ -187,8 +194,9 @@ def main():
     ap.add_argument("--placement", choices=["split", "free"], default="split",
                     help="split (default on 2+ cores): servers on core 0, clients on core 1, "
                          "for HARP and every limit alike, so runs compare; free: unpinned")
-    ap.add_argument("--sections", default="bulk,sync,launch,isolation,samehost,local",
-                    help="comma list of: bulk, sync, launch, isolation, samehost, local")
+    ap.add_argument("--sections", default="bulk,sync,launch,isolation,samehost,sessions,local",
+                    help="comma list of: bulk, sync, launch, isolation, samehost, sessions, "
+                         "local")
     ap.add_argument("--bulk-mib", type=int, default=None, help="bulk size (default 256; quick 64)")
     ap.add_argument("--dur", type=float, default=None,
                     help="seconds per rate measurement (default 1.0; quick 0.3)")

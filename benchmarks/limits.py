@@ -101,7 +101,7 @@ def role_grpc_server(a):
             dev.synchronize()
         return b""
 
-    server = grpc.server(ThreadPoolExecutor(max_workers=16), options=GRPC_OPTS)
+    server = grpc.server(ThreadPoolExecutor(max_workers=80), options=GRPC_OPTS)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bench.B", {
         "Up": grpc.stream_unary_rpc_method_handler(up),
         "Down": grpc.unary_stream_rpc_method_handler(down),

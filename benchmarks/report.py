@@ -21,6 +21,8 @@ def fmt(v, unit):
         return "%.3f GB/s" % v
     if unit == "us":
         return "%.2f us" % v
+    if unit == "ratio":
+        return "%.2f" % v
     if v >= 1e6:
         return "%.2fM %s" % (v / 1e6, unit)
     if v >= 1e4:
@@ -83,6 +85,12 @@ def row_specs(per):
          "same unix socket, no shared memory", 0.9),
         ("same host: read 64B", "shm: read 64B", "unix: read 64B",
          "same unix socket, no shared memory", 0.9),
+        ("sessions: aggregate launches, 64 vs peak", "sessions: aggregate at 64 / peak", 1.0,
+         "the peak over 1-64 sessions", 0.8),
+        ("sessions: fairness at 64 (min/max)", "sessions: fairness min/max at 64", 1.0,
+         "every session alike", 0.8),
+        ("sessions: server memory after 64", "sessions: server RSS after / idle", 1.0,
+         "the idle server", ("max", 1.2, "x")),
         ("local: noop launches", "local connect noop launches", "local backend noop launches",
          "CpuBackend().open(0) direct", 0.97),
         ("local: 1MiB write+sync", "local connect 1MiB write+sync",
@@ -128,7 +136,7 @@ def target_text(meas, target):
     if target is None:
         return "(info)"
     if isinstance(target, tuple):
-        return "<= %g us" % target[1]
+        return "<= %g%s" % (target[1], target[2] if len(target) > 2 else " us")
     if target == 0.97:
         return "within 3%"
     if target == 1.0:
@@ -160,7 +168,7 @@ def print_report(R):
     w = max([len(k) for k in R["series"]] + [10]) + 2
     for name, s in R["series"].items():
         med, sp = summarize(s["vals"])
-        vals = ", ".join(("%.3f" if s["unit"] in ("GB/s", "us") else "%.0f") % v for v in s["vals"])
+        vals = ", ".join(("%.3f" if s["unit"] in ("GB/s", "us", "ratio") else "%.0f") % v for v in s["vals"])
         print("  %-*s %16s  spread %5.1f%%  [%s]" % (w, name, fmt(med, s["unit"]), sp, vals))
     print()
     hdr = ("measurement", "HARP", "limit", "limit name", "ratio", "target", "", "paired ratios")

@@ -80,14 +80,15 @@ def connect_lease(lease: "Lease", *, index: int = 0, tls: TlsFiles | None = None
 
 def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | Path | None = None,
                    device_index: int = 0, token: str = "", client_name: str = "",
-                   server_name: str | None = None, connect_timeout: float = 10.0,
+                   server_name: str | None = None, connect_timeout: float = 30.0,
                    keepalive_s: float = KEEPALIVE_S,
                    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
                    shared_memory: bool | None = None, data_channel: bool | None = None,
                    **unknown: Any) -> RemoteDevice:
     """Open a session on device `device_index` of the pool server at `target`.
 
-    `connect_timeout` bounds the handshake; a keepalive ping every `keepalive_s` that goes
+    `connect_timeout` bounds the handshake (30 s: as long as a pool server may take to
+    start a session's worker on a loaded machine); a keepalive ping every `keepalive_s` that goes
     unanswered for `keepalive_timeout_s` fails the session with `TransportError` (a dead
     link or a frozen server is noticed within their sum). On a unix socket the session
     moves bulk data through shared memory with the server (`shared_memory`, default: yes

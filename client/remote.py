@@ -82,7 +82,7 @@ class RemoteDevice(Device):
     """A session on a pool server's device. Safe to share between threads (calls are serialized)."""
 
     def __init__(self, channel: grpc.Channel, *, device_index: int = 0, token: str = "",
-                 client_name: str = "", connect_timeout: float = 10.0,
+                 client_name: str = "", connect_timeout: float = 30.0,
                  target: str = "", shared_memory: bool = False,
                  data_channel: Any = None) -> None:
         self._channel = channel

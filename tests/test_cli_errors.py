@@ -170,13 +170,18 @@ def test_ctrl_c_of_a_remote_program_gives_one_traceback(fresh_pool, tmp_path):
     pytest.importorskip("numba.cuda.simulator")
     program = tmp_path / "loop.py"
     program.write_text(NUMBA_LOOP)
+    fresh_pool.connect().close()     # its fork server is up (numba imported), even when loaded
     proc = subprocess.Popen([HARP, "run", "--device", fresh_pool.url, "--cert-dir",
                              str(fresh_pool.client_tls.ca.parent), "--", sys.executable,
                              str(program)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT,
                                                                        signal.SIG_DFL))
     try:
-        assert proc.stdout.readline().strip() == "running"
+        first = proc.stdout.readline().strip()
+        if first != "running":
+            proc.kill()
+            _, err = proc.communicate(timeout=30)
+            raise AssertionError(f"the program did not start: {first!r}\n{err}")
         time.sleep(1.0)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
