@@ -67,7 +67,7 @@ from profiling import role_profile_client, run_profile
 from remote_rows import RemoteSections
 from report import build_rows, print_report, summarize
 from samehost_rows import SameHostSection
-from sessions_rows import SessionsSection
+from sessions_rows import SessionsSection, role_sessions_client
 
 class Bench(RemoteSections, IsolationSection, SameHostSection, SessionsSection, LocalSection):
     """One run: every section's series, its errors, and the children it started."""
@@ -155,7 +155,7 @@ class Bench(RemoteSections, IsolationSection, SameHostSection, SessionsSection, 
                        "isolation": 90 + 2 * a.reps * (30 * a.bulk / (256 * MiB) + 4 * a.dur
                                                          + 2 * a.launch_s),
                        "samehost": 60 + 2 * a.reps * (10 * a.bulk / (256 * MiB) + 2 * a.dur),
-                       "sessions": 120 + a.reps * 7 * 2 * (max(a.dur, 0.5) + 4),
+                       "sessions": 180 + a.reps * 7 * 2 * (max(a.dur, 0.5) + 6),
                        "local": 40 + 20 * a.reps * a.local_s}
             for s in sections:
                 log("[%s] ..." % s)
@@ -221,7 +221,8 @@ def main():
 
     if a.role:
         roles = {"grpc-server": role_grpc_server, "raw-server": role_raw_server,
-                 "raw-client": role_raw_client, "profile-client": role_profile_client}
+                 "raw-client": role_raw_client, "profile-client": role_profile_client,
+                 "sessions-client": role_sessions_client}
         roles[a.role](a)
         return 0
 

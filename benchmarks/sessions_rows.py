@@ -1,19 +1,26 @@
 """Many sessions: aggregate launch throughput and fairness over 1, 2, 4, ... 64 sessions.
 
 For each count k, k sessions on the default pool server (a worker process
-each) launch noop kernels flat out from k client threads for one window
-(longer for more sessions), with a synchronize every 128 launches; the aggregate is all their launches over the
-window, the fairness the fewest one session got over the most. Beside it, in
-the same rep, k bare gRPC streams carry batches of 64-byte records for the
-same window (the transport's own curve). The pool server's memory is read
+each) launch noop kernels flat out for one window (longer for more sessions),
+with a synchronize every 128 launches, each from a client process of its own
+(`--role sessions-client`: so that no client's GIL decides who gets to
+launch); the aggregate is all their launches over the window, the fairness
+the fewest one session got over the most. Beside it, in the same rep, k bare
+gRPC streams from one process carry batches of 64-byte records for the same
+window (the transport's own curve). The pool server's memory is read
 before the first count and after the last session of the rep has closed.
 """
 from __future__ import annotations
 
+import json
+import sys
 import threading
 import time
 
-from harness import REC64, log, tls_paths
+from harness import HERE, REC64, Child, emit, log, tls_paths
+
+#: Launches between a session's synchronize() calls.
+UNIT = 128
 
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -28,13 +35,14 @@ def _rss_bytes(pid: int) -> int:
 
 class SessionsSection:
     def sec_sessions(self):
-        import harp
         from harp import wire
         a = self.a
-        _, cli = tls_paths(self.a.cert_dir)
         per = wire.BATCH_CALLS
-        unit = 128                 # launches between a session's synchronize() calls
         server_pid = self.harp_server.proc.pid
+        # the client processes first, before this section opens channels of its own
+        clients = [_Client(self.a, self.url, self.children) for _ in range(COUNTS[-1])]
+        for c in clients:
+            c.ready()
         ch = self.grpc_channel(self.grpc_port)
         count_rpc = ch.stream_stream("/bench.B/Count")
         batch = REC64 * per
@@ -45,41 +53,21 @@ class SessionsSection:
             return max(a.dur, 0.5, 0.04 * k)
 
         def harp_point(k):
-            devs = [harp.connect(self.url, tls=cli) for _ in range(k)]
-            try:
-                fns = []
-                for dev in devs:
-                    fns.append(dev.function(dev.load_module(harp.CATALOG_IMAGE, "catalog"),
-                                            "noop"))
-                    dev.synchronize()
-                counts = [0] * k
-                start = threading.Barrier(k + 1)
-                stop = [0.0]
-
-                def run(i):
-                    dev, fn = devs[i], fns[i]
-                    launch = dev.launch
-                    start.wait()
-                    n = 0
-                    while time.perf_counter() < stop[0]:
-                        for _ in range(unit):
-                            launch(fn, 1, 1, [])
-                        dev.synchronize()
-                        n += unit
-                    counts[i] = n
-                threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
-                for t in threads:
-                    t.start()
-                stop[0] = time.perf_counter() + window(k)
-                t0 = time.perf_counter()
-                start.wait()
-                for t in threads:
-                    t.join()
-                dt = time.perf_counter() - t0
-                return sum(counts) / dt, min(counts) / max(counts) if max(counts) else 0.0
-            finally:
-                for dev in devs:
-                    dev.close()
+            group = clients[:k]
+            for c in group:
+                c.send("open")
+            for c in group:
+                c.result(120)
+            start = time.time() + 0.5
+            stop = start + window(k)
+            for c in group:
+                c.send("run %.6f %.6f" % (start, stop))
+            counts = [c.result(60 + window(k))["n"] for c in group]
+            for c in group:
+                c.send("close")
+            for c in group:
+                c.result(60)
+            return sum(counts) / (stop - start), min(counts) / max(counts) if max(counts) else 0.0
 
         def grpc_point(k):
             totals = [0] * k
@@ -123,3 +111,73 @@ class SessionsSection:
                          "ratio")
         finally:
             ch.close()
+            for c in clients:
+                c.stop()
+
+
+class _Client:
+    """One sessions-client child: opens a session, launches in a window, closes."""
+
+    def __init__(self, a, url, children):
+        self.argv = [sys.executable, HERE, "--role", "sessions-client", "--cert-dir",
+                     a.cert_dir, "--url", url]
+        self.children = children
+        self.child = self._start()
+
+    def _start(self):
+        child = Child("sessions client", self.argv, stdin=True)
+        self.children.append(child)
+        return child
+
+    def ready(self):
+        """Wait for the child; one that died starting (a loaded machine) is started again."""
+        try:
+            self.child.wait_line(lambda ln: ln.startswith("READY"), 120)
+        except RuntimeError as exc:
+            log("  a sessions client did not start (%s); once more" % exc)
+            self.child = self._start()
+            self.child.wait_line(lambda ln: ln.startswith("READY"), 120)
+
+    def send(self, text):
+        self.child.proc.stdin.write(text + "\n")
+        self.child.proc.stdin.flush()
+
+    def result(self, timeout):
+        line = self.child.wait_line(lambda ln: ln.startswith("RESULT "), timeout)
+        return json.loads(line[7:])
+
+    def stop(self):
+        self.child.stop(5)
+
+
+def role_sessions_client(a):
+    """A child that holds at most one session and launches on command (see `_Client`)."""
+    import harp
+    _, cli = tls_paths(a.cert_dir)
+    print("READY", flush=True)
+    dev = fn = None
+    for line in sys.stdin:
+        cmd = line.split()
+        if not cmd or cmd[0] == "quit":
+            break
+        if cmd[0] == "open":
+            dev = harp.connect(a.url, tls=cli)
+            fn = dev.function(dev.load_module(harp.CATALOG_IMAGE, "catalog"), "noop")
+            dev.synchronize()
+            emit({"ok": True})
+        elif cmd[0] == "run":
+            start, stop = float(cmd[1]), float(cmd[2])
+            time.sleep(max(0.0, start - time.time()))
+            n, launch = 0, dev.launch
+            while time.time() < stop:
+                for _ in range(UNIT):
+                    launch(fn, 1, 1, [])
+                dev.synchronize()
+                n += UNIT
+            emit({"n": n})
+        elif cmd[0] == "close":
+            dev.close()
+            dev = None
+            emit({"ok": True})
+    if dev is not None:
+        dev.close()
