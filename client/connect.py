@@ -120,7 +120,8 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
     try:
         return RemoteDevice(channel, device_index=device_index, token=token,
                             client_name=client_name, connect_timeout=connect_timeout,
-                            target=target, shared_memory=shared_memory, data_channel=data)
+                            target=target, shared_memory=shared_memory,
+                            open_data_channel=data)
     except TransportError as exc:
         channel.close()
         raise _explain_connect_failure(exc, target, address, files, name) from None

@@ -84,7 +84,7 @@ class RemoteDevice(Device):
     def __init__(self, channel: grpc.Channel, *, device_index: int = 0, token: str = "",
                  client_name: str = "", connect_timeout: float = 30.0,
                  target: str = "", shared_memory: bool = False,
-                 data_channel: Any = None) -> None:
+                 open_data_channel: Any = None) -> None:
         self._channel = channel
         self._target = target
         self._ids = HandleIds()
@@ -110,7 +110,7 @@ class RemoteDevice(Device):
             versions=pb.VersionRange(min=wire.PROTOCOL_MIN, max=wire.PROTOCOL_MAX),
             device_index=device_index, token=token,
             client_name=client_name or f"pid {os.getpid()}", client_host=socket.gethostname(),
-            shared_memory=shared_memory, data_channel=data_channel is not None)
+            shared_memory=shared_memory, data_channel=open_data_channel is not None)
         self._requests.put(request.SerializeToString())
         reply = pb.HandshakeReply()
         # A server that accepts the connection but never answers must not hang us.
@@ -139,7 +139,7 @@ class RemoteDevice(Device):
         # The data channel opens with the first large transfer, not here: a session that
         # moves no bulk data pays no second TLS handshake for it.
         self._data_offer = reply.data_channel if reply.HasField("data_channel") else None
-        self._open_data = data_channel
+        self._open_data = open_data_channel
 
     @property
     def data_channel(self) -> bool:
@@ -320,7 +320,7 @@ class RemoteDevice(Device):
             if data is not None:
                 self._send(self._proto.data_frame(nbytes))
                 try:
-                    self._data.sendall(view)
+                    data.sendall(view)
                 except (OSError, ValueError) as exc:
                     raise self._data_broken("write", exc) from None
                 return

@@ -203,3 +203,14 @@ def recv_into_exactly(sock: socket.socket, view: memoryview) -> None:
         if k == 0:
             raise ConnectionError(f"the data channel closed after {got} of {n} bytes")
         got += k
+
+
+def recv_exactly(sock: socket.socket, n: int) -> bytes | None:
+    """`n` bytes from `sock`, or None if the peer closes first (a ticket, a header)."""
+    data = b""
+    while len(data) < n:
+        more = sock.recv(n - len(data))
+        if not more:
+            return None
+        data += more
+    return data

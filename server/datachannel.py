@@ -21,18 +21,18 @@ connects and says nothing holds nothing for long.
 from __future__ import annotations
 
 import logging
-import secrets
 import socket
 import ssl
 import threading
-import time
-from typing import Callable
 
 from harp.security import TlsFiles, identity_from_pem
+from harp.shm import TICKET_BYTES
+from harp.transport import recv_exactly
+
+from .tickets import TicketBook
 
 log = logging.getLogger("harp.server.data")
 
-TICKET_BYTES = 32
 #: A ticket is good for the life of its session (the client opens the channel with its
 #: first large transfer); the server discards it when the session ends.
 TICKET_TTL_S = 24 * 3600.0
@@ -51,38 +51,6 @@ def server_context(files: TlsFiles) -> ssl.SSLContext:
     context.load_verify_locations(str(files.ca))
     context.verify_mode = ssl.CERT_REQUIRED
     return context
-
-
-class TicketBook:
-    """One-time tickets for data connections, shared by a server's listeners."""
-
-    def __init__(self) -> None:
-        self._tickets: dict[bytes, tuple[str, Callable[[ssl.SSLSocket], bool], float]] = {}
-        self._lock = threading.Lock()
-
-    def offer(self, identity: str, attach: Callable[[ssl.SSLSocket], bool]) -> bytes:
-        """A ticket for one connection by `identity`; `attach(sock)` gives it to the session
-        (False when the session is gone)."""
-        ticket = secrets.token_bytes(TICKET_BYTES)
-        now = time.monotonic()
-        with self._lock:
-            for old in [t for t, v in self._tickets.items() if now - v[2] > TICKET_TTL_S]:
-                del self._tickets[old]
-            self._tickets[ticket] = (identity, attach, now)
-        return ticket
-
-    def discard(self, ticket: bytes) -> None:
-        """Forget a ticket (its session has ended)."""
-        with self._lock:
-            self._tickets.pop(ticket, None)
-
-    def claim(self, ticket: bytes | None) -> tuple[str, Callable[[ssl.SSLSocket], bool]] | None:
-        """Who a shown ticket is for, and where its socket goes (once, while it is good)."""
-        with self._lock:
-            found = self._tickets.pop(ticket, None) if ticket else None
-        if found is None or time.monotonic() - found[2] > TICKET_TTL_S:
-            return None
-        return found[0], found[1]
 
 
 class DataListener:
@@ -137,11 +105,11 @@ class DataListener:
         try:
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             sock = tls = self._context.wrap_socket(conn, server_side=True)
-            claim = self._tickets.claim(_recv_exact(tls, TICKET_BYTES))
+            claim = self._tickets.claim(recv_exactly(tls, TICKET_BYTES))
             if claim is None:
                 tls.sendall(NACK)
                 return
-            identity, attach = claim
+            identity, attach = claim                  # see `PoolServer._offer_data`
             der = tls.getpeercert(binary_form=True)
             who = identity_from_pem(ssl.DER_cert_to_PEM_cert(der).encode()) if der else None
             if who is None or who.name != identity:
@@ -159,13 +127,3 @@ class DataListener:
             if not given:
                 sock.close()
             self._pending.release()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        more = sock.recv(n - len(data))
-        if not more:
-            return None
-        data += more
-    return data

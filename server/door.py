@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
-import secrets
 import socket
 import stat
 import threading
-import time
 
 from harp.shm import TICKET_BYTES, close_all
+from harp.transport import recv_exactly
+
+from .tickets import TicketBook
 
 log = logging.getLogger("harp.server.door")
 
@@ -42,8 +43,7 @@ class Door:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._tickets: dict[bytes, tuple[list[int], float]] = {}
-        self._lock = threading.Lock()
+        self.tickets = TicketBook(TICKET_TTL_S, on_drop=close_all)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
 
@@ -72,33 +72,11 @@ class Door:
                 os.unlink(self.path)
             except OSError:
                 pass
-        with self._lock:
-            tickets, self._tickets = self._tickets, {}
-        for fds, _ in tickets.values():
-            close_all(fds)
+        self.tickets.clear()
 
     def offer(self, fds: list[int]) -> bytes:
         """A ticket for duplicates of `fds` (the caller keeps its own)."""
-        ticket = secrets.token_bytes(TICKET_BYTES)
-        copies = [os.dup(fd) for fd in fds]
-        now = time.monotonic()
-        with self._lock:
-            stale = [t for t, (_, at) in self._tickets.items() if now - at > TICKET_TTL_S]
-            for t in stale:
-                close_all(self._tickets.pop(t)[0])
-            self._tickets[ticket] = (copies, now)
-        return ticket
-
-    def _claim(self, ticket: bytes) -> list[int] | None:
-        with self._lock:
-            found = self._tickets.pop(ticket, None)
-        if found is None:
-            return None
-        fds, at = found
-        if time.monotonic() - at > TICKET_TTL_S:
-            close_all(fds)
-            return None
-        return fds
+        return self.tickets.offer([os.dup(fd) for fd in fds])
 
     def _serve(self) -> None:
         while True:
@@ -113,8 +91,7 @@ class Door:
                 fds = None
                 try:
                     conn.settimeout(SHOW_TIMEOUT_S)
-                    ticket = _recv_exact(conn, TICKET_BYTES)
-                    fds = self._claim(ticket) if ticket is not None else None
+                    fds = self.tickets.claim(recv_exactly(conn, TICKET_BYTES))
                     if fds is None:
                         conn.sendall(b"\x00")
                         continue
@@ -124,13 +101,3 @@ class Door:
                 finally:
                     if fds is not None:
                         close_all(fds)
-
-
-def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
-    data = b""
-    while len(data) < n:
-        more = conn.recv(n - len(data))
-        if not more:
-            return None
-        data += more
-    return data

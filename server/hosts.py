@@ -71,6 +71,10 @@ class SessionHost:
         self.data = sock
         return True
 
+    def _require_data(self) -> None:
+        if self.data is None:
+            raise SessionEnded(ProtocolError("a data frame in a session without a data channel"))
+
     def _data_broken(self, exc: BaseException) -> SessionEnded:
         if self.ended is None:
             self.ended = TransportError(f"the session's data channel failed: {exc}")
@@ -154,8 +158,7 @@ class ThreadHost(SessionHost):
 
     def _receive_data(self, nbytes: int) -> Reply | None:
         """The rest of a chunked write, from the data channel, a chunk at a time."""
-        if self.data is None:
-            raise SessionEnded(ProtocolError("a data frame in a session without a data channel"))
+        self._require_data()
         if self._staging is None:
             self._staging = memoryview(bytearray(self.session.chunk_size))
         reply, left = None, nbytes
@@ -282,8 +285,9 @@ class WorkerHost(SessionHost):
     def _relay_data(self, nbytes: int) -> None:
         """A chunked write's bytes from the data channel straight into the worker's write
         slots (one copy, the decryption's own); the worker checks their count."""
-        if self.data is None:
-            raise SessionEnded(ProtocolError("a data frame in a session without a data channel"))
+        self._require_data()
+        if nbytes <= 0:
+            raise SessionEnded(ProtocolError("a data frame announces no bytes"))
         writes, left = self.worker.writes, nbytes
         while left > 0:
             slot = self._free_slot()

@@ -42,8 +42,9 @@ from harp.transport import serve, server_options, split_host_port
 
 from . import malloc
 from harp.executor import ElasticExecutor
-from .datachannel import DataListener, TicketBook, server_context
+from .datachannel import TICKET_TTL_S as DATA_TICKET_TTL_S, DataListener, server_context
 from .door import Door, door_path
+from .tickets import TicketBook
 from .fairshare import DeviceArbiter
 from .hosts import SessionEnded, SessionHost, ThreadHost, WorkerHost
 from .workers import ControlLoop, WorkerPool
@@ -92,6 +93,7 @@ class SessionRecord:
     host: SessionHost | None = None
     context: Any = None
     data_ticket: bytes = b""
+    window_ticket: bytes = b""
     admitted: float = field(default_factory=time.time)
 
 
@@ -217,14 +219,14 @@ class PoolServer:
             self.doors.append(door)
 
     def _open_data_listeners(self, bound: list[str], tls: TlsFiles) -> None:
-        """A data listener on the host of each TCP listen address (a port of its own)."""
+        """A data listener on the host of each TCP listen address, all on one port."""
         try:
             context = server_context(tls)
         except (OSError, ValueError) as exc:
             log.warning("no data channels (the TLS files do not load for Python's ssl: %s); "
                         "bulk data will take the stream", exc)
             return
-        tickets = TicketBook()
+        tickets = TicketBook(DATA_TICKET_TTL_S)
         for address in bound:
             if address.startswith("unix:"):
                 continue
@@ -429,6 +431,8 @@ class PoolServer:
                     record.host.dispose()
                 if record.data_ticket and self._data_tickets is not None:
                     self._data_tickets.discard(record.data_ticket)
+                if record.window_ticket and self.doors:  # never picked up: close its copies
+                    self.doors[0].tickets.discard(record.window_ticket)
                 self.ledger.close(record.id)
                 self._ended += 1
 
@@ -485,6 +489,7 @@ class PoolServer:
             try:
                 record.host = self._open_host(record, grant, window)
                 offer = self._offer(window)
+                record.window_ticket = offer.ticket if offer is not None else b""
             except BaseException:
                 if window is not None and record.host is None:
                     window.close()
@@ -516,10 +521,9 @@ class PoolServer:
             return None
         # Every listener has the same port, so the client dials the host it reached the
         # stream at; any listener's ticket book will do, as long as it is that one's.
-        ticket = self._data_tickets.offer(record.identity.name, record.host.attach_data)
+        ticket = self._data_tickets.offer((record.identity.name, record.host.attach_data))
         record.data_ticket = ticket
         return pb.DataChannel(port=self.data_port, ticket=ticket)
-
 
     def _window_for(self, request: Any, context: grpc.ServicerContext) -> SharedWindow | None:
         """A shared-memory window, for a client that asks for one on a unix socket."""

@@ -209,7 +209,10 @@ class Worker:
     def _control_loop(self) -> None:
         ctl = self.ctl
         while True:
-            kind, body = ctl.recv()
+            try:
+                kind, body = ctl.recv()
+            except OSError:                  # reset by a server that went: as if closed
+                kind, body = 0, b""
             if kind == ipc.RESULT:
                 self.broker.answer(ipc.unpack(body))
             elif kind == ipc.GRANT and self.gate is not None:

@@ -32,6 +32,12 @@ def wait_until(predicate, timeout=15.0, interval=0.05):
     return predicate()
 
 
+def pattern(n, seed=0):
+    """`n` random bytes as a uint8 array (seeded: the same every run)."""
+    import numpy as np
+    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
+
+
 def _gpu_present() -> bool:
     try:
         from harp.backends import load_backend

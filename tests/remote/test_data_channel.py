@@ -21,9 +21,9 @@ import harp
 from harp import security, wire
 from harp.client.datachannel import opener
 from harp.client.remote import RemoteDevice
-from harp.errors import HarpError
+from harp.errors import TransportError
 from harp.transport import channel_options
-from tests.conftest import Pool, wait_until
+from tests.conftest import Pool, pattern, wait_until
 
 MiB = 1 << 20
 
@@ -35,17 +35,13 @@ def tcp_pool(request, tmp_path):
     pool.stop()
 
 
-def _pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
 def test_a_tcp_session_moves_bulk_data_over_its_data_channel(tcp_pool):
     dev = tcp_pool.connect()
     try:
         assert dev.data_channel and not dev.shared_memory
         assert dev._data is None                          # opened by the first large transfer
         n = 5 * wire.CHUNK_SIZE + 777                      # not whole chunks
-        data = _pattern(n)
+        data = pattern(n)
         buf = dev.alloc(n + 64)
         dev.write(buf, 64, data)
         out = np.zeros(n, np.uint8)
@@ -88,7 +84,7 @@ def test_opting_out_or_plain_text_or_no_listener_keeps_the_stream(tcp_pool, tmp_
     dev = tcp_pool.connect()
     try:
         buf = dev.alloc(3 * MiB)
-        data = _pattern(3 * MiB, 2)
+        data = pattern(3 * MiB, 2)
         dev.write(buf, 0, data)                           # tries to open it, and cannot
         assert not dev.data_channel
         assert dev.read(buf, 0, 3 * MiB) == data.tobytes()
@@ -114,7 +110,7 @@ def _offer_of(pool):
     """A session whose data channel offer we keep instead of opening it."""
     channel = grpc.secure_channel(pool.address, security.channel_credentials(pool.client_tls),
                                   options=channel_options())
-    dev = RemoteDevice(channel, data_channel=lambda offer: None)
+    dev = RemoteDevice(channel, open_data_channel=lambda offer: None)
     return dev, dev._data_offer
 
 
@@ -166,7 +162,7 @@ def test_a_client_that_stops_short_ends_only_its_own_session(tcp_pool):
         dev._data.close()
         dev._data = None
     assert wait_until(lambda: len(tcp_pool.server.session_records()) == 1)
-    with pytest.raises(HarpError):
+    with pytest.raises(TransportError, match="data channel"):
         dev.synchronize()
     dev.close()
     assert other.read(keep, 0, 2 * MiB) == b"\x05" * (2 * MiB)

@@ -20,7 +20,7 @@ import harp
 from harp import shm, wire
 from harp.errors import HarpError, ProtocolError
 from harp.server.door import Door
-from tests.conftest import Pool, unix_listen, wait_until as _wait_until
+from tests.conftest import Pool, pattern, unix_listen, wait_until as _wait_until
 
 MiB = 1 << 20
 
@@ -33,16 +33,12 @@ def unix_pool(request, tmp_path):
     pool.stop()
 
 
-def _pattern(n, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8)
-
-
 def test_a_unix_session_moves_bulk_data_through_its_window(unix_pool):
     dev = unix_pool.connect()
     try:
         assert dev.shared_memory
         n = 3 * shm.SLOT_SIZE * shm.SLOTS + 12345         # more than a ring, not whole slots
-        data = _pattern(n)
+        data = pattern(n)
         buf = dev.alloc(n + 100)
         dev.write(buf, 100, data)
         out = np.zeros(n, np.uint8)
@@ -98,7 +94,7 @@ def test_an_unreachable_door_leaves_the_session_on_the_stream(unix_pool):
     try:
         assert not dev.shared_memory
         buf = dev.alloc(4 * MiB)
-        data = _pattern(4 * MiB, 1)
+        data = pattern(4 * MiB, 1)
         dev.write(buf, 0, data)
         assert dev.read(buf, 0, 4 * MiB) == data.tobytes()
     finally:
@@ -119,7 +115,7 @@ def test_the_door_gives_a_window_once_and_only_for_its_ticket(tmp_path, monkeypa
         shm.close_all(fds)
         with pytest.raises(OSError):
             shm.pick_up(door.path, ticket)                          # good once
-        monkeypatch.setattr("harp.server.door.TICKET_TTL_S", 0.0)
+        monkeypatch.setattr(door.tickets, "ttl_s", 0.0)
         late = door.offer(window.fds())
         time.sleep(0.01)
         with pytest.raises(OSError):
@@ -127,7 +123,7 @@ def test_the_door_gives_a_window_once_and_only_for_its_ticket(tmp_path, monkeypa
         # a caller that shows nothing does not hold the door for long
         idle = socket.socket(socket.AF_UNIX)
         idle.connect(door.path)
-        monkeypatch.setattr("harp.server.door.TICKET_TTL_S", 10.0)
+        monkeypatch.setattr(door.tickets, "ttl_s", 10.0)
         fds = shm.pick_up(door.path, door.offer(window.fds()), timeout=5)
         shm.close_all(fds)
         idle.close()
@@ -239,3 +235,39 @@ def test_a_read_after_a_failed_async_call_raises_it_and_leaves_out_alone(unix_po
         assert dev.read(buf, 0, 4 * MiB) == b"\x03" * (4 * MiB)
     finally:
         dev.close()
+
+
+def test_shared_memory_records_in_a_session_without_a_window_are_protocol_errors(tmp_path):
+    tcp = Pool(tmp_path, warm_workers=1)
+    try:
+        for op, record in ((wire.READ_SHM, [0, 0, 4 * MiB, 0]), (wire.WRITE_SHM, [0, 0, 0, MiB])):
+            dev = tcp.connect()
+            buf = dev.alloc(4 * MiB)
+            record[0] = buf.id
+            with dev._lock:
+                if op == wire.READ_SHM:
+                    dev._send(dev._proto.sync([op, dev._next(), *record]))
+                    with pytest.raises(ProtocolError, match="without a window"):
+                        dev._frame("read")
+                else:
+                    dev._send(dev._proto.shm_write([op, dev._next(), *record]))
+            if op == wire.WRITE_SHM:
+                with pytest.raises(ProtocolError, match="without a window"):
+                    dev.synchronize()
+            dev.close()
+        assert _wait_until(lambda: not tcp.server.session_records())
+        again = tcp.connect()                            # and the server goes on
+        again.synchronize()
+        again.close()
+    finally:
+        tcp.stop()
+
+
+def test_a_window_never_picked_up_is_let_go_when_its_session_ends(unix_pool, monkeypatch):
+    monkeypatch.setattr("harp.client.remote._take_window", lambda offer: None)
+    dev = unix_pool.connect()
+    assert not dev.shared_memory
+    door = unix_pool.server.doors[0]
+    assert len(door.tickets._tickets) == 1                # held for the client, unclaimed
+    dev.close()
+    assert _wait_until(lambda: not door.tickets._tickets)   # and closed with the session
