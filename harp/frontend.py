@@ -54,10 +54,15 @@ class DeferredErrors:
             error.call, error.seq = call, seq
         bound_message(error)
         with self._lock:
-            if len(self._errors) < self.MAX_KEPT:
-                self._errors.append(error)
-            else:
+            if len(self._errors) >= self.MAX_KEPT:
                 self._dropped += 1
+                return
+            # In call order: a failure may be learnt late (a GPU kernel fault, at a sync
+            # call), but it belongs to its call, before failures recorded since.
+            i = len(self._errors)
+            while i and (self._errors[i - 1].seq or 0) > (error.seq or 0):
+                i -= 1
+            self._errors.insert(i, error)
 
     def __bool__(self) -> bool:
         return bool(self._errors)

@@ -13,7 +13,8 @@ from typing import Any, Union
 import numpy as np
 
 #: Kernel image formats a device may accept (see `DeviceInfo.formats`).
-FORMATS = ("ptx", "cubin", "fatbin", "cuda-source", "catalog", "numba-python")
+FORMATS = ("ptx", "cubin", "fatbin", "cuda-source", "catalog", "numba-python", "opencl-binary",
+           "opencl-source", "onnx")
 
 DEFAULT_STREAM_ID = 0
 

@@ -24,11 +24,12 @@ class Candidate:
     used_memory: int
     used_share: float
     leases: int
+    backend: str = ""       # the backend serving it ("cuda", "opencl", "onnx", ...)
 
 
 @dataclass(frozen=True)
 class Request:
-    kind: str               # "" = any
+    kind: str               # "" = any; a device kind (gpu, fpga, npu, cpu) or a backend name
     count: int
     memory: int             # 0 = the whole device
     share: float
@@ -45,8 +46,9 @@ def choose(candidates: list[Candidate], request: Request) -> list[tuple[Candidat
         raise ArgumentError(f"share must be in (0, 1], got {request.share}")
     if request.count < 1:
         raise ArgumentError(f"count must be >= 1, got {request.count}")
-    kinds = sorted({c.kind for c in candidates})
-    pool = [c for c in candidates if not request.kind or c.kind == request.kind]
+    kinds = sorted({c.kind for c in candidates} | {c.backend for c in candidates if c.backend})
+    pool = [c for c in candidates
+            if not request.kind or request.kind in (c.kind, c.backend)]
     if not pool:
         raise ArgumentError(f"no device of kind {request.kind!r} in the pool"
                             + (f"; kinds here: {', '.join(kinds)}" if kinds else

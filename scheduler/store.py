@@ -207,7 +207,7 @@ class SqliteStore:
         """Place and record a new lease atomically, or raise why it cannot be placed."""
         with self._tx() as db:
             rows = db.execute(
-                "SELECT d.server, d.idx, d.kind, d.memory, s.host, s.state, "
+                "SELECT d.server, d.idx, d.kind, d.memory, d.facts, s.host, s.state, "
                 "COALESCE((SELECT SUM(ld.memory) FROM lease_devices ld JOIN leases l ON "
                 "l.id=ld.lease_id WHERE l.state='active' AND ld.server=d.server AND "
                 "ld.idx=d.idx), 0) AS used_memory, "
@@ -218,7 +218,8 @@ class SqliteStore:
                 "WHERE l.state='active' AND ld.server=d.server AND ld.idx=d.idx) AS leases "
                 "FROM devices d JOIN servers s ON s.name=d.server").fetchall()
             candidates = [Candidate(r["server"], r["idx"], r["kind"], r["host"], r["memory"],
-                                    r["state"], r["used_memory"], r["used_share"], r["leases"])
+                                    r["state"], r["used_memory"], r["used_share"], r["leases"],
+                                    _backend_of(r["facts"]))
                           for r in rows]
             chosen = choose(candidates, request)
             lease = LeaseRecord(id=f"lease-{secrets.token_hex(8)}", state="active",
@@ -334,3 +335,12 @@ class SqliteStore:
 
 def now() -> float:
     return time.time()
+
+
+def _backend_of(facts: str | None) -> str:
+    """The backend name in a device's registered facts (its `DeviceInfo`), or ""."""
+    try:
+        value = json.loads(facts or "{}").get("backend", "")
+    except (ValueError, AttributeError):
+        return ""
+    return value if isinstance(value, str) else ""

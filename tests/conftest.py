@@ -15,6 +15,13 @@ import harp
 
 DEVICE_KINDS = [
     "local-cpu", "remote-cpu", "remote-cpu-thread", "remote-cpu-shm", "remote-cpu-stream",
+    "traced-cpu",
+    # the cuda backend driving a host-memory stand-in for CuPy (needs g++ and NVRTC)
+    "local-cuda-emulated", "remote-cuda-emulated", "traced-cuda-emulated",
+    # the opencl backend on the OpenCL devices here (PoCL in CI)
+    "local-opencl", "remote-opencl", "traced-opencl",
+    # the onnx backend on ONNX Runtime's CPU provider
+    "local-onnx", "remote-onnx", "traced-onnx",
     # the cuda backend, on a real GPU (skipped without one, see pytest_collection_modifyitems)
     pytest.param("local-cuda", marks=pytest.mark.gpu),
     pytest.param("remote-cuda", marks=pytest.mark.gpu),
@@ -56,7 +63,29 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+from stand_ins import backend_or_skip, emulated_cupy  # noqa: E402  (tests/ is on sys.path for its conftest)
+
+
+def _local(name: str, **options) -> harp.Device:
+    backend = backend_or_skip(name, memory="2GiB", **options)
+    return backend.open(0, trust_client_code=True)
+
+
 def _open_device(kind: str, request) -> harp.Device:
+    if kind.startswith("traced-"):
+        inner = _open_device(kind.replace("traced-", "local-", 1), request)
+        from harp.trace import record_to
+        path = request.getfixturevalue("tmp_path") / "conformance.harptrace"
+        return record_to(inner, str(path), payloads=True, meta={"target": kind})
+    if kind == "local-cuda-emulated":
+        return _local("cuda", cupy=emulated_cupy())
+    if kind == "local-opencl":
+        return _local("opencl")
+    if kind == "local-onnx":
+        return _local("onnx")
+    if kind in ("remote-cuda-emulated", "remote-opencl", "remote-onnx"):
+        pool = request.getfixturevalue(kind.replace("-", "_") + "_pool")
+        return pool.connect()
     if kind == "local-cpu":
         return harp.connect("local:cpu", memory="2GiB", trust_client_code=True)
     if kind == "remote-cpu":
@@ -148,6 +177,47 @@ class CudaPool(Pool):
 def cuda_pool_server(tmp_path_factory):
     """One pool server over the cuda backend, shared by the whole run (needs a GPU)."""
     pool = CudaPool(tmp_path_factory.mktemp("cuda-pool"))
+    yield pool
+    pool.stop()
+
+
+class BackendPool(Pool):
+    """A pool server over a backend instance of the caller's."""
+
+    def __init__(self, tmp_path, backend, **server_options):
+        from harp.security import ephemeral_pool, server_credentials
+        from harp.server import PoolServer
+        self.server_tls, self.client_tls = ephemeral_pool(tmp_path)
+        self.server = PoolServer(backend, trust_client_code=True, **server_options)
+        self.address = self.server.start(["127.0.0.1:0"], server_credentials(self.server_tls),
+                                         self.server_tls)[0]
+        self.url = f"harp://{self.address}"
+
+
+@pytest.fixture(scope="session")
+def remote_cuda_emulated_pool(tmp_path_factory):
+    """The cuda backend on the CuPy stand-in behind a pool server. Thread isolation: the
+    stand-in is a module object of this process, which worker processes cannot import."""
+    backend = backend_or_skip("cuda", memory="2GiB", cupy=emulated_cupy())
+    pool = BackendPool(tmp_path_factory.mktemp("cuda-emulated-pool"), backend,
+                       isolation="thread")
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(scope="session")
+def remote_opencl_pool(tmp_path_factory):
+    """The opencl backend behind a pool server, sessions in worker processes."""
+    pool = BackendPool(tmp_path_factory.mktemp("opencl-pool"),
+                       backend_or_skip("opencl", memory="2GiB"))
+    yield pool
+    pool.stop()
+
+
+@pytest.fixture(scope="session")
+def remote_onnx_pool(tmp_path_factory):
+    """The onnx backend behind a pool server, sessions in worker processes."""
+    pool = BackendPool(tmp_path_factory.mktemp("onnx-pool"), backend_or_skip("onnx", memory="2GiB"))
     yield pool
     pool.stop()
 

@@ -24,6 +24,10 @@ def test_demo_runs_local_remote_and_leased_and_checks_against_numpy():
     assert devices[0] == "local:cpu" and devices[1].startswith("harp://127.0.0.1:")
     assert devices[2].startswith("lease ")
     assert all(all(r["checks"].values()) for r in out["runs"])
+    # every other backend: a row where it is available, its reason where it is not
+    for name in ("cuda", "opencl", "onnx"):
+        assert (f"local:{name}" in devices) != (name in out["unavailable"]), name
+    assert "local:onnx" in devices          # onnxruntime comes with the test extras
 
 
 def test_demo_table_for_people():

@@ -98,7 +98,8 @@ def _entry_points() -> dict[str, metadata.EntryPoint]:
 def _builtin() -> dict[str, str]:
     # Built-ins are listed here too, so HARP works from a source tree that was
     # never installed (no entry-point metadata).
-    return {"cpu": "harp.backends.cpu:CpuBackend", "cuda": "harp.backends.cuda:CudaBackend"}
+    return {"cpu": "harp.backends.cpu:CpuBackend", "cuda": "harp.backends.cuda:CudaBackend",
+            "opencl": "harp.backends.opencl:OpenclBackend", "onnx": "harp.backends.onnx:OnnxBackend"}
 
 
 def backend_names() -> list[str]:

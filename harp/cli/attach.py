@@ -14,7 +14,7 @@ from .leases import show
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kind", default="", help="device kind: cpu, gpu, ... (default: any)")
+    p.add_argument("--kind", default="", help="device kind (cpu, gpu, fpga, npu) or backend (cuda, opencl, onnx); default: any")
     p.add_argument("--count", type=positive_int, default=1, help="number of devices (default 1)")
     p.add_argument("--memory", type=size, default=0,
                    help="memory quota per device, e.g. 4GiB (default: the whole device)")

@@ -1,6 +1,7 @@
 """`harp demo`: one small workload on the local cpu device, on an embedded pool
-server over mutual TLS, and through a lease from an embedded scheduler; each run
-checked against NumPy, with a table of timings.
+server over mutual TLS, through a lease from an embedded scheduler, and on every
+other backend available here (cuda, opencl, onnx); each run checked against
+NumPy, with a table of timings.
 
 Needs nothing set up: everything listens on loopback only, with a throwaway CA
 and certificates made in a temporary directory.
@@ -136,10 +137,12 @@ def run(args: argparse.Namespace) -> int:
     if not args.local_only:
         with tempfile.TemporaryDirectory(prefix="harp-demo-") as tmp:
             _embedded_pool(Path(tmp), results, args)
+    unavailable = _other_backends(results, args)
     ok = all(r["ok"] for _, r in results)
     if args.json:
         emit_json({"ok": ok, "size": args.size, "gemm": args.gemm,
-                   "runs": [dict(device=name, **r) for name, r in results]})
+                   "runs": [dict(device=name, **r) for name, r in results],
+                   "unavailable": unavailable})
     else:
         print(f"HARP demo: axpy, multiply and sum over {args.size:,} float32, "
               f"gemm {args.gemm}x{args.gemm}; results checked against NumPy\n")
@@ -149,4 +152,28 @@ def run(args: argparse.Namespace) -> int:
                                                                  r["checks"].items() if not v),
                 ms(r["seconds"]["upload"]), ms(r["seconds"]["kernels"]),
                 ms(r["seconds"]["download"]), ms(r["seconds"]["total"])] for name, r in results])
+        for name, why in unavailable.items():
+            print(f"not run here: local:{name} ({why})")
     return 0 if ok else 1
+
+
+def _other_backends(results: list, args: argparse.Namespace) -> dict[str, str]:
+    """Run the workload on device 0 of every other backend available here; return the
+    unavailable ones with the reason."""
+    from ..backends import backend_names, load_backend
+    from ..errors import HarpError
+    unavailable: dict[str, str] = {}
+    for name in backend_names():
+        if name == "cpu":
+            continue
+        try:
+            backend = load_backend(name)
+            ok, why = backend.available()
+            if not ok:
+                unavailable[name] = why
+                continue
+            with backend.open(0) as dev:
+                results.append((f"local:{name}", workload(dev, args.size, args.gemm)))
+        except HarpError as exc:
+            unavailable[name] = str(exc)
+    return unavailable

@@ -40,9 +40,9 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                             "(repeatable; default: the listen addresses)")
     serve.add_argument("--trust-client-code", action="store_true",
                        help="accept kernels as source and compile or run them here "
-                            "(numba-python, cuda-source): for development and tests only")
+                            "(numba-python, cuda-source, opencl-source): for development and tests only")
     serve.add_argument("--memory", default=None, type=size,
-                       help="cpu backend: memory per device, e.g. 4GiB")
+                       help="memory per device, e.g. 4GiB (cpu: its size; others: a cap)")
     serve.add_argument("--devices", type=positive_int, default=1,
                        help="cpu backend: number of devices")
     serve.add_argument("--isolation", choices=["process", "thread"], default="process",
@@ -71,9 +71,8 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
 
 
 def backend_options(args: argparse.Namespace) -> dict:
-    if args.backend != "cpu":
-        return {}
-    opts: dict = {"devices": args.devices}
+    """`--memory` caps every backend's devices; `--devices` is the cpu backend's count."""
+    opts: dict = {"devices": args.devices} if args.backend == "cpu" else {}
     if args.memory:
         opts["memory"] = args.memory
     return opts

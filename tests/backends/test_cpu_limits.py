@@ -7,7 +7,7 @@ import time
 import numpy as np
 
 import harp
-from harp.backends.cpu.streams import MAX_QUEUED_BYTES
+from harp.backends.hoststreams import MAX_QUEUED_BYTES
 
 
 def _busy(dev, stream, seconds_of_gemm=40):

@@ -9,9 +9,10 @@
   (fake_cupy/harp_cuda_emulation.py) and match NumPy for every kernel, with
   1-D, 2-D and 3-D grids and blocks of odd sizes.
 - numba's CUDA array ABI is checked against PTX that numba itself compiles.
-- `CudaDevice` runs on a host-memory stand-in for CuPy (fake_cupy/cupy): the
-  whole conformance suite in a subprocess, and the paths the suite does not
-  reach (compiled modules, argument layouts, a sticky GPU fault).
+- `CudaDevice` runs on a host-memory stand-in for CuPy (fake_cupy/harp_fake_cupy,
+  injected as the backend's driver): the conformance suite runs on it in-process
+  (its `*-cuda-emulated` kinds); here are the paths the suite does not reach
+  (compiled modules, argument layouts, a sticky GPU fault).
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import importlib.util
 import json
 import os
 import pathlib
-import re
-import shutil
 import subprocess
 import sys
 
@@ -31,6 +30,8 @@ import harp
 from harp import catalog as cat
 from harp.backends import backend_names, load_backend
 from harp.backends.cuda import kernels, nvrtc
+
+from stand_ins import emulated_cupy
 
 HERE = pathlib.Path(__file__).resolve().parent
 FAKE = HERE / "fake_cupy"
@@ -58,26 +59,18 @@ def emulation():
 
 
 @pytest.fixture
-def fake_cupy(emulation):
-    """`import cupy` gives the host-memory stand-in for this test only."""
-    saved = {k: sys.modules.get(k) for k in ("cupy", "cupy.cuda")}
-    spec, module = _load_path("cupy", FAKE / "cupy" / "__init__.py", package=True)
-    sys.modules["cupy"] = module
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                sys.modules.pop(k, None)
-            else:
-                sys.modules[k] = v
+def fake_cupy(emulation, monkeypatch):
+    """The host-memory stand-in for CuPy, as the cuda backend's driver: injected
+    (`load_backend("cuda", cupy=...)`) or named by `HARP_CUDA_CUPY` for `harp.connect`."""
+    module = emulated_cupy()
+    monkeypatch.setenv("HARP_CUDA_CUPY", module.__name__)
+    return module
 
 
 @pytest.fixture
 def no_cupy(monkeypatch):
-    """`import cupy` fails, as on a machine without it."""
-    monkeypatch.setitem(sys.modules, "cupy", None)
+    """The driver module does not import, as on a machine without CuPy."""
+    monkeypatch.setenv("HARP_CUDA_CUPY", "harp_no_cupy_here")
 
 
 def _ptxas() -> pathlib.Path | None:
@@ -353,7 +346,7 @@ def _run_emulated(emulation, kernel, grid, block, rng, sizes):
             scalars[p.name] = value
             args.append(value)
             continue
-        count = kernels.elements_needed(kernel, sizes)[p.name]
+        count = cat.elements_needed(kernel, sizes)[p.name]
         if dtype.kind == "f":
             data = (rng.uniform(0.5, 2.0, count) * rng.choice([-1, 1], count)).astype(dtype)
         else:
@@ -423,23 +416,10 @@ def test_reduce_with_every_block_size_in_emulation(emulation):
 
 # -- CudaDevice on the host-memory stand-in -----------------------------------------------------
 
-def test_conformance_suite_on_the_emulated_gpu():
-    """The whole conformance suite against CudaDevice (local and remote) on fake_cupy."""
-    if shutil.which(os.environ.get("CXX", "g++")) is None or not nvrtc.available()[0]:
-        pytest.skip("needs g++ and NVRTC")
-    env = dict(os.environ, PYTHONPATH=str(FAKE))
-    out = subprocess.run([str(BIN / "pytest"), "-q", "-x", "tests/conformance", "-k", "cuda"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
-    tail = out.stdout[-3000:] + out.stderr[-2000:]
-    assert out.returncode == 0, tail
-    summary = out.stdout.strip().splitlines()[-1]
-    assert re.search(r"\b[1-9]\d* passed", summary) and "failed" not in summary, tail
-
-
 @pytest.fixture
 def emulated(fake_cupy):
     """A session on the stand-in that trusts client code (so it compiles cuda-source)."""
-    dev = harp.connect("local:cuda", memory="1GiB", trust_client_code=True)
+    dev = load_backend("cuda", memory="1GiB", cupy=fake_cupy).open(0, trust_client_code=True)
     yield dev, fake_cupy.cuda
     dev.close()
 
@@ -589,8 +569,9 @@ def test_sticky_gpu_fault_names_the_launch_and_ends_the_gpu(emulated, monkeypatc
 
 
 def test_errors_stay_in_call_order():
-    from harp.backends.cuda.device import _Errors
-    errors = _Errors()
+    """A failure learnt late (a kernel fault, at a sync call) goes before later ones."""
+    from harp.frontend import DeferredErrors
+    errors = DeferredErrors()
     errors.add(harp.InvalidHandleError("b"), "free", 7)
     errors.add(harp.DeviceError("a"), "launch", 3)
     errors.add(harp.ArgumentError("c"), "write", 9)

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 import harp
@@ -37,7 +36,7 @@ def _serve(tmp_path, *extra):
     security.init_ca(certs)
     security.issue(certs, "server", "server")
     security.issue(certs, "client", "client")
-    env = dict(os.environ, PYTHONPATH=str(FAKE))
+    env = dict(os.environ, PYTHONPATH=str(FAKE), HARP_CUDA_CUPY="harp_fake_cupy")
     harp_cli = os.path.join(os.path.dirname(sys.executable), "harp")
     proc = subprocess.Popen([harp_cli, "server", "serve", "--backend", "cuda", "--listen",
                              "127.0.0.1:0", "--cert-dir", str(certs), *extra],

@@ -10,6 +10,7 @@ import pytest
 import harp
 from harp.client import numba_shim
 from harp.client.numba_shim.ptx import entry_name
+from harp import catalog as cat
 from harp.types import ArrayArg, Scalar
 
 from .conftest import (HARP, PROGRAMS, PROGRAMS_DIR, RecordingDevice, assemble, base_env,
@@ -147,5 +148,5 @@ def test_launch_arguments_fit_the_ptx_parameters_as_the_cuda_backend_lays_them_o
             if isinstance(a, ArrayArg):
                 params += kernels.numba_array_params(0, np.dtype(a.dtype), a.shape, a.strides)
             else:
-                params.append(kernels.scalar_value(a.value, a.dtype))
+                params.append(cat.scalar_value(a.value, a.dtype))
         assert kernels.param_sizes(params) == kernels.ptx_entries(ptx)[name]

@@ -101,3 +101,24 @@ def test_reaper_marks_silent_servers_down_and_loses_their_leases(tmp_path):
     assert store.lease(lease.id).state == "lost"
     with pytest.raises(harp.LeaseError, match="lost"):
         store.renew(lease.id, 101.0)
+
+
+def test_kind_matches_the_device_kind_or_its_backend():
+    pool = [Candidate("fpga-box", 0, "fpga", "h1", 4 * GiB, "up", 0, 0.0, 0, "opencl"),
+            Candidate("npu-box", 0, "npu", "h1", 4 * GiB, "up", 0, 0.0, 0, "onnx"),
+            cand("cpu-box")]
+    assert choose(pool, req(kind="opencl"))[0][0].server == "fpga-box"
+    assert choose(pool, req(kind="fpga"))[0][0].server == "fpga-box"
+    assert choose(pool, req(kind="npu"))[0][0].server == "npu-box"
+    assert choose(pool, req(kind="onnx"))[0][0].server == "npu-box"
+    with pytest.raises(harp.ArgumentError, match="kinds here: cpu, fpga, npu, onnx, opencl"):
+        choose(pool, req(kind="gpu"))
+
+
+def test_the_store_places_by_backend_name(tmp_path):
+    store = SqliteStore(tmp_path / "s.sqlite3")
+    _register(store, "cpu-box")
+    facts = {"kind": "fpga", "name": "x", "backend": "opencl", "index": 0, "memory": GiB}
+    store.register("fpga-box", "i1", "h1", ["harp://x"], [(0, "fpga", GiB, facts)], 0.0)
+    lease = store.attach(req(kind="opencl", memory=GiB), ttl=60, client_name="c", now=1.0)
+    assert lease.devices[0]["server"] == "fpga-box"

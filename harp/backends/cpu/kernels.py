@@ -15,7 +15,6 @@ import numpy as np
 
 from ... import catalog
 from ...errors import ArgumentError, DeviceError, UnsupportedError
-from ...types import BufferArg, Scalar
 
 Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
 
@@ -35,7 +34,7 @@ def _elements(arg: Any, dtype: np.dtype, count: int, kernel: str, param: str) ->
 _UFUNCS = {"add": np.add, "sub": np.subtract, "mul": np.multiply, "div": np.divide}
 
 
-def _catalog_runner(kernel: catalog.Kernel) -> Runner:
+def catalog_runner(kernel: catalog.Kernel) -> Runner:
     """The runner of one catalog kernel, with what does not change between launches
     (its dtype, its parameters' places) worked out once, not per launch."""
     op, name = kernel.op.name, kernel.name
@@ -77,37 +76,6 @@ def _catalog_runner(kernel: catalog.Kernel) -> Runner:
             else:  # pragma: no cover - the catalog and this table are kept in step by tests
                 raise DeviceError(f"catalog kernel {name} has no cpu implementation")
     return elementwise
-
-
-#: Catalog parameters that count elements (never negative).
-SIZE_PARAMS = frozenset(("n", "m", "k"))
-
-
-def check_catalog_args(kernel: catalog.Kernel, args: Sequence[Any]) -> None:
-    """Check the argument kinds and scalar dtypes against the catalog signature."""
-    params = kernel.op.params
-    if len(args) != len(params):
-        raise ArgumentError(f"{kernel.name} takes {len(params)} arguments "
-                            f"({', '.join(p.name for p in params)}), got {len(args)}")
-    for p, arg in zip(params, args):
-        if p.kind == "buffer" and not isinstance(arg, BufferArg):
-            raise ArgumentError(f"{kernel.name}: {p.name} must be a buffer, "
-                                f"got {type(arg).__name__}")
-        if p.kind == "scalar":
-            want = kernel.param_dtype(p)
-            if not isinstance(arg, Scalar) or arg.dtype != want:
-                got = arg.dtype if isinstance(arg, Scalar) else type(arg).__name__
-                raise ArgumentError(f"{kernel.name}: {p.name} must be a {want} scalar, got {got}")
-            if p.name in SIZE_PARAMS and arg.value < 0:
-                raise ArgumentError(f"{kernel.name}: {p.name} must be >= 0, got {arg.value}")
-
-
-def catalog_function(name: str) -> tuple[catalog.Kernel, Runner]:
-    """The catalog kernel `name` and the runner that executes it."""
-    kernel = catalog.KERNELS.get(name)
-    if kernel is None:
-        raise ArgumentError(f"the catalog has no kernel {name!r}")
-    return kernel, _catalog_runner(kernel)
 
 
 # -- numba kernels in the CUDA simulator ---------------------------------------

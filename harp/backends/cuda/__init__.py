@@ -11,17 +11,19 @@ NVRTC, the backend is listed and reports itself unavailable with the reason;
 opening it raises `BackendError`, never anything else.
 
 Options: `memory` (or `HARP_CUDA_MEMORY`) caps the bytes HARP hands out per GPU
-(default: the card's total memory).
+(default: the card's total memory); `cupy` (or `HARP_CUDA_CUPY`) is the driver: the
+CuPy module itself or the name to import it by (default `cupy`), so that a CuPy
+build under another name, or the host-memory stand-in the tests use, drives the
+same backend code.
 """
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
-from .. import Backend
+from ..driver import DriverBackend
 from ...device import Device
-from ...errors import BackendError
+
 from ...tenancy import Tenancy
 from ...types import DeviceInfo
 from ...units import parse_size
@@ -30,37 +32,29 @@ from . import nvml, nvrtc
 __all__ = ["CudaBackend"]
 
 
-class CudaBackend(Backend):
+class CudaBackend(DriverBackend):
     """Drives the CUDA GPUs this process can see (CuPy's device numbering)."""
 
     name = "cuda"
     #: Importing CuPy touches no GPU, so a fork server may do it before it forks workers.
     preload = ("harp.backends.cuda", "harp.backends.cuda.device", "cupy")
 
-    def __init__(self, *, memory: int | str | None = None, **options: Any) -> None:
+    def __init__(self, *, memory: int | str | None = None, cupy: Any = None,
+                 **options: Any) -> None:
         super().__init__(**options)
+        self._driver = cupy if cupy is not None else os.environ.get("HARP_CUDA_CUPY") or "cupy"
         memory = memory if memory is not None else os.environ.get("HARP_CUDA_MEMORY")
         self.memory_cap = parse_size(memory) if memory not in (None, "") else None
-        self._lock = threading.Lock()
-        self._status: tuple[bool, str] | None = None
         self._cp: Any = None
         self._count = 0
-        self._cards: dict[int, Any] = {}
 
     # -- availability ------------------------------------------------------------------
-    def available(self) -> tuple[bool, str]:
-        with self._lock:
-            if self._status is None:
-                try:
-                    self._status = self._probe()
-                except Exception as exc:   # never raise from here
-                    self._status = (False, f"the cuda backend failed to start: "
-                                           f"{type(exc).__name__}: {exc}")
-            return self._status
-
     def _probe(self) -> tuple[bool, str]:
         try:
-            import cupy
+            cupy = self._driver
+            if isinstance(cupy, str):
+                import importlib
+                cupy = importlib.import_module(cupy)
         except Exception as exc:   # ImportError, or CuPy failing to find its CUDA libraries
             return False, (f"CuPy is not installed or does not load (pip install 'harp[cuda]'): "
                            f"{type(exc).__name__}: {exc}")
@@ -76,27 +70,17 @@ class CudaBackend(Backend):
         self._cp, self._count = cupy, count
         return True, ""
 
-    def _require(self) -> None:
-        ok, reason = self.available()
-        if not ok:
-            raise BackendError(f"the cuda backend is unavailable here: {reason}")
-
     def device_count(self) -> int:
         ok, _ = self.available()
         return self._count if ok else 0
 
     # -- devices -----------------------------------------------------------------------
-    def _card(self, index: int) -> Any:
-        with self._lock:
-            card = self._cards.get(index)
-            if card is None:
-                from .card import CudaCard
-                props = self._cp.cuda.runtime.getDeviceProperties(index)
-                total = int(props["totalGlobalMem"])
-                capacity = total if self.memory_cap is None else min(self.memory_cap, total)
-                card = CudaCard(self._cp, index, capacity, props)
-                self._cards[index] = card
-            return card
+    def _make_card(self, index: int) -> Any:
+        from .card import CudaCard
+        props = self._cp.cuda.runtime.getDeviceProperties(index)
+        total = int(props["totalGlobalMem"])
+        capacity = total if self.memory_cap is None else min(self.memory_cap, total)
+        return CudaCard(self._cp, index, capacity, props)
 
     def _info(self, card: Any, memory: int, trusted: bool = False) -> DeviceInfo:
         props = card.props
@@ -131,20 +115,8 @@ class CudaBackend(Backend):
                           index=card.index, memory=memory, compute_capability=card.arch,
                           formats=formats, extra=extra)
 
-    def describe(self, index: int) -> DeviceInfo:
-        self._require()
-        self.check_index(index)
-        card = self._card(index)
-        return self._info(card, card.capacity)
-
-    def open(self, index: int = 0, *, memory_quota: int | None = None,
-             trust_client_code: bool = False, tenancy: Tenancy | None = None) -> Device:
-        self._require()
-        self.check_index(index)
+    def _session(self, card: Any, info: DeviceInfo, tenancy: Tenancy,
+                 trust_client_code: bool) -> Device:
         from .device import CudaDevice
-        card = self._card(index)
-        memory = card.capacity if memory_quota is None else min(memory_quota, card.capacity)
-        if tenancy is None:
-            tenancy = Tenancy(self.local_memory(index, card.capacity, memory_quota))
-        return CudaDevice(card, self._info(card, memory, trust_client_code), tenancy.memory,
-                          compute=tenancy.compute, trust_client_code=trust_client_code)
+        return CudaDevice(info, tenancy.memory, card=card, compute=tenancy.compute,
+                          trust_client_code=trust_client_code)

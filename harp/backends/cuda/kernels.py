@@ -179,32 +179,6 @@ CATALOG_SOURCE = catalog_source()
 
 # -- catalog arguments ----------------------------------------------------------------
 
-def elements_needed(kernel: catalog.Kernel, sizes: dict[str, int]) -> dict[str, int]:
-    """How many elements of T each buffer parameter of a catalog kernel touches."""
-    op = kernel.op.name
-    need: dict[str, int] = {}
-    for p in kernel.op.params:
-        if p.kind != "buffer":
-            continue
-        if op == "gemm":
-            m, n, k = sizes["m"], sizes["n"], sizes["k"]
-            need[p.name] = {"a": m * k, "b": k * n, "c": m * n}[p.name]
-        elif op == "reduce_sum" and p.name == "out":
-            need[p.name] = 1
-        else:
-            need[p.name] = sizes["n"]
-    return need
-
-
-def scalar_value(value: Any, dtype: str) -> np.generic:
-    """A NumPy scalar of `dtype` holding `value`, or an ArgumentError if it does not fit."""
-    try:
-        with np.errstate(over="raise"):
-            return np.dtype(dtype).type(value)
-    except (OverflowError, FloatingPointError, ValueError, TypeError) as exc:
-        raise ArgumentError(f"scalar {value!r} does not fit {dtype}: {exc}") from None
-
-
 # -- numba's CUDA array ABI -------------------------------------------------------------
 
 def c_contiguous_strides(shape: Sequence[int], itemsize: int) -> tuple[int, ...]:

@@ -1,10 +1,11 @@
 """NOT CuPy: a host-memory stand-in for the few CuPy APIs that harp.backends.cuda uses.
 
-For tests on machines without a GPU only. With this directory's parent on
-PYTHONPATH, `import cupy` finds this package, the cuda backend reports one
-emulated GPU, and the whole conformance suite can run against `CudaDevice`:
+For tests on machines without a GPU only. Given to the cuda backend as its
+driver (`load_backend("cuda", cupy=harp_fake_cupy)`, or `HARP_CUDA_CUPY=harp_fake_cupy`
+with this directory's parent on the path), the backend reports one emulated GPU
+and the conformance suite runs against `CudaDevice` (its `*-cuda-emulated` kinds):
 
-    PYTHONPATH=tests/backends/fake_cupy pytest tests/conformance -k cuda
+    pytest tests/conformance -k cuda-emulated
 
 "Device" memory is host memory, so a device pointer is a host address; every
 copy, memset and catalog launch checks that its pointers fall inside live

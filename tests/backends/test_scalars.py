@@ -1,4 +1,4 @@
-"""The cpu backend's fast scalar conversion agrees with its checked path."""
+"""The catalog's fast scalar conversion (every backend's launch path) agrees with its checked path."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from hypothesis import given, strategies as st
 
-from harp.backends.cpu.device import _fast_scalar
+from harp.catalog import fast_scalar as _fast_scalar
 from harp.errors import ArgumentError
 
 DTYPES = ["int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",

@@ -1,4 +1,4 @@
-"""Streams and events of the cpu backend: in-order queues run by a few threads, real timestamps.
+"""Host streams and events: in-order queues run by a few threads, real timestamps.
 
 A session's streams share a small pool of threads (`Executor`, at most
 `THREADS`), so a session with 256 streams still has a handful of threads. A

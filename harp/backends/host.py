@@ -1,0 +1,170 @@
+"""`HostDevice`: a `BackendDevice` whose memory is host memory and whose streams are host
+threads (`hoststreams`).
+
+The cpu backend is one; so is any device driven by a library that computes on
+host arrays (ONNX Runtime's CPU provider). Such a backend writes only what its
+kernels are: how a module loads, how a kernel is found, and how a launch's
+arguments are checked and resolved; each function-table entry is a `HostKernel`
+whose runner the streams call with (grid, block, shared_mem, resolved args).
+"""
+from __future__ import annotations
+
+from threading import Event as Flag
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import HarpError, OutOfMemoryError
+from ..tenancy import ComputeGate, MemoryBroker
+from ..types import DeviceInfo
+from .base import BackendDevice
+from .hoststreams import Executor, Recording, StreamQueue
+
+Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
+
+
+class HostKernel:
+    """A function-table entry of a host device: the catalog kernel (or None) and its runner."""
+
+    __slots__ = ("kernel", "run", "name")
+
+    def __init__(self, kernel: Any, run: Runner, name: str) -> None:
+        self.kernel, self.run, self.name = kernel, run, name
+
+
+class HostEvent:
+    """An event: its latest recording, or None while it has never been recorded."""
+
+    __slots__ = ("recording",)
+
+    def __init__(self) -> None:
+        self.recording: Recording | None = None
+
+
+def host_memory(nbytes: int) -> np.ndarray:
+    """`nbytes` of zeroed host memory (fresh pages: no tenant sees another's bytes), or
+    `OutOfMemoryError` when the host has none."""
+    try:
+        return np.zeros(nbytes, dtype=np.uint8)
+    except MemoryError:
+        raise OutOfMemoryError(f"host could not provide {nbytes} bytes") from None
+
+
+class HostDevice(BackendDevice):
+    """Host-memory buffers (uint8 arrays), host-thread streams, events with real timestamps.
+
+    Kernel runs hold the session's `ComputeGate` and are charged their run time. Close
+    drops queued work; an operation already running finishes on its own thread, and its
+    memory stays referenced until then, so nothing is reused under it.
+    """
+
+    def __init__(self, info: DeviceInfo, memory: MemoryBroker, *, name: str, card: Any = None,
+                 compute: ComputeGate | None = None, trust_client_code: bool = False) -> None:
+        self._executor = Executor(name, self._defer, gate=compute)
+        super().__init__(info, memory, card=card, compute=compute,
+                         trust_client_code=trust_client_code)
+
+    def _open(self) -> None:
+        self._streams[0] = self._executor.stream("default")
+
+    # -- memory ------------------------------------------------------------------------
+    def _allocate(self, nbytes: int) -> np.ndarray:
+        return host_memory(nbytes)
+
+    def _store(self, stream: StreamQueue, mem: np.ndarray, offset: int, view: memoryview,
+               seq: int) -> None:
+        span = mem[offset:offset + view.nbytes]
+        if stream.idle:
+            # Nothing is ahead of it on the stream: store now, in the caller's thread
+            # (one copy, no hand-off to the worker).
+            span[:] = np.frombuffer(view, np.uint8)
+            return
+        # bytes are immutable: keep a reference; anything else is copied now,
+        # because the caller may reuse its buffer as soon as we return.
+        src = np.frombuffer(view, np.uint8) if isinstance(view.obj, bytes) else \
+            np.frombuffer(view, np.uint8).copy()
+        stream.submit("write", seq, span.__setitem__, slice(None), src, nbytes=view.nbytes)
+
+    def _fetch(self, stream: StreamQueue, mem: np.ndarray, offset: int, nbytes: int,
+               dst: np.ndarray | None) -> bytes | None:
+        span = mem[offset:offset + nbytes]
+        if dst is not None:
+            self._in_order(stream, np.copyto, dst, span)
+            return None
+        got: list[bytes] = []
+        self._in_order(stream, lambda: got.append(span.tobytes()))
+        return got[0]
+
+    def _copy(self, stream: StreamQueue, dst: np.ndarray, dst_offset: int, src: np.ndarray,
+              src_offset: int, nbytes: int, seq: int) -> None:
+        stream.submit("copy", seq, np.copyto, dst[dst_offset:dst_offset + nbytes],
+                      src[src_offset:src_offset + nbytes])
+
+    def _fill(self, stream: StreamQueue, mem: np.ndarray, offset: int, nbytes: int, value: int,
+              seq: int) -> None:
+        stream.submit("fill", seq, mem[offset:offset + nbytes].fill, value)
+
+    def _in_order(self, stream: StreamQueue, op: Any, *args: Any) -> None:
+        """Run `op` in order on `stream` and wait for it; raise what it raised.
+
+        On an idle stream `op` runs here at once: nothing is ahead of it, and the round
+        trip through the worker thread is the cost of a sync call.
+        """
+        if stream.idle:
+            op(*args)
+            return
+        failure: list[BaseException] = []
+        done = Flag()
+
+        def run() -> None:
+            try:
+                op(*args)
+            except BaseException as exc:  # raised in the caller below
+                failure.append(exc)
+            finally:
+                done.set()
+        stream.submit("sync", 0, run)
+        while not done.wait(0.5):
+            if self._executor.cancelled:
+                raise HarpError("the device session is closed")
+        if failure:
+            raise failure[0]
+
+    # -- kernels -------------------------------------------------------------------------
+    def _launch(self, stream: StreamQueue, target: HostKernel, prepared: Any,
+                grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
+                seq: int) -> None:
+        stream.submit("launch", seq, target.run, grid, block, shared_mem, prepared,
+                      kernel=True)
+
+    # -- order -----------------------------------------------------------------------------
+    def _new_stream(self) -> StreamQueue:
+        return self._executor.stream(f"s{len(self._streams)}")
+
+    def _new_event(self) -> HostEvent:
+        return HostEvent()
+
+    def _record(self, event: HostEvent, stream: StreamQueue, seq: int) -> None:
+        recording = Recording()
+        event.recording = recording
+        stream.submit("record", seq, recording.complete)
+
+    def _recorded(self, event: HostEvent) -> bool:
+        return event.recording is not None
+
+    def _wait_event(self, stream: StreamQueue, event: HostEvent, seq: int) -> None:
+        stream.wait_for("wait", seq, event.recording)
+
+    def _sync_stream(self, stream: StreamQueue) -> None:
+        stream.drain()
+
+    def _elapsed_ms(self, start: HostEvent, end: HostEvent) -> float:
+        recordings = [start.recording, end.recording]
+        for r in recordings:
+            while not r.done.wait(0.5):
+                if self._executor.cancelled:
+                    raise HarpError("the device session is closed")
+        return (recordings[1].time_ns - recordings[0].time_ns) / 1e6
+
+    def _shutdown(self) -> None:
+        self._executor.cancel()
