@@ -149,6 +149,11 @@ class BackendDevice(Device):
         """The function-table entry of a catalog kernel."""
         raise NotImplementedError
 
+    def _installed_target(self, name: str) -> Any:
+        """The function-table entry of a kernel the operator installed on this device
+        (found in the catalog module beside the catalog's own), or None."""
+        return None
+
     def _lookup(self, loaded: Loaded, name: str) -> Any:
         """The function-table entry of kernel `name` of a loaded (non-catalog) module."""
         raise ArgumentError(f"module has no kernel {name!r}")
@@ -476,9 +481,11 @@ class BackendDevice(Device):
                                          "session")
             if loaded.format == "catalog":
                 kernel = catalog.KERNELS.get(fn.name)
-                if kernel is None:
+                target = self._catalog_target(kernel) if kernel is not None else \
+                    self._installed_target(fn.name)
+                if target is None:
                     raise ArgumentError(f"the catalog has no kernel {fn.name!r}")
-                self._functions[fn.id] = self._catalog_target(kernel)
+                self._functions[fn.id] = target
             else:
                 self._functions[fn.id] = self._lookup(loaded, fn.name)
         except Exception as exc:

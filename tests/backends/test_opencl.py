@@ -202,6 +202,33 @@ def test_opencl_binary_round_trip_on_an_untrusted_device(backend, dev):
     assert _read(dev, a, np.int32, 1)[0] == -7
 
 
+def test_installed_binaries_are_catalog_entries(backend, tmp_path):
+    """An operator's program binaries (`binaries=DIR`) appear beside the catalog's own
+    kernels, on sessions that trust no client code; a file the device refuses is listed
+    with the reason and left out."""
+    import pyopencl as cl
+    ctx = cl.Context([_cl_device(backend)])
+    (tmp_path / "saxpy.bin").write_bytes(cl.Program(ctx, SAXPY).build().binaries[0])
+    (tmp_path / "broken.bin").write_bytes(b"not a program binary" * 8)
+    (tmp_path / "notes.txt").write_text("not looked at")
+    installed = load_backend("opencl", memory="1GiB", binaries=str(tmp_path))
+    with installed.open(0) as device:
+        extra = device.info.extra
+        assert extra["installed_kernels"] == ["first", "saxpy"]
+        assert list(extra["installed_refused"]) == ["broken.bin"]
+        assert "opencl-source" not in device.info.formats
+        _run_saxpy(device, device.load_module(harp.CATALOG_IMAGE, "catalog"))
+        lib = device.load_module(harp.CATALOG_IMAGE, "catalog")
+        device.function(lib, "no_such_kernel")
+        with pytest.raises(harp.ArgumentError, match="the catalog has no kernel"):
+            device.synchronize()
+    with backend.open(0) as plain:                 # a backend without them: not there
+        lib = plain.load_module(harp.CATALOG_IMAGE, "catalog")
+        plain.function(lib, "saxpy")
+        with pytest.raises(harp.ArgumentError, match="the catalog has no kernel 'saxpy'"):
+            plain.synchronize()
+
+
 def test_a_bad_binary_is_a_deferred_argument_error(dev):
     dev.load_module(b"this is not a program binary" * 8, "opencl-binary")     # 1
     with pytest.raises(harp.ArgumentError, match="refused the opencl-binary") as info:

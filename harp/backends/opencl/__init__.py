@@ -8,7 +8,12 @@ on the CPU, is what the test suite runs it on.
 Options: `memory` (or `HARP_OPENCL_MEMORY`) caps the bytes HARP hands out per
 device (default: the device's global memory); `platform` (or
 `HARP_OPENCL_PLATFORM`) keeps only the platforms whose name contains it (case
-ignored); `cl` is the driver module itself (default: PyOpenCL, imported on first
+ignored); `binaries` (or `HARP_OPENCL_BINARIES`) is a directory of program
+binaries the operator installed (`*.bin`, what clGetProgramInfo BINARIES gives for
+the device, e.g. an FPGA bitstream's program): their kernels appear as catalog
+entries of every device that accepts them (`function(catalog, "name")`, listed in
+`info.extra["installed_kernels"]`; a catalog name wins over an installed one);
+`cl` is the driver module itself (default: PyOpenCL, imported on first
 use), so a test can stand in for it.
 
 Without PyOpenCL, an ICD loader, a platform or a device, the backend is listed
@@ -20,10 +25,10 @@ One OpenCL context per device and process (`OpenclCard`, created on the first
 its own command queues. Importing this package, or PyOpenCL, touches no device,
 so a pool server's fork server preloads both.
 
-Not supported: operator-installed program binaries (for FPGA boards that cannot
-compile OpenCL C online the catalog does not build, and `load_module` of it is a
-deferred `DeviceError` with the build log; such boards take `opencl-binary`
-modules), images, pipes, SVM, and OpenCL's own device partitioning.
+Not supported: the catalog on boards that cannot compile OpenCL C online (its
+`load_module` is a deferred `DeviceError` with the build log; such boards take
+`opencl-binary` modules and installed binaries), images, pipes, SVM, and OpenCL's
+own device partitioning.
 """
 from __future__ import annotations
 
@@ -49,11 +54,14 @@ class OpenclBackend(DriverBackend):
     preload = ("harp.backends.opencl", "harp.backends.opencl.device", "pyopencl")
 
     def __init__(self, *, memory: int | str | None = None, cl: Any = None,
-                 platform: str | None = None, **options: Any) -> None:
+                 platform: str | None = None, binaries: str | None = None,
+                 **options: Any) -> None:
         super().__init__(**options)
         self._driver = cl
         memory = memory if memory is not None else os.environ.get("HARP_OPENCL_MEMORY")
         self.memory_cap = parse_size(memory) if memory not in (None, "") else None
+        self.binaries = binaries if binaries is not None else \
+            os.environ.get("HARP_OPENCL_BINARIES") or None
         self.platform = platform if platform is not None else \
             os.environ.get("HARP_OPENCL_PLATFORM") or None
         self._cl: Any = None
@@ -98,7 +106,8 @@ class OpenclBackend(DriverBackend):
     def _make_card(self, index: int) -> Any:
         from .device import OpenclCard
         try:
-            return OpenclCard(self._cl, index, self._devices[index], self.memory_cap)
+            return OpenclCard(self._cl, index, self._devices[index], self.memory_cap,
+                              binaries=self.binaries)
         except Exception as exc:
             raise BackendError(f"OpenCL device {index} does not answer: "
                                f"{type(exc).__name__}: {exc}") from exc

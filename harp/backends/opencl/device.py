@@ -108,7 +108,8 @@ def _text(value: Any) -> str:
 class OpenclCard:
     """One OpenCL device as the sessions of this process share it."""
 
-    def __init__(self, cl: Any, index: int, device: Any, memory_cap: int | None) -> None:
+    def __init__(self, cl: Any, index: int, device: Any, memory_cap: int | None, *,
+                 binaries: str | None = None) -> None:
         self.cl, self.index, self.device = cl, index, device
         platform = device.platform
         self.total = int(device.global_mem_size)
@@ -139,6 +140,10 @@ class OpenclCard:
         self._catalog: Any = None
         self._catalog_error: str | None = None
         self._groups: dict[str, int] = {}
+        #: kernel name -> built program, of the operator's installed binaries
+        self.installed: dict[str, Any] = {}
+        if binaries:
+            self._install(binaries)
 
     # -- context and queues ----------------------------------------------------------
     @property
@@ -210,6 +215,25 @@ class OpenclCard:
         except self.cl.Error as exc:
             raise ArgumentError(f"{self.name} refused the opencl-binary image: "
                                 f"{_cut(str(exc))}") from None
+
+    def _install(self, directory: str) -> None:
+        """Build every `*.bin` in `directory` for this device; what this device refuses is
+        listed in the facts, with the reason, and left out."""
+        import pathlib
+        refused: dict[str, str] = {}
+        for path in sorted(pathlib.Path(directory).glob("*.bin")):
+            try:
+                program = self.load_binary(path.read_bytes())
+                names = str(program.get_info(self.cl.program_info.KERNEL_NAMES))
+            except (OSError, HarpError) as exc:
+                refused[path.name] = _cut(str(exc), 300)
+                continue
+            for name in (n for n in names.split(";") if n):
+                if name not in catalog.KERNELS:
+                    self.installed.setdefault(name, program)
+        self.facts["installed_kernels"] = sorted(self.installed)
+        if refused:
+            self.facts["installed_refused"] = refused
 
     def catalog_program(self) -> Any:
         """The catalog built for this device, once per process."""
@@ -532,6 +556,13 @@ class OpenclDevice(BackendDevice):
             self._kernels[kernel.name] = clk
         group = self._card.group_size(kernel, clk)
         return ClKernel(kernel.name, clk, kernel, group, int(clk.num_args))
+
+    def _installed_target(self, name: str) -> ClKernel | None:
+        program = self._card.installed.get(name)
+        if program is None:
+            return None
+        clk = self._cl.Kernel(program, name)
+        return ClKernel(name, clk, None, self._card.kernel_group_limit(clk), int(clk.num_args))
 
     def _lookup(self, loaded: Loaded, name: str) -> ClKernel:
         image: ClProgram = loaded.payload
