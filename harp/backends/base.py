@@ -34,6 +34,7 @@ event states are whatever the backend's hooks make of them.
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Sequence
 
 import numpy as np
@@ -108,34 +109,34 @@ class BackendDevice(Device):
         """Start the session on `self._card`: the default stream at id 0, and whatever
         else the backend keeps per session (raise `DeviceError` when it cannot)."""
 
+    @abc.abstractmethod
     def _allocate(self, nbytes: int) -> Any:
         """Device memory of `nbytes` (zeroed: no tenant sees another's bytes)."""
-        raise NotImplementedError
 
     def _release(self, mem: Any, seq: int) -> None:
         """Give `mem` back (after the work that may still touch it, where the device has
         work in hand)."""
 
+    @abc.abstractmethod
     def _store(self, stream: Any, mem: Any, offset: int, view: memoryview, seq: int) -> None:
         """Queue a write of `view` at `offset` of `mem` on `stream`. The caller may reuse its
         buffer as soon as this returns."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _fetch(self, stream: Any, mem: Any, offset: int, nbytes: int,
                dst: np.ndarray | None) -> bytes | None:
         """Read `nbytes` at `offset` of `mem` after the work queued on `stream`: into `dst`
         (uint8) when given, else as the bytes returned."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _copy(self, stream: Any, dst: Any, dst_offset: int, src: Any, src_offset: int,
               nbytes: int, seq: int) -> None:
         """Queue a copy (memmove semantics within one buffer)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _fill(self, stream: Any, mem: Any, offset: int, nbytes: int, value: int,
               seq: int) -> None:
         """Queue setting `nbytes` at `offset` to the byte `value`."""
-        raise NotImplementedError
 
     def _load_catalog(self) -> Any:
         """What the catalog module is on this device (compile it once, say)."""
@@ -145,9 +146,9 @@ class BackendDevice(Device):
         """What a module image of an accepted, allowed `format` is on this device."""
         raise UnsupportedError(self._unsupported(format))
 
+    @abc.abstractmethod
     def _catalog_target(self, kernel: catalog.Kernel) -> Any:
         """The function-table entry of a catalog kernel."""
-        raise NotImplementedError
 
     def _installed_target(self, name: str) -> Any:
         """The function-table entry of a kernel the operator installed on this device
@@ -158,37 +159,40 @@ class BackendDevice(Device):
         """The function-table entry of kernel `name` of a loaded (non-catalog) module."""
         raise ArgumentError(f"module has no kernel {name!r}")
 
+    @abc.abstractmethod
     def _prepare(self, target: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
                  args: list) -> Any:
         """Check a launch against the real device state (raise `HarpError` to defer it) and
         return what `_launch` needs."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _launch(self, stream: Any, target: Any, prepared: Any, grid: tuple[int, int, int],
                 block: tuple[int, int, int], shared_mem: int, seq: int) -> None:
         """Queue the launch on `stream`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _new_stream(self) -> Any:
-        raise NotImplementedError
+        """A new stream's state (an in-order queue of this device)."""
 
+    @abc.abstractmethod
     def _new_event(self) -> Any:
-        raise NotImplementedError
+        """A new event's state, never recorded yet."""
 
+    @abc.abstractmethod
     def _record(self, event: Any, stream: Any, seq: int) -> None:
-        raise NotImplementedError
+        """Queue a recording of `event` on `stream` (it replaces the latest one)."""
 
+    @abc.abstractmethod
     def _recorded(self, event: Any) -> bool:
         """Whether `event` has been recorded (an event never recorded is complete)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _wait_event(self, stream: Any, event: Any, seq: int) -> None:
         """Make later work on `stream` wait for the latest recording of `event`."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _sync_stream(self, stream: Any) -> None:
         """Block until the work queued on `stream` is done; raise what failed on it."""
-        raise NotImplementedError
 
     def _sync_all(self) -> None:
         """Block until every stream is done (raise the first failure after trying them all)."""
@@ -201,9 +205,9 @@ class BackendDevice(Device):
         if failure is not None:
             raise failure
 
+    @abc.abstractmethod
     def _elapsed_ms(self, start: Any, end: Any) -> float:
         """Milliseconds between two recorded events, once both are done."""
-        raise NotImplementedError
 
     def _shutdown(self) -> None:
         """Stop issuing work, drop what is still droppable, and release device resources

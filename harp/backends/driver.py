@@ -10,6 +10,7 @@ the card's capacity or its quota, whichever is smaller; the backend writes
 """
 from __future__ import annotations
 
+import abc
 import threading
 from typing import Any
 
@@ -30,20 +31,23 @@ class DriverBackend(Backend):
         self._cards: dict[int, Any] = {}
 
     # -- hooks -----------------------------------------------------------------------------
+    @abc.abstractmethod
     def _probe(self) -> tuple[bool, str]:
         """Load the driver and find the devices: (True, "") or (False, why not)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _make_card(self, index: int) -> Any:
         """The card of device `index` (has `capacity`, in bytes)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _info(self, card: Any, memory: int, trusted: bool = False) -> DeviceInfo:
-        raise NotImplementedError
+        """The facts of `card` for a session of `memory` bytes (`trusted`: it may take
+        formats that run client code)."""
 
+    @abc.abstractmethod
     def _session(self, card: Any, info: DeviceInfo, tenancy: Tenancy,
                  trust_client_code: bool) -> Device:
-        raise NotImplementedError
+        """The session (a `BackendDevice`) on `card`."""
 
     # -- the shared part -------------------------------------------------------------------
     def available(self) -> tuple[bool, str]:

@@ -158,16 +158,16 @@ class OnnxBackend(DriverBackend):
             return False, _message(exc)
         return True, ""
 
-    def _require(self) -> Any:
-        super()._require()
-        return self._runtime
-
     def device_count(self) -> int:
         ok, _ = self.available()
         return self.count if ok else 0
 
     # -- devices -----------------------------------------------------------------------
-    def _info(self, runtime: Any, index: int, memory: int) -> DeviceInfo:
+    def _make_card(self, index: int) -> "OnnxCard":
+        return OnnxCard(self._runtime, index, self.memory)
+
+    def _info(self, card: "OnnxCard", memory: int, trusted: bool = False) -> DeviceInfo:
+        runtime = card.runtime
         extra: dict[str, Any] = {"onnxruntime_version": runtime.version,
                                  "providers": list(runtime.providers),
                                  "opsets": dict(runtime.opsets),
@@ -176,21 +176,20 @@ class OnnxBackend(DriverBackend):
             extra["skipped_providers"] = dict(runtime.skipped)
         return DeviceInfo(kind="npu", name=f"ONNX Runtime {runtime.version} "
                                            f"({runtime.providers[0]})",
-                          backend="onnx", index=index, memory=memory,
+                          backend="onnx", index=card.index, memory=memory,
                           formats=("catalog", "onnx"), extra=extra)
 
-    def describe(self, index: int) -> DeviceInfo:
-        runtime = self._require()
-        self.check_index(index)
-        return self._info(runtime, index, self.memory)
-
-    def open(self, index: int = 0, *, memory_quota: int | None = None,
-             trust_client_code: bool = False, tenancy: Tenancy | None = None) -> Device:
-        runtime = self._require()
-        self.check_index(index)
+    def _session(self, card: "OnnxCard", info: DeviceInfo, tenancy: Tenancy,
+                 trust_client_code: bool) -> Device:
         from .device import OnnxDevice
-        memory = self.memory if memory_quota is None else min(memory_quota, self.memory)
-        if tenancy is None:
-            tenancy = Tenancy(self.local_memory(index, self.memory, memory_quota))
-        return OnnxDevice(runtime, index, self._info(runtime, index, memory), tenancy.memory,
+        return OnnxDevice(card.runtime, card.index, info, tenancy.memory,
                           compute=tenancy.compute, trust_client_code=trust_client_code)
+
+
+class OnnxCard:
+    """One onnx device: the runtime (its providers) and the device's capacity."""
+
+    __slots__ = ("runtime", "index", "capacity")
+
+    def __init__(self, runtime: Any, index: int, capacity: int) -> None:
+        self.runtime, self.index, self.capacity = runtime, index, capacity
