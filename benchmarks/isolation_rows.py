@@ -42,6 +42,12 @@ class IsolationSection:
                 self.put(f"{mode}: async launches", launches / (time.perf_counter() - t0),
                          "launch/s")
                 self.put(f"{mode}: synchronize()", timed_rate(dev.synchronize, a.dur), "rt/s")
+
+                def launch_and_sync():            # a sync with work before it: the worker's
+                    dev.launch(noop, 1, 1, [])
+                    dev.synchronize()
+                self.put(f"{mode}: launch+synchronize()", timed_rate(launch_and_sync, a.dur),
+                         "rt/s")
                 self.bulk_pass(dev, mode, data, out)
 
         one_mode("process")                              # warm both servers

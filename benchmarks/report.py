@@ -67,6 +67,8 @@ def row_specs(per):
          "thread isolation, same run", 0.9),
         ("isolation: synchronize()", "process: synchronize()", "thread: synchronize()",
          "thread isolation, same run", 0.9),
+        ("isolation: launch+synchronize()", "process: launch+synchronize()",
+         "thread: launch+synchronize()", "thread isolation, same run", None),
         ("isolation: bulk write", "process: bulk write", "thread: bulk write",
          "thread isolation, same run", 0.9),
         ("isolation: bulk read", "process: bulk read", "thread: bulk read",

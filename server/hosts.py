@@ -20,10 +20,13 @@ error (see `PoolServer.end_session`).
 """
 from __future__ import annotations
 
+import select
 import socket
 import threading
 import time
 from typing import Any, Iterator
+
+import msgpack
 
 from harp import wire
 from harp.errors import DeviceError, HarpError, ProtocolError, TransportError
@@ -227,6 +230,11 @@ class WorkerHost(SessionHost):
         self.control = control
         self.pid = worker.pid
         self._stopped = False
+        #: The seq of the call after which the worker said its device was drained, while no
+        #: frame has been relayed since (0: not known to be drained); see `_answer_drained`.
+        self._drained = 0
+        #: A synchronize answered here that the worker is yet to hear of (0: none).
+        self._synced = 0
 
     def open(self, request: dict, device: int, share: float, timeout: float = 60.0,
              window: SharedWindow | None = None) -> None:
@@ -259,7 +267,21 @@ class WorkerHost(SessionHost):
             raise SessionEnded(self.ended)
         worker = self.worker
         kind = frame[0]
+        if self._drained and kind == wire.BATCH_SYNC:
+            reply = self._answer_drained(frame)
+            if reply is not None:
+                yield reply
+                return
+        self._drained = 0
         try:
+            if self._synced:
+                seq, self._synced = self._synced, 0
+                if kind != wire.PAYLOAD and kind != wire.DATA:
+                    worker.data.send_two(ipc.SYNCED, ipc.pack(seq), ipc.FRAME, frame)
+                    if kind == wire.BATCH_SYNC:
+                        yield from self._sync_replies()
+                    return
+                worker.data.send(ipc.SYNCED, ipc.pack(seq))
             if kind == wire.DATA:
                 self._relay_data(wire.data_frame_size(frame))
                 return
@@ -273,14 +295,47 @@ class WorkerHost(SessionHost):
                 return
             worker.data.send(ipc.FRAME, frame)
             if kind == wire.BATCH_SYNC:
-                self.busy = True
-                try:
-                    yield from self._replies()
-                finally:
-                    self.busy = False
-                    self.last_activity = time.monotonic()
+                yield from self._sync_replies()
         except (OSError, ValueError):
             raise SessionEnded(self._why_gone()) from None
+
+    def _sync_replies(self) -> Iterator[bytes]:
+        self.busy = True
+        try:
+            yield from self._replies()
+        finally:
+            self.busy = False
+            self.last_activity = time.monotonic()
+
+    def _answer_drained(self, frame: bytes) -> bytes | None:
+        """The reply to a frame that is only a whole-device synchronize, given here without
+        a round trip to the worker, when it may be: the worker's last word was that the call
+        it answered drained the device (everything before it done, its errors taken), no
+        frame has gone to it since, so nothing can be queued, running or failed there, and it
+        has not gone away (its end of the channel has nothing to say: no exit, no stray
+        message). Anything else (None) goes to the worker, which checks it in full."""
+        try:
+            calls = msgpack.unpackb(memoryview(frame)[1:], use_list=True, max_array_len=4,
+                                    max_bin_len=0, max_str_len=0, max_map_len=0,
+                                    max_ext_len=0)
+        except Exception:
+            return None
+        if type(calls) is not list or len(calls) != 1:
+            return None
+        call = calls[0]
+        if type(call) is not list or len(call) != 3 or call[0] != wire.SYNCHRONIZE \
+                or call[2] is not None:
+            return None
+        seq = call[1]
+        if type(seq) is not int or seq <= self._drained or \
+                select.select([self.worker.data.sock], (), (), 0)[0]:
+            return None
+        self._drained = self._synced = seq
+        self.replies += 1
+        reply = ServerProtocol.reply(seq, None, None)
+        self.bytes_out += len(reply)
+        self.last_activity = time.monotonic()
+        return reply
 
     def _relay_data(self, nbytes: int) -> None:
         """A chunked write's bytes from the data channel straight into the worker's write
@@ -306,6 +361,9 @@ class WorkerHost(SessionHost):
         data, reads = self.worker.data, self.worker.reads
         while True:
             kind, body = self._next(data)
+            if kind == ipc.REPLY_DRAINED:
+                self._drained = msgpack.unpackb(body)[0]
+                kind = ipc.REPLY
             if kind == ipc.REPLY:
                 self.replies += 1
                 self.bytes_out += len(body)

@@ -4,7 +4,8 @@ Two unix socket pairs join a worker to the server: the *data* channel carries
 the session's frames, unchanged (a client's batch frame is relayed as it came,
 a reply frame goes back as the client will get it: `REPLY` when it is all,
 `REPLY_MORE` when a read's payload follows, chunk by chunk, the last one
-`RCHUNK_LAST`), and notes about payload chunks that lie in shared memory
+`RCHUNK_LAST`; `REPLY_DRAINED` when the call drained the device, see
+`harp.server.hosts.WorkerHost`), and notes about payload chunks that lie in shared memory
 (`SlotRing`); the *control* channel carries
 the worker's memory reservations and compute-share turns, and the server's
 order to end the session. Each message is a 5-byte header (body length, kind)
@@ -29,10 +30,11 @@ import msgpack
 HEADER = struct.Struct("<IB")
 
 # data channel, server -> worker
-OPEN, FRAME, CHUNK, READ_FREE, CLOSE = 1, 2, 3, 4, 5
+OPEN, FRAME, CHUNK, READ_FREE, CLOSE, SYNCED = 1, 2, 3, 4, 5, 6
 # data channel, worker -> server
 READY, OPENED, OPEN_FAILED, REPLY, REPLY_MORE, RCHUNK, RCHUNK_LAST, WRITE_FREE, END, CLOSED = \
     10, 11, 12, 13, 14, 15, 16, 17, 18, 19
+REPLY_DRAINED = 20
 # control channel, worker -> server
 RESERVE, RELEASE, MEMINFO, REQUEST, YIELD, CHARGE, FAIL = 30, 31, 32, 33, 34, 35, 36
 # control channel, server -> worker
@@ -65,6 +67,15 @@ class Channel:
                 self.sock.sendall(header + body)
             else:
                 _sendall_parts(self.sock, [header, body])
+
+    def send_two(self, kind: int, body: bytes, kind2: int, body2: bytes) -> None:
+        """Two messages in one system call."""
+        parts = [HEADER.pack(len(body), kind), body, HEADER.pack(len(body2), kind2), body2]
+        with self._send_lock:
+            if len(body) + len(body2) <= 4096:
+                self.sock.sendall(b"".join(parts))
+            else:
+                _sendall_parts(self.sock, parts)
 
     def send_fds(self, kind: int, body: bytes, fds: list[int]) -> None:
         with self._send_lock:

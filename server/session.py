@@ -125,6 +125,9 @@ class Session:
         self.last_seq = 0
         self.closed = False
         self.calls = 0
+        #: The seq of the last call after which the device was known drained: a whole-device
+        #: synchronize that succeeded, everything before it done and its errors taken.
+        self.drained_seq = 0
         self._sink: ChunkSink | None = None
         self._ops = {c.op: getattr(self, "_" + c.key) for c in api.CALLS}
 
@@ -433,7 +436,22 @@ class Session:
                     raise self._refused(seq, exc)
             self._backend_call(seq)
             self.device.synchronize(target)
-        return self._sync(seq, "synchronize", run)
+        reply = self._sync(seq, "synchronize", run)
+        if stream is None and reply.error is None:
+            self.drained_seq = seq
+        return reply
+
+    def drained(self) -> bool:
+        """Nothing is queued, running or failed since the last call, which drained the
+        device: until the next call, another whole-device synchronize could only succeed."""
+        return self.drained_seq == self.last_seq and self._sink is None and not self.closed
+
+    def synchronized_elsewhere(self, seq: int) -> None:
+        """A whole-device synchronize `seq` was answered for this session without it (the
+        pool server's relay, while the session stayed drained): number it as if run here."""
+        if seq > self.last_seq:
+            self.last_seq = self.drained_seq = seq
+            self.calls += 1
 
     def _elapsed(self, seq: int, start: int, end: int) -> Reply:
         def run() -> float:

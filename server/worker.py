@@ -138,11 +138,18 @@ class Worker:
     def _serve(self) -> None:
         session, protocol, data = self.session, self.protocol, self.data
         assert session is not None
+        # A device wrapped (a trace recorder) must see every call: no syncs answered without it.
+        drains = self.spec.get("wrap") is None
         try:
             while True:
                 kind, body = data.recv()
                 if kind == ipc.FRAME:
                     reply = session.handle(protocol.receive(body))
+                    if reply is not None and reply.error is None and reply.payload is None \
+                            and drains and session.drained():
+                        data.send(ipc.REPLY_DRAINED, ServerProtocol.reply(reply.seq, None,
+                                                                         reply.result))
+                        continue
                 elif kind == ipc.CHUNK:
                     slot, n = ipc.unpack(body)
                     try:
@@ -151,6 +158,9 @@ class Worker:
                         data.send(ipc.WRITE_FREE, ipc.pack(slot))
                 elif kind == ipc.READ_FREE:
                     self.reads.give_back(ipc.unpack(body))
+                    continue
+                elif kind == ipc.SYNCED:
+                    session.synchronized_elsewhere(ipc.unpack(body))
                     continue
                 elif kind == ipc.CLOSE:             # the client went away
                     session.close()
