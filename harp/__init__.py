@@ -23,6 +23,10 @@ from .types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, Me
 
 __version__ = "0.1.0"
 
+if _os.environ.get("HARP_TORCH") == "1":       # torch's `harp` device, once torch is imported
+    from .runhook import install_torch_hook as _install_torch_hook
+    _install_torch_hook()
+
 
 def connect(target: str | None = None, **options):  # noqa: ANN201 - returns a Device
     """Open a session on a device: "local:cpu", "local:BACKEND:INDEX" or "harp://HOST:PORT"."""

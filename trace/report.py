@@ -12,6 +12,7 @@ import io
 from collections import defaultdict
 from typing import Any
 
+from harp.aten_ops import display_name
 from harp.output import table
 from harp.units import format_size
 
@@ -94,7 +95,7 @@ def build_report(trace: TraceFile, *, top: int = 10, timeline: Timeline | None =
     per_kernel: dict[str, list[float]] = defaultdict(lambda: [0, 0.0, 0])
     for op in tl.ops:
         if op.kind == "kernel":
-            row = per_kernel[op.label]
+            row = per_kernel[display_name(op.label)]
             row[0] += 1
             row[1] += op.duration_ns
             row[2] += op.fitted

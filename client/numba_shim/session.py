@@ -14,10 +14,10 @@ import atexit
 import collections
 import os
 import threading
-from pathlib import Path
 from typing import Any
 
 from harp.device import Device
+from harp.runenv import open_from_env
 from harp.errors import HarpError, UnsupportedError
 from harp.types import DEFAULT_STREAM, Buffer, Event, Function, Stream
 
@@ -196,49 +196,6 @@ class Session:
 _current: Session | None = None
 _current_lock = threading.Lock()
 _atexit_registered = False
-
-
-def _claim_trace(path: str) -> str:
-    """The trace file for this process: `path` for the first process of a `harp run`
-    that opens a session, `stem.PID.harptrace` beside it for the others (children)."""
-    p = Path(path)
-    try:
-        fd = os.open(p, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        suffix = p.suffix or ".harptrace"
-        stem = p.name[:-len(p.suffix)] if p.suffix else p.name
-        return str(p.with_name(f"{stem}.{os.getpid()}{suffix}"))
-    os.close(fd)
-    return str(p)
-
-
-def open_from_env(environ: Any = None, *, trace: bool = True) -> tuple[Device, str]:
-    """Open the device `harp run` named (`HARP_RUN_DEVICE`), else `harp.connect()`'s default.
-
-    Local targets are opened with `trust_client_code=True`: the numba-python kernels
-    a local cpu device runs are this process's own code. `environ`: where to read the
-    variables (default `os.environ`); `trace=False` records nothing (`harp run`'s check).
-    """
-    import harp
-    from harp.runenv import ENV_CERT_DIR, ENV_DEVICE, ENV_TRACE
-    env = os.environ if environ is None else environ
-    target = env.get(ENV_DEVICE) or env.get("HARP_DEVICE") or None
-    options: dict[str, Any] = {}
-    trace_to = env.get(ENV_TRACE) if trace else None
-    if trace_to:
-        options["trace"] = _claim_trace(trace_to)
-    elif not trace:
-        options["trace"] = False
-    if target is None or target == "lease":
-        return harp.connect(**options), "the stored lease"
-    if target.startswith("lease:"):
-        from harp.lease import Lease
-        return harp.connect(Lease.load(Path(target[len("lease:"):])), **options), target
-    if target.startswith("local:"):
-        return harp.connect(target, trust_client_code=True, **options), target
-    if env.get(ENV_CERT_DIR):
-        options["cert_dir"] = env[ENV_CERT_DIR]
-    return harp.connect(target, **options), target
 
 
 def current() -> Session:

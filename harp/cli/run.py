@@ -165,7 +165,7 @@ def _warn_other_interpreter(program: str) -> None:
 def check_device(env: dict[str, str]) -> None:
     """Open and close the device the program will get, so that a wrong name, an
     unreachable server or a stale lease is one line here, before the program starts."""
-    from harp.client.numba_shim.session import open_from_env
+    from harp.runenv import open_from_env
     saved = {k: os.environ.get(k) for k in ("HARP_TLS_CA", "HARP_TLS_CERT", "HARP_TLS_KEY")}
     os.environ.update({k: env[k] for k in saved if k in env})
     try:

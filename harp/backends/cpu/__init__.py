@@ -10,6 +10,7 @@ from ...device import Device
 from ...tenancy import Tenancy
 from ...types import DeviceInfo
 from ...units import parse_size
+from ..aten import torch_available
 from .card import CpuCard
 from .device import CpuDevice
 
@@ -41,6 +42,8 @@ class CpuBackend(Backend):
 
     def _info(self, index: int, memory: int, trusted: bool) -> DeviceInfo:
         formats = ["catalog"]
+        if torch_available():
+            formats.append("aten")          # PyTorch operators by name: no client code
         if trusted and _numba_available():
             formats.append("numba-python")
         return DeviceInfo(kind="cpu", name=f"HARP cpu device ({platform.machine()})",

@@ -36,8 +36,11 @@ class CpuDevice(HostDevice):
                          compute=compute, trust_client_code=trust_client_code)
 
     # -- kernels -------------------------------------------------------------------------
-    def _load(self, image: bytes | str, format: str) -> dict[str, Any]:
-        # numba-python (the only format besides the catalog), trusted: the base checked
+    def _load(self, image: bytes | str, format: str) -> Any:
+        if format == "aten":
+            from ..aten import AtenModule
+            return AtenModule()
+        # numba-python, trusted: the base checked
         source = image.decode("utf-8", "replace") if isinstance(image, bytes) else image
         return load_numba_source(source)
 
@@ -45,6 +48,9 @@ class CpuDevice(HostDevice):
         return HostKernel(kernel, catalog_runner(kernel), kernel.name)
 
     def _lookup(self, loaded: Loaded, name: str) -> HostKernel:
+        if loaded.format == "aten":
+            call = loaded.payload.call(name)
+            return HostKernel(call, call.run, call.name)
         kernel = loaded.payload.get(name)
         if kernel is None:
             raise ArgumentError(f"module has no kernel {name!r}; it has "
@@ -53,8 +59,11 @@ class CpuDevice(HostDevice):
 
     def _prepare(self, target: HostKernel, grid: tuple[int, int, int],
                  block: tuple[int, int, int], args: list) -> list:
-        if target.kernel is not None:
-            catalog.check_args(target.kernel, args)
+        kernel = target.kernel
+        if kernel is not None:
+            if type(kernel) is not catalog.Kernel:     # an aten call
+                return kernel.prepare([self._resolve(a) for a in args])
+            catalog.check_args(kernel, args)
         return [self._resolve(a) for a in args]
 
     def _resolve(self, arg: Any) -> Any:
