@@ -14,7 +14,7 @@ import numpy as np
 
 #: Kernel image formats a device may accept (see `DeviceInfo.formats`).
 FORMATS = ("ptx", "cubin", "fatbin", "cuda-source", "catalog", "numba-python", "opencl-binary",
-           "opencl-source", "onnx")
+           "opencl-source", "onnx", "aten")
 
 DEFAULT_STREAM_ID = 0
 
@@ -102,6 +102,17 @@ class ArrayArg:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
         if self.strides is not None:
             object.__setattr__(self, "strides", tuple(int(s) for s in self.strides))
+
+    @classmethod
+    def normalized(cls, buffer: Buffer, dtype: str, shape: tuple[int, ...], offset: int,
+                   strides: tuple[int, ...] | None) -> "ArrayArg":
+        """An `ArrayArg` from values already in normal form (a NumPy dtype name, tuples of
+        ints), without normalizing them again: for callers that make many (harp.torch)."""
+        arg = object.__new__(cls)
+        for name, value in (("buffer", buffer), ("dtype", dtype), ("shape", shape),
+                            ("offset", offset), ("strides", strides)):
+            object.__setattr__(arg, name, value)
+        return arg
 
 
 KernelArg = Union[BufferArg, Scalar, ArrayArg]

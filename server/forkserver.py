@@ -86,6 +86,8 @@ def main() -> None:
             if pid == 0:                                # the child: a worker
                 try:
                     sock.close()
+                    for f in pending_fds:                # other workers' ends: not ours
+                        os.close(f)
                     signal.signal(signal.SIGINT, signal.SIG_DFL)
                     from . import worker
                     worker.main(socket.socket(fileno=fds_now[0]),

@@ -312,8 +312,8 @@ class WorkerHost(SessionHost):
         a round trip to the worker, when it may be: the worker's last word was that the call
         it answered drained the device (everything before it done, its errors taken), no
         frame has gone to it since, so nothing can be queued, running or failed there, and it
-        has not gone away (its end of the channel has nothing to say: no exit, no stray
-        message). Anything else (None) goes to the worker, which checks it in full."""
+        has not gone away (the fork server has not reported its exit, and its end of the
+        channel has nothing to say: no stray message). Anything else (None) goes to the worker, which checks it in full."""
         try:
             calls = msgpack.unpackb(memoryview(frame)[1:], use_list=True, max_array_len=4,
                                     max_bin_len=0, max_str_len=0, max_map_len=0,
@@ -327,7 +327,7 @@ class WorkerHost(SessionHost):
                 or call[2] is not None:
             return None
         seq = call[1]
-        if type(seq) is not int or seq <= self._drained or \
+        if type(seq) is not int or seq <= self._drained or not self.worker.alive() or \
                 select.select([self.worker.data.sock], (), (), 0)[0]:
             return None
         self._drained = self._synced = seq

@@ -14,6 +14,7 @@ imports it when the program imports torch, and so does `HARP_TORCH=1`.
 """
 from __future__ import annotations
 
+import atexit
 from typing import Any
 
 import torch
@@ -21,7 +22,7 @@ import torch
 from .session import TorchSession, current, reset, use
 from .tensor import HarpTensor
 
-__all__ = ["use", "current", "reset", "synchronize", "HarpTensor", "TorchSession",
+__all__ = ["use", "current", "reset", "synchronize", "empty_cache", "HarpTensor", "TorchSession",
            "is_registered"]
 
 _registered = False
@@ -75,8 +76,24 @@ def synchronize() -> None:
     current().device.synchronize()
 
 
+def empty_cache() -> None:
+    """Free the device buffers kept for reuse by freed tensors (torch.cuda.empty_cache)."""
+    current().empty_cache()
+
+
 def is_registered() -> bool:
     return _registered
+
+
+def _quiesce() -> None:
+    """At exit: wait for the operators still queued (a local device runs them on its own
+    threads, and torch must not be running one while the interpreter finalizes)."""
+    from . import session as _s
+    if _s._current is not None:
+        try:
+            _s._current.device.synchronize()
+        except Exception:
+            pass
 
 
 def register() -> None:
@@ -92,6 +109,7 @@ def register() -> None:
     _library.impl("empty_strided", dispatch.factory_empty_strided, "PrivateUse1")
     for name in dispatch.FACTORIES:           # made on the device, by torch there
         _library.impl(name, dispatch.factory(name), "PrivateUse1")
+    atexit.register(_quiesce)
     _registered = True
 
 

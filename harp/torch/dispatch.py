@@ -102,19 +102,21 @@ _SIMPLE = (bool, int, float, str, type(None), torch.dtype, torch.device, torch.m
 
 
 def _leaves(args: tuple, kwargs: dict) -> list:
-    """The call's arguments, flat, in the order `_encode` visits them."""
+    """The call's arguments, flat, in the order `_encode` visits them. (No recursive
+    closure: one would be a reference cycle holding the tensors until the collector ran.)"""
     out: list = []
-
-    def walk(v: Any) -> None:
-        if type(v) in (list, tuple):
-            for x in v:
-                walk(x)
-        else:
-            out.append(v)
-    walk(args)
+    _walk(args, out)
     for v in kwargs.values():
-        walk(v)
+        _walk(v, out)
     return out
+
+
+def _walk(v: Any, out: list) -> None:
+    if type(v) in (list, tuple):
+        for x in v:
+            _walk(x, out)
+    else:
+        out.append(v)
 
 
 def _key(func: Any, args: tuple, kwargs: dict, leaves: list) -> Any:

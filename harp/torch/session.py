@@ -17,6 +17,9 @@ from typing import Any
 from ..errors import HarpError
 
 _lock = threading.Lock()
+
+#: Bytes of freed tensors' buffers a session keeps for reuse (`TorchSession.empty_cache`).
+CACHE_LIMIT = 256 << 20
 _current: "TorchSession | None" = None
 
 
@@ -29,22 +32,56 @@ class TorchSession:
         self.module = device.load_module(b"", "aten")
         self._functions: dict[str, Any] = {}
         self.ops = 0
-        #: Buffers whose last tensor is gone, freed at the next call: a tensor dies wherever
-        #: the collector runs, maybe inside a device call, which must not be re-entered.
+        #: Buffers whose last tensor is gone, handled at the next call: a tensor dies
+        #: wherever the collector runs, maybe inside a device call, which must not be
+        #: re-entered.
         self._dead: collections.deque = collections.deque()
+        #: Buffers kept for reuse, by size (a caching allocator, as torch's for CUDA): a
+        #: training loop's tensors come and go at the same sizes, and a reused buffer costs
+        #: no alloc and no free on the device (the server asks its ledger for each alloc).
+        self._cache: dict[int, list] = {}
+        self.cached_bytes = 0
+        self.cache_limit = CACHE_LIMIT
 
-    def release(self, buffer: Any) -> None:
-        self._dead.append(buffer)
+    def release(self, buffer: Any, nbytes: int) -> None:
+        self._dead.append((buffer, nbytes))
 
-    def free_dead(self) -> None:
-        dead, free = self._dead, self.device.free
+    def take(self, nbytes: int) -> Any:
+        """A buffer of `nbytes`: one kept for reuse, or a new allocation."""
+        self._collect()
+        kept = self._cache.get(nbytes)
+        if kept:
+            self.cached_bytes -= nbytes
+            return kept.pop()
+        return self.device.alloc(nbytes)
+
+    def _collect(self) -> None:
+        dead = self._dead
         while dead:
             try:
-                free(dead.popleft())
+                buffer, nbytes = dead.popleft()
             except IndexError:
                 return
-            except HarpError:
-                pass
+            if self.cached_bytes + nbytes <= self.cache_limit:
+                self._cache.setdefault(nbytes, []).append(buffer)
+                self.cached_bytes += nbytes
+            else:
+                self._free(buffer)
+
+    def _free(self, buffer: Any) -> None:
+        try:
+            self.device.free(buffer)
+        except HarpError:
+            pass
+
+    def empty_cache(self) -> None:
+        """Free the buffers kept for reuse (they count as used device memory meanwhile)."""
+        self._collect()
+        for buffers in self._cache.values():
+            for buffer in buffers:
+                self._free(buffer)
+        self._cache.clear()
+        self.cached_bytes = 0
 
     def function(self, name: str) -> Any:
         fn = self._functions.get(name)

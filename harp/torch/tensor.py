@@ -41,12 +41,11 @@ class HarpStorage:
     def __init__(self, session: TorchSession, nbytes: int) -> None:
         self.session = session
         self.nbytes = max(int(nbytes), 1)
-        session.free_dead()
-        self.buffer = session.device.alloc(self.nbytes)
+        self.buffer = session.take(self.nbytes)
 
     def __del__(self) -> None:
         try:
-            self.session.release(self.buffer)       # freed by the session's next call
+            self.session.release(self.buffer, self.nbytes)   # kept or freed at the next call
         except AttributeError:
             pass
 
@@ -94,15 +93,16 @@ class HarpTensor(torch.Tensor):
 
     def _make_array_arg(self) -> Any:
         from ..types import ArrayArg
-        size = self.element_size()
-        return ArrayArg(self.harp_storage.buffer, numpy_name(self.dtype), tuple(self.shape),
-                        self.storage_offset() * size, tuple(s * size for s in self.stride()))
+        size = ITEMSIZE[self.dtype]
+        return ArrayArg.normalized(self.harp_storage.buffer, NUMPY_NAMES[self.dtype],
+                                   tuple(self.shape), self.storage_offset() * size,
+                                   tuple(s * size for s in self.stride()))
 
 
 def new_tensor(session: TorchSession, size: Any, stride: Any, dtype: torch.dtype,
                offset: int = 0) -> HarpTensor:
-    """A tensor on a new buffer, big enough for its sizes and strides (zeroed: HARP's
-    allocations are)."""
+    """A tensor on a new buffer, big enough for its sizes and strides (not zeroed:
+    a buffer may be reused, as `torch.empty` allows)."""
     numpy_name(dtype)
     extent = span_elements(size, stride) + offset
     storage = HarpStorage(session, extent * ITEMSIZE[dtype])

@@ -113,6 +113,8 @@ def test_a_worker_that_died_while_drained_is_noticed_at_the_next_sync(fresh_pool
         pid = _worker_pid(fresh_pool, victim)
         os.kill(pid, signal.SIGKILL)
         assert wait_until(lambda: _gone(pid), 10)
+        # the server hears of the exit from its fork server
+        assert fresh_pool.server.workers.forks.exitcode(pid, 10) is not None
         with pytest.raises(harp.DeviceError, match="killed by SIGKILL"):
             victim.synchronize()
     bystander.synchronize()
