@@ -202,7 +202,7 @@ class AtenCall:
         self._shapes[key] = True
 
     def run(self, grid: tuple, block: tuple, shared: int, values: list) -> None:
-        torch = self.module.torch
+        """Run the operator on the launch's tensors and write its results to the outputs."""
         if self.seed:
             self.module.generator.manual_seed(int(values[0].item()) & (2 ** 63 - 1))
             return
@@ -213,13 +213,12 @@ class AtenCall:
                 result = self._with_generator(args, kwargs)
             else:
                 result = self.op(*args, **kwargs)
+            if self.n_out:
+                for dst, src in zip(values[:self.n_out], _tensors(result)):
+                    dst.copy_(src)
         except Exception as exc:
             raise DeviceError(f"{self.name} failed: {type(exc).__name__}: "
                               f"{_first_line(exc)}") from None
-        if self.n_out:
-            for dst, src in zip(values[:self.n_out], _tensors(result)):
-                dst.copy_(src)
-        del torch
 
     def _with_generator(self, args: list, kwargs: dict) -> Any:
         """Run a random operator on the session's generator: as the default generator when
