@@ -62,6 +62,7 @@ class AtenCall:
                  kwargs: dict) -> None:
         torch = module.torch
         self.module, self.overload, self.n_out = module, overload, n_out
+        self.name = f"aten::{overload}"
         self.seed = overload == aten_ops.SEED
         if self.seed:
             self.op = None
@@ -83,14 +84,28 @@ class AtenCall:
         for key in kwargs:
             if type(key) is not str or not key.isidentifier():
                 raise ArgumentError(f"bad keyword {str(key)[:40]!r} in an aten call")
+        if self.op is not None:
+            self._check_devices()
         self.arity = n_out + len(self.placeholders)
         if self.placeholders != set(range(n_out, self.arity)):
             raise ArgumentError("an aten call's placeholders must number its inputs "
                                 f"{n_out}..{self.arity - 1}, each once")
         self._shapes: dict[Any, bool] = {}
-        self.name = f"aten::{overload}"
 
     # -- the template ------------------------------------------------------------------
+    def _check_devices(self) -> None:
+        """A device argument may only be the session's own (`{"dv": 0}`) or none: never a
+        device named by the tenant (another GPU of the server, say)."""
+        device = self.module.torch.device("cpu")
+        for i, arg in enumerate(self.op._schema.arguments):
+            if "Device" not in str(arg.type):
+                continue
+            value = self.kwargs.get(arg.name) if arg.kwarg_only or i >= len(self.args) \
+                else self.args[i]
+            if value is not None and value != device:
+                raise ArgumentError(f"{self.name}: a device argument must be the session's "
+                                    "own device")
+
     def _check(self, node: Any, depth: int) -> Any:
         """The template node, checked; placeholders stay dicts, resolved per launch."""
         torch = self.module.torch

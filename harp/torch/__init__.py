@@ -54,7 +54,7 @@ class _BackendModule:
 
     @staticmethod
     def _lazy_init() -> None:
-        pass
+        """Nothing to start: the session opens with the first `harp` tensor."""
 
     @staticmethod
     def manual_seed(seed: int) -> None:

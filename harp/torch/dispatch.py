@@ -182,18 +182,8 @@ def _run(func: Any, args: tuple, kwargs: dict) -> Any:
         else:
             built.append(d[1])
     if plan.name is not None:
-        launch_args: list = [o.array_arg() for o in outs]
-        for kind, i in plan.recipe:
-            v = leaves[i]
-            if kind == "t":
-                launch_args.append(v.array_arg())
-            elif kind == "c":
-                launch_args.append(v.detach().numpy()[()])
-            else:
-                launch_args.append(np.bool_(v) if type(v) is bool else
-                                   np.int64(v) if type(v) is int else np.float64(v))
-        session.device.launch(session.function(plan.name), 1, 1, launch_args)
-        session.ops += 1
+        session.launch(plan.name, [o.array_arg() for o in outs] +
+                       _launch_args(plan.recipe, leaves))
     return pytree.tree_unflatten(built, plan.spec)
 
 
@@ -297,14 +287,19 @@ def _encode(func: Any, args: tuple, kwargs: dict, n_out: int) -> tuple[str, list
     return json.dumps([overload, n_out, targs, tkwargs], separators=(",", ":")), recipe
 
 
-def _launch(session: TorchSession, func: Any, args: tuple, kwargs: dict) -> None:
-    """Send an in-place call that makes no new tensors (copies between harp tensors)."""
-    name, recipe = _encode(func, args, kwargs, 0)
-    leaves = _leaves(args, kwargs)
-    launch_args = [leaves[i].array_arg() if kind == "t" else leaves[i].detach().numpy()[()]
-                   if kind == "c" else np.float64(leaves[i]) for kind, i in recipe]
-    session.device.launch(session.function(name), 1, 1, launch_args)
-    session.ops += 1
+def _launch_args(recipe: list, leaves: list) -> list:
+    """The launch arguments after the outputs, from the call's leaves (see `_encode`)."""
+    out: list = []
+    for kind, i in recipe:
+        v = leaves[i]
+        if kind == "t":
+            out.append(v.array_arg())
+        elif kind == "c":
+            out.append(v.detach().numpy()[()])
+        else:
+            out.append(np.bool_(v) if type(v) is bool else
+                       np.int64(v) if type(v) is int else np.float64(v))
+    return out
 
 
 # -- the operators HARP answers on the client ----------------------------------------------
@@ -321,7 +316,7 @@ def from_cpu(session: TorchSession, value: torch.Tensor) -> HarpTensor:
 def _copy(func: Any, args: tuple, kwargs: dict) -> Any:
     dst, src = args[0], args[1]
     if isinstance(dst, HarpTensor) and isinstance(src, HarpTensor):
-        return dispatch_generic(func, args, kwargs)
+        return _run(func, args, kwargs)                   # on the device
     if isinstance(dst, HarpTensor):                       # CPU -> device
         session = dst.harp_storage.session
         value = src.to(dst.dtype).expand(dst.shape)
@@ -331,17 +326,9 @@ def _copy(func: Any, args: tuple, kwargs: dict) -> Any:
                                  dst.storage_offset() * dst.element_size(), data)
             return dst
         staged = from_cpu(session, value)
-        return dispatch_generic(func, (dst, staged), {})
+        return _run(func, (dst, staged), {})
     dst.copy_(to_cpu(src))                                # device -> CPU
     return dst
-
-
-def dispatch_generic(func: Any, args: tuple, kwargs: dict) -> Any:
-    call = _Call()
-    margs, mkwargs = pytree.tree_map(call.meta, (args, kwargs))
-    func(*margs, **mkwargs)
-    _launch(call.session or current(), func, args, kwargs)
-    return args[0]
 
 
 def _to_copy(func: Any, args: tuple, kwargs: dict) -> Any:

@@ -14,6 +14,7 @@ import threading
 import weakref
 from typing import Any
 
+from ..aten_ops import SEED
 from ..errors import HarpError
 
 _lock = threading.Lock()
@@ -89,15 +90,16 @@ class TorchSession:
             fn = self._functions[name] = self.device.function(self.module, name)
         return fn
 
-    def call(self, overload: str, n_out: int, args: list, kwargs: dict, launch_args: list) -> None:
-        """Queue one operator call (asynchronous, like any launch)."""
-        name = json.dumps([overload, n_out, args, kwargs], separators=(",", ":"))
+    def launch(self, name: str, launch_args: list) -> None:
+        """Queue one operator call, spelled `name` (`harp.aten_ops`): asynchronous, like any
+        launch."""
         self.device.launch(self.function(name), 1, 1, launch_args)
         self.ops += 1
 
     def seed(self, value: int) -> None:
         import numpy as np
-        self.call("!seed", 0, [{"s": 0}], {}, [np.int64(int(value) & (2 ** 63 - 1))])
+        name = json.dumps([SEED, 0, [{"s": 0}], {}], separators=(",", ":"))
+        self.launch(name, [np.int64(int(value) & (2 ** 63 - 1))])
 
     def close(self) -> None:
         if self.owned:

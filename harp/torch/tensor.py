@@ -65,7 +65,7 @@ class HarpTensor(torch.Tensor):
         return t
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
+        """Everything is set in `__new__` (torch.Tensor's own __init__ takes no arguments)."""
 
     #: `harp.torch.dispatch.dispatch`, set when that module loads (it imports this one).
     dispatcher: Any = None

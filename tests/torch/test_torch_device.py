@@ -46,6 +46,7 @@ def test_tensors_live_on_the_harp_device(session):
     assert h.harp_storage.buffer in [h.harp_storage.buffer]
     same(h, x)
     same(x.harp(), x)
+    assert torch.nn.Linear(3, 2).harp().weight.device.type == "harp"
     assert "device='harp:0'" in repr(h)
 
 
@@ -206,6 +207,9 @@ def test_the_server_refuses_operators_outside_its_list(session):
     with pytest.raises(harp.HarpError, match="from_file"):
         s.device.synchronize()
     del fn
+    with pytest.raises(harp.ArgumentError, match="session's own device"):
+        s.device.function(s.module, '["_to_copy.default",1,[{"t":1}],{"device":"cuda:1"}]')
+        s.device.synchronize()
     with pytest.raises(harp.HarpError, match="format does not know"):
         s.device.function(s.module, '["add.Tensor",1,[{"t":1},{"x":"os.system"}],{}]')
         s.device.synchronize()
