@@ -40,6 +40,13 @@ class Backend(abc.ABC):
     #: Modules a pool server's fork server may import before it forks session workers
     #: (importing them must not touch a device).
     preload: tuple[str, ...] = ()
+    #: Whether a pool server's warm worker may rehearse a session before it is handed one:
+    #: open device 0 on an account of its own, run a call, close it. The first real
+    #: session's open and calls then run on pages the worker has already touched (a
+    #: fork's first touches are copy-on-write faults), which is most of what connecting
+    #: through a worker costs. Only for backends whose open takes nothing from the device
+    #: (no context, no device memory), such as host-memory devices.
+    rehearse: bool = False
 
     def __init__(self, **options: Any) -> None:
         self.options = options

@@ -9,6 +9,8 @@ import sys
 import textwrap
 import time
 
+from tests.conftest import wait_until
+
 import grpc
 import numpy as np
 import pytest
@@ -178,6 +180,18 @@ def test_client_killed_mid_transfer_leaves_nothing_behind(fresh_pool, tmp_path):
         _round_trip(dev)
 
 
+def _all_threads_stopped(pid: int) -> bool:
+    """Every thread of process `pid` is in the stopped state ('T' in /proc)."""
+    states = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as f:
+                states.append(f.read().rsplit(")", 1)[1].split()[0])
+        except FileNotFoundError:
+            continue                       # a thread that ended meanwhile
+    return bool(states) and all(state == "T" for state in states)
+
+
 def _start_server_process(tmp_path):
     certs = tmp_path / "certs"
     security.init_ca(certs)
@@ -225,6 +239,10 @@ def test_a_hung_server_is_noticed_within_the_keepalive_bound(tmp_path):
         dev = harp.connect(url, tls=tls)
         _round_trip(dev)
         proc.send_signal(signal.SIGSTOP)
+        # The stop lands on each of the server's threads when the kernel next schedules it
+        # (on a loaded VM, not before the client's next frame): wait until all are stopped,
+        # or the sync below may still be answered.
+        assert wait_until(lambda: _all_threads_stopped(proc.pid), timeout=10)
         t0 = time.monotonic()
         with pytest.raises(harp.TransportError, match="ping timeout"):
             dev.synchronize()

@@ -30,23 +30,27 @@ class CpuBackend(Backend):
 
     name = "cpu"
     preload = ("harp.backends.cpu", "harp.backends.cpu.kernels")
+    rehearse = True          # host memory: an open takes nothing from a device
 
     def __init__(self, *, memory: int | str | None = None, devices: int = 1, **options: Any) -> None:
         super().__init__(**options)
         memory = memory if memory is not None else os.environ.get("HARP_CPU_MEMORY", DEFAULT_MEMORY)
         self.memory = parse_size(memory)
         self.cards = [CpuCard(i, self.memory) for i in range(int(devices))]
+        # Facts that do not change while the process lives, found once (not per open).
+        self._aten = torch_available()
+        self._machine = platform.machine()
 
     def device_count(self) -> int:
         return len(self.cards)
 
     def _info(self, index: int, memory: int, trusted: bool) -> DeviceInfo:
         formats = ["catalog"]
-        if torch_available():
+        if self._aten:
             formats.append("aten")          # PyTorch operators by name: no client code
         if trusted and _numba_available():
             formats.append("numba-python")
-        return DeviceInfo(kind="cpu", name=f"HARP cpu device ({platform.machine()})",
+        return DeviceInfo(kind="cpu", name=f"HARP cpu device ({self._machine})",
                           backend="cpu", index=index, memory=memory, formats=tuple(formats),
                           extra={"host_cores": os.cpu_count()})
 
