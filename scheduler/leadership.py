@@ -89,15 +89,19 @@ class Leadership:
                 "UPDATE leadership SET term = term + 1, leader = %s, address = %s, "
                 "started_at = extract(epoch FROM clock_timestamp()) WHERE id = 1 "
                 "RETURNING term, started_at", (self.name, self.address)).fetchone()
-        with self._lock:
-            self._term, self._last_ping, self.started_at = term, sent, float(started_at)
-        log.info("leading the scheduler replicas as %s (term %d)", self.address, term)
+        self.started_at = float(started_at)
+        # The service gets ready to write (and forgives the servers the failover) before
+        # `term` says that this replica leads, so no request meets a half-made leader.
         try:
             self.on_elected(term)
         except Exception:
             log.exception("taking over as leader failed; stepping down")
+            self.on_deposed(term)
             self.step_down("taking over failed")
             return None
+        with self._lock:
+            self._term, self._last_ping = term, sent
+        log.info("leading the scheduler replicas as %s (term %d)", self.address, term)
         return term
 
     def ping(self) -> bool:
