@@ -139,6 +139,7 @@ class ReplicaSet:
                 time.sleep(min(FAILOVER_PAUSE_S, max(0.0, deadline - time.monotonic())))
 
     def close(self) -> None:
+        """Close every channel opened."""
         with self._lock:
             for channel in self._channels.values():
                 channel.close()

@@ -145,6 +145,7 @@ class ConnectionPool:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
+        """A connection for the duration of the block (waits while all are in use)."""
         self._slots.acquire()
         conn = None
         try:
@@ -167,6 +168,7 @@ class ConnectionPool:
         conn.close()
 
     def close(self) -> None:
+        """Close every connection the pool opened."""
         with self._lock:
             conns, self._open = list(self._open), set()
         for conn in conns:

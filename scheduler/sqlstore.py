@@ -39,9 +39,11 @@ class Transaction:
         return sql if self._placeholder == "?" else sql.replace("?", self._placeholder)
 
     def execute(self, sql: str, args: tuple | list = ()) -> Any:
+        """Run one statement; its cursor (rows read by column name)."""
         return self.connection.execute(self._sql(sql), args)
 
     def executemany(self, sql: str, rows: list[tuple]) -> None:
+        """Run one statement once per row of arguments."""
         cursor = self.connection.cursor()
         try:
             cursor.executemany(self._sql(sql), rows)
