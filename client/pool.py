@@ -1,6 +1,13 @@
-"""Talking to the scheduler: attach, renew, detach, and the operator's views of the pool."""
+"""Talking to the scheduler: attach, renew, detach, and the operator's views of the pool.
+
+The scheduler may be several replicas ("harp://a:50050,harp://b:50050"): calls go to
+the one last found leading and move on when it is away or says another leads
+(`harp.replicas`); an attach carries a request id, so one retried after a failover
+does not make a second lease.
+"""
 from __future__ import annotations
 
+import secrets
 import socket
 from typing import Any
 
@@ -11,6 +18,7 @@ from harp.lease import Lease, LeaseDevice
 from harp.proto import scheduler_pb2 as pb
 from harp.proto.codec import facts_from_proto
 from harp.proto import scheduler_pb2_grpc as pb_grpc
+from harp.replicas import ReplicaSet, split_addresses
 from harp.security import TlsFiles, channel_credentials, tls_files
 from harp.transport import channel_options, diagnose_tls, error_from_rpc, is_loopback
 
@@ -72,22 +80,27 @@ def server_to_dict(s: Any) -> dict[str, Any]:
 
 
 class SchedulerClient:
-    """The scheduler's API for clients and operators; every refusal is a typed `HarpError`."""
+    """The scheduler's API for clients and operators; every refusal is a typed `HarpError`.
+
+    `address` is one scheduler address or several, comma-separated (replicas)."""
 
     def __init__(self, address: str = DEFAULT_SCHEDULER, *, tls: TlsFiles | None = None,
                  cert_dir: Any = None, timeout: float = 10.0, cert_name: str | None = None
                  ) -> None:
-        self.address = address
+        addresses = split_addresses(address)
+        self.address = ",".join(addresses)
         self.timeout = timeout
-        target, secure = parse_address(address)
-        self._target = target
-        self._tls = (tls or tls_files("client", cert_name, directory=cert_dir)) if secure \
-            else None
-        self._channel = scheduler_channel(address, self._tls)
-        self._stub = pb_grpc.SchedulerStub(self._channel)
+        secure = {parse_address(a)[1] for a in addresses}
+        if len(secure) != 1:
+            raise AuthError(f"scheduler addresses {self.address} mix mutual TLS and plain "
+                            "text: use one scheme for all replicas")
+        self._tls = (tls or tls_files("client", cert_name, directory=cert_dir)) \
+            if secure.pop() else None
+        self.replicas = ReplicaSet(addresses, lambda a: scheduler_channel(a, self._tls),
+                                   pb_grpc.SchedulerStub)
 
     def close(self) -> None:
-        self._channel.close()
+        self.replicas.close()
 
     def __enter__(self) -> "SchedulerClient":
         return self
@@ -95,48 +108,50 @@ class SchedulerClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, what: str, method: Any, request: Any) -> Any:
+    def _call(self, what: str, method: str, request: Any) -> Any:
         try:
-            return method(request, timeout=self.timeout)
+            return self.replicas.call(method, request, self.timeout)
         except grpc.RpcError as exc:
+            address = self.replicas.current
             error = _error(exc, self.address, what)
-            if isinstance(error, TransportError) and self._tls is not None:
-                why = diagnose_tls(self._target, str(self._tls.ca), str(self._tls.cert),
+            if type(error) is TransportError and self._tls is not None:
+                target = parse_address(address)[0]
+                why = diagnose_tls(target, str(self._tls.ca), str(self._tls.cert),
                                    str(self._tls.key),
-                                   server_name="localhost" if self._target.startswith("unix")
+                                   server_name="localhost" if target.startswith("unix")
                                    else None)
                 if why is not None:
-                    error = AuthError(f"{what}: the scheduler at {self.address}: {why}")
+                    error = AuthError(f"{what}: the scheduler at {address}: {why}")
             raise error from None
 
     def attach(self, kind: str = "", *, count: int = 1, memory: int = 0, share: float = 1.0,
                same_host: bool = False, policy: str = "spread", ttl_s: float = 0.0,
                client_name: str = "") -> Lease:
-        reply = self._call("attach", self._stub.Attach, pb.AttachRequest(
+        reply = self._call("attach", "Attach", pb.AttachRequest(
             kind=kind, count=count, memory=memory, share=share, same_host=same_host,
             client_host=socket.gethostname(), policy=policy, ttl_s=ttl_s,
-            client_name=client_name))
+            client_name=client_name, request_id=secrets.token_hex(16)))
         return lease_from_proto(reply, self.address)
 
     def renew(self, lease_id: str) -> Lease:
-        return lease_from_proto(self._call("renew", self._stub.Renew,
+        return lease_from_proto(self._call("renew", "Renew",
                                            pb.LeaseRef(lease_id=lease_id)), self.address)
 
     def detach(self, lease_id: str) -> Lease:
-        return lease_from_proto(self._call("detach", self._stub.Detach,
+        return lease_from_proto(self._call("detach", "Detach",
                                            pb.LeaseRef(lease_id=lease_id)), self.address)
 
     def leases(self, include_ended: bool = False, everyone: bool = False) -> list[Lease]:
         """The caller's leases (`everyone`: every identity's, for admins); active ones
         unless `include_ended`."""
-        reply = self._call("leases", self._stub.Leases,
+        reply = self._call("leases", "Leases",
                            pb.LeasesRequest(all=everyone, ended=include_ended))
         return [lease_from_proto(x, self.address) for x in reply.leases]
 
     def pool(self) -> list[dict[str, Any]]:
-        reply = self._call("pool", self._stub.Pool, pb.PoolRequest())
+        reply = self._call("pool", "Pool", pb.PoolRequest())
         return [server_to_dict(s) for s in reply.servers]
 
     def drain(self, server: str, undo: bool = False) -> dict[str, Any]:
-        reply = self._call("drain", self._stub.Drain, pb.DrainRequest(server=server, undo=undo))
+        reply = self._call("drain", "Drain", pb.DrainRequest(server=server, undo=undo))
         return server_to_dict(reply.server)

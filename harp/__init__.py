@@ -14,8 +14,8 @@ _os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 from .catalog import CATALOG_IMAGE  # noqa: E402
 from .device import Device
 from .errors import (ArgumentError, AuthError, BackendError, DeviceError, HarpError,
-                     InternalError, InvalidHandleError, LeaseError, NoCapacityError, OutOfMemoryError,
-                     PermissionDeniedError, ProtocolError, QuotaError, TransportError,
+                     InternalError, InvalidHandleError, LeaseError, NoCapacityError, NotLeaderError,
+                     OutOfMemoryError, PermissionDeniedError, ProtocolError, QuotaError, TransportError,
                      UnsupportedError, VersionMismatchError)
 from .lease import Lease, LeaseDevice
 from .types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo, Module,
@@ -46,6 +46,6 @@ __all__ = [
     "Function", "Stream", "Event", "DeviceInfo", "MemInfo", "HarpError", "ArgumentError",
     "InvalidHandleError", "UnsupportedError", "PermissionDeniedError", "DeviceError",
     "OutOfMemoryError", "QuotaError", "NoCapacityError", "AuthError", "LeaseError", "ProtocolError",
-    "VersionMismatchError", "TransportError", "BackendError", "InternalError",
+    "VersionMismatchError", "TransportError", "NotLeaderError", "BackendError", "InternalError",
     "RawKernel", "RawModule",
 ]

@@ -102,6 +102,12 @@ class TransportError(HarpError):
     code = "TRANSPORT"
 
 
+class NotLeaderError(TransportError):
+    """A scheduler replica that does not lead was asked to change state; the message names
+    the leader, and clients move on to it (or to their next scheduler address)."""
+    code = "NOT_LEADER"
+
+
 class BackendError(HarpError):
     """A backend is unknown, unavailable here, or of the wrong plugin version."""
     code = "BACKEND"
@@ -116,7 +122,8 @@ ERROR_CLASSES: dict[str, type[HarpError]] = {
     cls.code: cls for cls in (
         HarpError, ArgumentError, InvalidHandleError, UnsupportedError,
         PermissionDeniedError, DeviceError, OutOfMemoryError, QuotaError, NoCapacityError, AuthError,
-        LeaseError, ProtocolError, VersionMismatchError, TransportError, BackendError,
+        LeaseError, ProtocolError, VersionMismatchError, TransportError, NotLeaderError,
+        BackendError,
         InternalError)
 }
 

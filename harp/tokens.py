@@ -1,14 +1,21 @@
 """Lease tokens: what the scheduler signs (Ed25519) and a pool server checks.
 
 A token names one lease, one device on one server, the session's quotas, the
-lease's expiry and its own. A pool server verifies it with the scheduler's
+lease's expiry and its own, and the scheduler term that issued it. A pool server verifies it with the scheduler's
 public key, which it pins at registration, so it needs no call to the scheduler
 to admit a session (sessions keep opening and running while the scheduler
 restarts). Tokens are short-lived (`expires_at`, a minute by default): the
 client's lease keeper renews them, so a token of a lease that was detached is
 refused soon even by a server that missed the scheduler's word of it.
 
+Scheduler replicas (PostgreSQL) all sign with one key and write their leadership
+term into each token (`term`); a single scheduler's tokens carry none (term 0, the
+claim left out, so they read as they always have). A pool server uses the term
+only to refuse what a deposed leader could sign after its successor began
+(`server/registration.py`); tokens issued before a failover stay valid.
+
 Format: `harp1.<base64url(JSON claims)>.<base64url(signature over the first two parts)>`.
+Claims this version does not know are ignored, so a newer scheduler's tokens verify.
 """
 from __future__ import annotations
 
@@ -16,8 +23,10 @@ import base64
 import hashlib
 import json
 import os
+import secrets
+import stat
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -42,6 +51,7 @@ class Claims:
     key_id: str              # fingerprint of the signing key
     lease_expires_at: float = 0.0   # the lease's own end (sessions run until then, renewed)
     owner: str = ""          # the identity that attached the lease
+    term: int = 0            # the scheduler leader's term that issued it (0: a single scheduler)
 
 
 def _b64(data: bytes) -> str:
@@ -72,24 +82,43 @@ class SigningKey:
 
     @classmethod
     def load_or_create(cls, path: Path) -> "SigningKey":
-        """Load the key at `path`, creating it (owner-only) on first use."""
+        """Load the key at `path`, creating it (owner-only) on first use.
+
+        Replicas that share one key file may start at once: the key is written to a
+        private temporary file and linked into place, so a reader never sees half of it
+        and the first writer wins. A key file others may read or write is refused."""
         path = Path(path)
-        if path.exists():
-            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-            if not isinstance(key, Ed25519PrivateKey):
-                raise LeaseError(f"{path} does not hold an Ed25519 key")
-            return cls(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        key = Ed25519PrivateKey.generate()
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(pem)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            key = Ed25519PrivateKey.generate()
+            pem = key.private_bytes(serialization.Encoding.PEM,
+                                    serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+            partial = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(pem)
+                try:
+                    os.link(partial, path)
+                except FileExistsError:
+                    pass                      # another replica made it first: use theirs
+            finally:
+                partial.unlink(missing_ok=True)
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            raise LeaseError(f"the scheduler's signing key {path} may be read or written by "
+                             f"others (mode {mode:04o}): chmod 600 it")
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise LeaseError(f"{path} does not hold an Ed25519 key")
         return cls(key)
 
     def sign(self, claims: Claims) -> str:
-        body = f"{PREFIX}.{_b64(json.dumps(asdict(claims), sort_keys=True).encode())}"
+        signed = asdict(claims)
+        if not claims.term:
+            del signed["term"]               # a single scheduler's tokens read as before
+        body = f"{PREFIX}.{_b64(json.dumps(signed, sort_keys=True).encode())}"
         return f"{body}.{_b64(self._private.sign(body.encode()))}"
 
 
@@ -108,8 +137,11 @@ def verify(token: str, public_key: bytes, *, server: str, device: int,
         raise LeaseError("the lease token's signature does not verify with this server's "
                          "scheduler key (forged, or from another scheduler)") from None
     try:
-        claims = Claims(**json.loads(_unb64(parts[1])))
-    except (ValueError, TypeError):
+        known = {f.name for f in fields(Claims)}
+        claims = Claims(**{k: v for k, v in json.loads(_unb64(parts[1])).items() if k in known})
+        if not isinstance(claims.term, int) or isinstance(claims.term, bool):
+            raise ValueError("term")
+    except (ValueError, TypeError, AttributeError):
         raise LeaseError("the lease token's claims are unreadable") from None
     if claims.key_id != key_id(public_key):
         raise LeaseError("the lease token names another scheduler key")

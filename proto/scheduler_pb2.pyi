@@ -30,16 +30,20 @@ class RegisterRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ..., host: _Optional[str] = ..., endpoints: _Optional[_Iterable[str]] = ..., devices: _Optional[_Iterable[_Union[DeviceOffer, _Mapping]]] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("scheduler_public_key", "scheduler_key_id", "heartbeat_interval_s", "token_ttl_s")
+    __slots__ = ("scheduler_public_key", "scheduler_key_id", "heartbeat_interval_s", "token_ttl_s", "term", "term_started_at")
     SCHEDULER_PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
     TOKEN_TTL_S_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    TERM_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     scheduler_public_key: bytes
     scheduler_key_id: str
     heartbeat_interval_s: float
     token_ttl_s: float
-    def __init__(self, scheduler_public_key: _Optional[bytes] = ..., scheduler_key_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., token_ttl_s: _Optional[float] = ...) -> None: ...
+    term: int
+    term_started_at: float
+    def __init__(self, scheduler_public_key: _Optional[bytes] = ..., scheduler_key_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ..., token_ttl_s: _Optional[float] = ..., term: _Optional[int] = ..., term_started_at: _Optional[float] = ...) -> None: ...
 
 class SessionStats(_message.Message):
     __slots__ = ("session", "identity", "lease_id", "device", "share", "device_time_s", "memory_used", "bytes_in", "bytes_out", "idle_s", "isolation")
@@ -94,14 +98,18 @@ class LeaseStatus(_message.Message):
     def __init__(self, lease_id: _Optional[str] = ..., state: _Optional[str] = ..., expires_at: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("leases", "draining", "unknown")
+    __slots__ = ("leases", "draining", "unknown", "term", "term_started_at")
     LEASES_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    TERM_FIELD_NUMBER: _ClassVar[int]
+    TERM_STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     leases: _containers.RepeatedCompositeFieldContainer[LeaseStatus]
     draining: bool
     unknown: bool
-    def __init__(self, leases: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., draining: _Optional[bool] = ..., unknown: _Optional[bool] = ...) -> None: ...
+    term: int
+    term_started_at: float
+    def __init__(self, leases: _Optional[_Iterable[_Union[LeaseStatus, _Mapping]]] = ..., draining: _Optional[bool] = ..., unknown: _Optional[bool] = ..., term: _Optional[int] = ..., term_started_at: _Optional[float] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("name", "instance")
@@ -112,7 +120,7 @@ class WatchRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., instance: _Optional[str] = ...) -> None: ...
 
 class AttachRequest(_message.Message):
-    __slots__ = ("kind", "count", "memory", "share", "same_host", "client_host", "policy", "ttl_s", "client_name")
+    __slots__ = ("kind", "count", "memory", "share", "same_host", "client_host", "policy", "ttl_s", "client_name", "request_id")
     KIND_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
     MEMORY_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +130,7 @@ class AttachRequest(_message.Message):
     POLICY_FIELD_NUMBER: _ClassVar[int]
     TTL_S_FIELD_NUMBER: _ClassVar[int]
     CLIENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     kind: str
     count: int
     memory: int
@@ -131,7 +140,8 @@ class AttachRequest(_message.Message):
     policy: str
     ttl_s: float
     client_name: str
-    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ..., memory: _Optional[int] = ..., share: _Optional[float] = ..., same_host: _Optional[bool] = ..., client_host: _Optional[str] = ..., policy: _Optional[str] = ..., ttl_s: _Optional[float] = ..., client_name: _Optional[str] = ...) -> None: ...
+    request_id: str
+    def __init__(self, kind: _Optional[str] = ..., count: _Optional[int] = ..., memory: _Optional[int] = ..., share: _Optional[float] = ..., same_host: _Optional[bool] = ..., client_host: _Optional[str] = ..., policy: _Optional[str] = ..., ttl_s: _Optional[float] = ..., client_name: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LeaseDevice(_message.Message):
     __slots__ = ("server", "index", "endpoints", "host", "facts", "token")

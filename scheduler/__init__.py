@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .service import Scheduler, open_scheduler
-from .store import SqliteStore
+from .sqlite import SqliteStore
+from .store import Store
 
-__all__ = ["Scheduler", "open_scheduler", "SqliteStore"]
+__all__ = ["Scheduler", "open_scheduler", "SqliteStore", "Store"]

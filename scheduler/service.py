@@ -13,31 +13,45 @@ Who may do what (from the peer's certificate, `harp.security.Identity`):
 - `Drain` and `Leases(all)` are for admins; `Pool` shows everyone the servers and
   devices, and each identity only its own sessions (admins see all).
 Refusals are `AuthError`s saying which identity lacked which right.
+
+Replicas (a PostgreSQL store and a `Leadership`): only the leader changes state,
+runs the reaper and keeps the revocation streams; a follower answers reads (the
+pool, leases) from the shared database and refuses every change with
+`NOT_LEADER: ...`, status UNAVAILABLE, naming the leader's address in the trailing
+metadata (`harp-leader`), so clients and pool servers go there. Tokens carry the
+term of the change that issued them, and their times are those of that change, so
+a reply delayed past a failover cannot hand out a token that outlives a revocation.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import queue
+import socket
+import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 
 from harp import security
-from harp.errors import ArgumentError, AuthError, HarpError, LeaseError, NoCapacityError
+from harp.errors import (ArgumentError, AuthError, HarpError, LeaseError, NoCapacityError,
+                         NotLeaderError, TransportError)
 from harp.executor import ElasticExecutor
 from harp.proto import scheduler_pb2 as pb
 from harp.proto import scheduler_pb2_grpc as pb_grpc
 from harp.proto.codec import facts_from_proto, facts_to_proto
+from harp.replicas import LEADER_METADATA, NOT_LEADER
 from harp.security import Identity
 from harp.tokens import Claims, SigningKey
 from harp.transport import serve, server_options
 from harp.types import DeviceInfo
 
 from .placement import Request
-from .store import LeaseRecord, SqliteStore
+from .sqlite import SqliteStore
+from .store import LeaseRecord, Store
 
 log = logging.getLogger("harp.scheduler")
 
@@ -60,14 +74,39 @@ def _abort(context: grpc.ServicerContext, exc: HarpError) -> None:
                   f"{exc.code}: {exc.message}")
 
 
+#: Ends a Watch stream because this replica stepped down.
+_DEPOSED = object()
+
+
+def _changes_state(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """An RPC that changes state: only the leader runs it. A follower, or a leader whose
+    term the store finds ended (fenced), refuses with NOT_LEADER; a database that cannot
+    be reached is UNAVAILABLE, so the caller tries another replica."""
+    @functools.wraps(handler)
+    def run(self: "Scheduler", request: Any, context: grpc.ServicerContext) -> Any:
+        self._require_leader(context)
+        try:
+            return handler(self, request, context)
+        except NotLeaderError as exc:
+            if self.leadership is not None:
+                self.leadership.step_down(f"fenced: {exc.message}")
+            self._refuse_not_leader(context, exc.message)
+        except TransportError as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.code}: {exc.message}")
+    return run
+
+
 class Scheduler(pb_grpc.SchedulerServicer):
     """Attaches devices to clients and tracks the pool servers that own them."""
 
-    def __init__(self, store: SqliteStore, key: SigningKey, *, heartbeat_s: float = 5.0,
+    def __init__(self, store: Store, key: SigningKey, *, heartbeat_s: float = 5.0,
                  down_after_s: float | None = None, default_ttl_s: float = DEFAULT_TTL_S,
-                 token_ttl_s: float = DEFAULT_TOKEN_TTL_S) -> None:
+                 token_ttl_s: float = DEFAULT_TOKEN_TTL_S, leadership: Any = None,
+                 advertise: str = "") -> None:
         self.store = store
         self.key = key
+        self.leadership = leadership          # a Leadership among replicas, or None: alone
+        self.advertise = advertise
         self.heartbeat_s = heartbeat_s
         self.down_after_s = down_after_s or 3 * heartbeat_s
         self.default_ttl_s = default_ttl_s
@@ -83,18 +122,28 @@ class Scheduler(pb_grpc.SchedulerServicer):
     # -- lifetime ------------------------------------------------------------------
     def start(self, listen: list[str], credentials: grpc.ServerCredentials | None) -> list[str]:
         self.insecure = credentials is None
-        self.store.forgive_silence(time.time(), grace=self.down_after_s)
+        if self.leadership is None:
+            self.store.forgive_silence(time.time(), grace=self.down_after_s)
         server = grpc.server(ElasticExecutor(256, thread_name_prefix="harp-scheduler"),
                              options=server_options())
         pb_grpc.add_SchedulerServicer_to_server(self, server)
         bound = serve(server, listen, credentials, ("harp.v1.Scheduler",))
         self._server, self.addresses = server, bound
+        if not self.advertise:
+            scheme = "harp+insecure" if self.insecure else "harp"
+            self.advertise = f"{scheme}://{bound[0]}"
+        if self.leadership is not None:
+            self.leadership.on_elected = self._elected
+            self.leadership.on_deposed = self._deposed
+            self.leadership.start(self.advertise)
         self._reaper.start()
         log.info("scheduler serving on %s (key %s)", bound, self.key.key_id)
         return bound
 
     def stop(self, grace: float | None = 1.0) -> None:
         self._stop.set()
+        if self.leadership is not None:
+            self.leadership.stop()            # a follower takes over without a timeout
         with self._watch_lock:
             for queues in self._watchers.values():
                 for q in queues:
@@ -109,9 +158,51 @@ class Scheduler(pb_grpc.SchedulerServicer):
         if self._server is not None:
             self._server.wait_for_termination()
 
+    # -- leadership ----------------------------------------------------------------------
+    def leading(self) -> bool:
+        """Whether this scheduler changes state: always when alone, else while it leads."""
+        return self.leadership is None or self.leadership.term is not None
+
+    def _elected(self, term: int) -> None:
+        """This replica leads from now on: write under `term`, and forgive every server
+        the silence of the failover (they heartbeated to a leader that was gone)."""
+        self.store.term = term
+        self.store.forgive_silence(time.time(), grace=self.down_after_s)
+
+    def _deposed(self, term: int) -> None:
+        """This replica no longer leads: write nothing, and send the pool servers'
+        revocation streams to the new leader."""
+        self.store.term = None
+        with self._watch_lock:
+            for queues in self._watchers.values():
+                for q in queues:
+                    q.put(_DEPOSED)
+
+    def _require_leader(self, context: grpc.ServicerContext) -> None:
+        if not self.leading():
+            self._refuse_not_leader(context, self.store.not_leader_message())
+
+    def _refuse_not_leader(self, context: grpc.ServicerContext, message: str) -> None:
+        """Refuse as a follower: NOT_LEADER, naming the leader's address for the caller."""
+        try:
+            address = self.store.leader()["address"]
+        except (HarpError, KeyError):
+            address = ""
+        if address and address != self.advertise:
+            context.set_trailing_metadata(((LEADER_METADATA, address),))
+        context.abort(grpc.StatusCode.UNAVAILABLE, f"{NOT_LEADER}: {message}")
+
+    def _term(self) -> tuple[int, float]:
+        """This leader's term and when it began (database clock), or (0, 0) alone."""
+        if self.leadership is None:
+            return 0, 0.0
+        return self.leadership.term or 0, self.leadership.started_at
+
     def _reap_loop(self) -> None:
         interval = min(1.0, self.heartbeat_s / 2)
         while not self._stop.wait(interval):
+            if not self.leading():
+                continue
             try:
                 changed = self.store.reap(time.time(), self.down_after_s)
                 for what, ids in changed.items():
@@ -119,6 +210,9 @@ class Scheduler(pb_grpc.SchedulerServicer):
                         log.info("reaper: %s %s", what, ", ".join(ids))
                 for lease_id in changed["lost"] + changed["expired"]:
                     self._tell_servers(lease_id)
+            except NotLeaderError as exc:
+                if self.leadership is not None:
+                    self.leadership.step_down(f"fenced: {exc.message}")
             except Exception:  # the reaper must outlive a bad moment of the database
                 log.exception("reaper failed")
 
@@ -163,6 +257,7 @@ class Scheduler(pb_grpc.SchedulerServicer):
         return who
 
     # -- pool servers ----------------------------------------------------------------
+    @_changes_state
     def Register(self, request: Any, context: grpc.ServicerContext) -> Any:
         if not request.name:
             _abort(context, ArgumentError("a pool server registers with a name"))
@@ -175,11 +270,14 @@ class Scheduler(pb_grpc.SchedulerServicer):
                                    list(request.endpoints), devices, time.time())
         log.info("server %s registered (%d devices)%s", request.name, len(devices),
                  f"; leases lost to its restart: {', '.join(lost)}" if lost else "")
+        term, started_at = self._term()
         return pb.RegisterReply(scheduler_public_key=self.key.public_bytes,
                                 scheduler_key_id=self.key.key_id,
                                 heartbeat_interval_s=self.heartbeat_s,
-                                token_ttl_s=self.token_ttl_s)
+                                token_ttl_s=self.token_ttl_s, term=term,
+                                term_started_at=started_at)
 
+    @_changes_state
     def Heartbeat(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._require_pool_server(context, request.name)
         stats = [_stats_dict(s) for s in request.session_stats]
@@ -189,11 +287,16 @@ class Scheduler(pb_grpc.SchedulerServicer):
         statuses = [pb.LeaseStatus(lease_id=lid, state=lease.state if lease else "ended",
                                    expires_at=lease.expires_at if lease else 0.0)
                     for lid, lease in zip(request.lease_ids, leases)]
-        return pb.HeartbeatReply(leases=statuses, draining=draining, unknown=unknown)
+        term, started_at = self._term()
+        return pb.HeartbeatReply(leases=statuses, draining=draining, unknown=unknown, term=term,
+                                 term_started_at=started_at)
 
     def Watch(self, request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        """Every lease of this server that ends, as it ends (detached, expired, lost)."""
+        """Every lease of this server that ends, as it ends (detached, expired, lost).
+        Only the leader ends leases, so only the leader keeps these streams; one that
+        steps down ends them with NOT_LEADER."""
         self._require_pool_server(context, request.name)
+        self._require_leader(context)
         mine: queue.SimpleQueue = queue.SimpleQueue()
         with self._watch_lock:
             self._watchers.setdefault(request.name, set()).add(mine)
@@ -202,9 +305,12 @@ class Scheduler(pb_grpc.SchedulerServicer):
                 try:
                     status = mine.get(timeout=1.0)
                 except queue.Empty:
+                    self._require_leader(context)
                     continue
                 if status is None:
                     return
+                if status is _DEPOSED:
+                    self._refuse_not_leader(context, "this scheduler replica stepped down")
                 yield status
         finally:
             with self._watch_lock:
@@ -221,30 +327,37 @@ class Scheduler(pb_grpc.SchedulerServicer):
                     q.put(status)
 
     # -- leases ----------------------------------------------------------------------
+    @_changes_state
     def Attach(self, request: Any, context: grpc.ServicerContext) -> Any:
         who = self._identity(context)
         ttl = request.ttl_s or self.default_ttl_s
+        now = time.time()
         try:
             if not MIN_TTL_S <= ttl <= MAX_TTL_S:
                 raise ArgumentError(f"ttl must be between {MIN_TTL_S:g} and {MAX_TTL_S:g} s")
+            if len(request.request_id) > 64:
+                raise ArgumentError("an attach's request id is at most 64 characters")
             lease = self.store.attach(Request(
                 kind=request.kind, count=request.count or 1, memory=request.memory,
                 share=request.share or 1.0, same_host=request.same_host,
                 client_host=request.client_host, policy=request.policy or "spread"),
-                ttl, request.client_name, time.time(), owner=who.name)
+                ttl, request.client_name, now, owner=who.name, request_id=request.request_id)
         except (ArgumentError, NoCapacityError) as exc:
             _abort(context, exc)
         log.info("attached %s for %s to %s", lease.id, who,
                  [(d["server"], d["index"]) for d in lease.devices])
-        return self._lease_reply(lease)
+        return self._lease_reply(lease, now=min(now, lease.created_at))
 
+    @_changes_state
     def Renew(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._owned(context, request.lease_id, "renew")
+        now = time.time()
         try:
-            return self._lease_reply(self.store.renew(request.lease_id, time.time()))
+            return self._lease_reply(self.store.renew(request.lease_id, now), now=now)
         except LeaseError as exc:
             _abort(context, exc)
 
+    @_changes_state
     def Detach(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._owned(context, request.lease_id, "detach")
         try:
@@ -265,6 +378,7 @@ class Scheduler(pb_grpc.SchedulerServicer):
         who = self._identity(context)
         return pb.PoolReply(servers=[self._server_info(s, who) for s in self.store.servers()])
 
+    @_changes_state
     def Drain(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._require_admin(context, "drain a pool server")
         server = self.store.drain(request.server, request.undo)
@@ -285,10 +399,13 @@ class Scheduler(pb_grpc.SchedulerServicer):
                 DeviceInfo.from_dict(d["facts"]))) for d in s["devices"]],
             session_stats=[pb.SessionStats(**x) for x in stats])
 
-    def _lease_reply(self, lease: LeaseRecord, tokens: bool = True) -> Any:
+    def _lease_reply(self, lease: LeaseRecord, tokens: bool = True,
+                     now: float | None = None) -> Any:
+        """The lease as the wire has it; with `tokens`, one signed token per device, whose
+        times count from `now`, the moment of the change that issued them."""
         servers = {s["name"]: s for s in self.store.servers()}
         devices = []
-        now = time.time()
+        now = time.time() if now is None else now
         for d in lease.devices:
             server = servers.get(d["server"], {"endpoints": [], "host": "", "devices": []})
             facts = next((x["facts"] for x in server["devices"] if x["index"] == d["index"]), None)
@@ -298,7 +415,7 @@ class Scheduler(pb_grpc.SchedulerServicer):
                     lease_id=lease.id, server=d["server"], device=d["index"], memory=d["memory"],
                     share=d["share"], expires_at=min(lease.expires_at, now + self.token_ttl_s),
                     issued_at=now, key_id=self.key.key_id, lease_expires_at=lease.expires_at,
-                    owner=lease.owner))
+                    owner=lease.owner, term=lease.term))
             if facts is not None:
                 facts = dict(facts, memory=d["memory"])
             devices.append(pb.LeaseDevice(
@@ -319,10 +436,49 @@ def _stats_dict(s: Any) -> dict[str, Any]:
     return {f: getattr(s, f) for f in _STAT_FIELDS}
 
 
-def open_scheduler(data_dir: Path, **options: Any) -> Scheduler:
-    """A scheduler on the SQLite database and signing key in `data_dir`."""
+def open_scheduler(data_dir: Path, *, store: str = "", signing_key: Path | None = None,
+                   failover_timeout_s: float = 5.0, **options: Any) -> Scheduler:
+    """A scheduler on the store named by `store` (default: the SQLite database in
+    `data_dir`; `postgresql://...` or `host=... dbname=...`: a PostgreSQL database that
+    replicas share, with leadership) and the signing key at `signing_key` (default: in
+    `data_dir`; replicas must all be given the same key)."""
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    store = SqliteStore(data_dir / "scheduler.sqlite3")
-    key = SigningKey.load_or_create(data_dir / "scheduler-signing.key")
-    return Scheduler(store, key, **options)
+    key = SigningKey.load_or_create(signing_key or data_dir / "scheduler-signing.key")
+    kind, where = store_location(store)
+    if kind == "sqlite":
+        return Scheduler(SqliteStore(where or data_dir / "scheduler.sqlite3"), key, **options)
+    try:
+        from .leadership import Leadership
+        from .postgres import PostgresStore
+    except ImportError as exc:
+        raise ArgumentError(f"a PostgreSQL store needs psycopg ({exc}): pip install "
+                            "'harp[postgresql]'") from None
+    shared = PostgresStore(where, stuck_transaction_s=failover_timeout_s)
+    try:
+        shared.claim_signing_key(key.key_id)
+    except BaseException:
+        shared.close()
+        raise
+    leadership = Leadership(where, name=f"{socket.gethostname()}-{os.getpid()}",
+                            timeout_s=failover_timeout_s)
+    return Scheduler(shared, key, leadership=leadership, **options)
+
+
+def store_location(spec: str) -> tuple[str, str]:
+    """("sqlite", PATH or "" for the default file) or ("postgresql", DSN) from a --store
+    value: "", "sqlite", "sqlite:PATH", "postgresql://...", "postgres://...", or a libpq
+    keyword string ("host=/run/postgresql dbname=harp")."""
+    spec = (spec or "").strip()
+    if spec in ("", "sqlite"):
+        return "sqlite", ""
+    if spec.startswith("sqlite:"):
+        path = spec[len("sqlite:"):]
+        if not path:
+            raise ArgumentError("sqlite: needs a path, e.g. sqlite:/var/lib/harp/scheduler.db")
+        return "sqlite", path
+    if spec.startswith(("postgresql://", "postgres://")) or \
+            ("=" in spec and "://" not in spec):
+        return "postgresql", spec
+    raise ArgumentError(f"unknown store {spec!r}: sqlite, sqlite:PATH, postgresql://... or "
+                        "'host=... dbname=...'")

@@ -10,6 +10,15 @@ a server that missed a word of the stream learns it within a heartbeat; and
 tokens live a minute, so even one cut off from the scheduler refuses a detached
 lease's token soon. Tokens are verified with the pinned key alone, so sessions
 open and run while the scheduler is away.
+
+Replicas: the server is given every replica's address and talks to the leader
+(`harp.replicas.ReplicaSet`): a follower's NOT_LEADER or an unreachable replica
+sends registration, heartbeats and the revocation stream to the next. Replies
+name the leader's term and when it began; the server keeps the newest. A token's
+term decides one thing: a token of an older term issued after the newest term
+began (beyond `CLOCK_ALLOWANCE_S` of clock skew) is refused, because only a
+deposed leader could have signed it. A token of an older term issued before that
+is as good as ever, so tokens stay valid across a failover until they expire.
 """
 from __future__ import annotations
 
@@ -27,20 +36,28 @@ from harp.errors import AuthError, LeaseError
 from harp.proto import scheduler_pb2 as pb
 from harp.proto import scheduler_pb2_grpc as pb_grpc
 from harp.proto.codec import facts_to_proto
+from harp.replicas import ReplicaSet, should_move_on
 
 from .service import Grant, PoolServer
 
 log = logging.getLogger("harp.server")
 
+#: How far the clocks of scheduler replicas and their database may disagree (NTP keeps
+#: them within milliseconds); a token is judged deposed only beyond it.
+CLOCK_ALLOWANCE_S = 2.0
+
 
 class Registrar:
     """Keeps one pool server registered with a scheduler, and admits sessions by token."""
 
-    def __init__(self, server: PoolServer, channel: grpc.Channel, *, endpoints: list[str],
-                 host: str | None = None, retry_s: float = 1.0) -> None:
+    def __init__(self, server: PoolServer, scheduler: grpc.Channel | ReplicaSet, *,
+                 endpoints: list[str], host: str | None = None, retry_s: float = 1.0) -> None:
+        """`scheduler`: a channel to one scheduler, or the `ReplicaSet` of replicas."""
         self.server = server
-        self.stub = pb_grpc.SchedulerStub(channel)
-        self.channel = channel
+        if not isinstance(scheduler, ReplicaSet):
+            channel = scheduler
+            scheduler = ReplicaSet(["scheduler"], lambda _: channel, pb_grpc.SchedulerStub)
+        self.replicas = scheduler
         self.endpoints = endpoints
         self.host = host or socket.gethostname()
         self.instance = secrets.token_hex(8)
@@ -50,6 +67,8 @@ class Registrar:
         self.token_ttl_s = 3600.0
         self.draining = False
         self.revoked: dict[str, float] = {}     # lease id -> until when its tokens are refused
+        self.term = 0                           # the newest leader term heard of (replicas)
+        self.term_started_at = 0.0              # when it began (the database's clock)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="harp-heartbeat", daemon=True)
@@ -72,6 +91,12 @@ class Registrar:
             if claims.lease_id in self.revoked:
                 raise LeaseError(f"lease {claims.lease_id} has ended; its tokens are no longer "
                                  "accepted (harp attach for a new lease)")
+            if 0 < claims.term < self.term and \
+                    claims.issued_at > self.term_started_at + CLOCK_ALLOWANCE_S:
+                raise LeaseError(f"the lease token of lease {claims.lease_id} was signed in "
+                                 f"scheduler term {claims.term} after term {self.term} began: "
+                                 "only a deposed leader signs so; renew the lease for a "
+                                 "fresh token")
         ends = claims.lease_expires_at or claims.expires_at
         return Grant(device_index=claims.device, memory_quota=claims.memory or None,
                      share=claims.share, lease_id=claims.lease_id,
@@ -110,13 +135,19 @@ class Registrar:
             self._watch_call.cancel()
         if self._thread.is_alive():
             self._thread.join(5)
-        self.channel.close()
+        self.replicas.close()
+
+    def _heard_term(self, term: int, started_at: float) -> None:
+        """Keep the newest leader term a reply named."""
+        with self._lock:
+            if term > self.term:
+                self.term, self.term_started_at = term, started_at
 
     def register(self) -> None:
         backend = self.server.backend
         offers = [pb.DeviceOffer(index=i, facts=facts_to_proto(backend.describe(i)))
                   for i in range(backend.device_count())]
-        reply = self.stub.Register(pb.RegisterRequest(
+        reply = self.replicas.call("Register", pb.RegisterRequest(
             name=self.server.name, instance=self.instance, host=self.host,
             endpoints=self.endpoints, devices=offers), timeout=10)
         key = bytes(reply.scheduler_public_key)
@@ -126,6 +157,7 @@ class Registrar:
                       tokens.key_id(self.public_key), reply.scheduler_key_id)
             return
         self.public_key = key
+        self._heard_term(reply.term, reply.term_started_at)
         self.heartbeat_s = reply.heartbeat_interval_s or self.heartbeat_s
         self.token_ttl_s = reply.token_ttl_s or self.token_ttl_s
         log.info("registered with the scheduler as %s (key %s)", self.server.name,
@@ -139,10 +171,11 @@ class Registrar:
             device=s["device"], share=s["share"], device_time_s=s["device_time_s"],
             memory_used=s["memory_used"], bytes_in=s["bytes_in"], bytes_out=s["bytes_out"],
             idle_s=s["idle_s"], isolation=s["isolation"]) for s in self.server.session_stats()]
-        reply = self.stub.Heartbeat(pb.HeartbeatRequest(
+        reply = self.replicas.call("Heartbeat", pb.HeartbeatRequest(
             name=self.server.name, instance=self.instance, sessions=len(records),
             memory_used=self.server.memory_used(), lease_ids=lease_ids, session_stats=stats),
             timeout=10)
+        self._heard_term(reply.term, reply.term_started_at)
         if reply.unknown:
             log.info("the scheduler does not know this server; registering again")
             self.register()
@@ -176,8 +209,9 @@ class Registrar:
             if self.public_key is None:
                 self._stop.wait(self.retry_s)
                 continue
+            address = self.replicas.current
             try:
-                self._watch_call = self.stub.Watch(pb.WatchRequest(
+                self._watch_call = self.replicas.stub(address).Watch(pb.WatchRequest(
                     name=self.server.name, instance=self.instance))
                 for status in self._watch_call:
                     if status.state != "active":
@@ -188,4 +222,6 @@ class Registrar:
                 if self._stop.is_set():
                     return
                 log.debug("revocation stream broke (%s); reconnecting", exc.code())
+                if should_move_on(exc):
+                    self.replicas.moved(exc, address)   # a follower, or gone: the next one
             self._stop.wait(self.retry_s)

@@ -38,9 +38,19 @@ def _one_line_error(out, *words):
     (["server", "serve", "--listen", "localhost:99999"], ["0 to 65535"]),
     (["certs", "issue", "client", "x", "--days", "-5"], ["at least 1"]),
     (["certs", "issue", "client", "x", "--days", "0"], ["at least 1"]),
+    (["scheduler", "serve", "--store", "mysql://db/harp"], ["unknown store"]),
+    (["scheduler", "serve", "--advertise", "sched-a:50050"], ["harp://HOST:PORT"]),
+    (["leases", "--scheduler", " , "], ["no scheduler address"]),
 ])
 def test_bad_values_are_usage_errors(args, words):
     _one_line_error(harp(*args), *words)
+
+
+def test_an_unreachable_scheduler_database_is_one_line(tmp_path):
+    out = harp("scheduler", "serve", "--insecure", "--listen", "127.0.0.1:0", "--data-dir",
+               str(tmp_path), "--store", f"host={tmp_path}/no-such-dir dbname=harp password=x9z")
+    _one_line_error(out, "the scheduler's database", f"postgresql://{tmp_path}/no-such-dir")
+    assert len(out.stderr.strip().splitlines()) == 1 and "x9z" not in out.stderr
 
 
 def test_sizes_as_the_help_writes_them_are_accepted():

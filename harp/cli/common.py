@@ -88,18 +88,32 @@ def listen_address(text: str) -> str:
 
 
 def add_scheduler_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--scheduler", default=None,
+    p.add_argument("--scheduler", default=None, type=scheduler_addresses,
                    help=f"scheduler address (default: $HARP_SCHEDULER or {DEFAULT_SCHEDULER}; "
-                        "harp+insecure://... for plain text on loopback)")
+                        "harp+insecure://... for plain text on loopback); replicas: several, "
+                        "comma-separated")
     p.add_argument("--cert-dir", default=None, help="certificate directory of this client")
     p.add_argument("--cert-name", default=None,
                    help="certificate to present, NAME.pem/NAME.key in the directory (default: "
                         "client; admin for admin-only commands when admin.pem is there)")
 
 
+def scheduler_addresses(text: str) -> str:
+    """One scheduler address or several, comma-separated: "harp://a:50050,harp://b:50050"
+    (HOST:PORT alone means harp://HOST:PORT)."""
+    from ..errors import ArgumentError
+    from ..replicas import split_addresses
+    try:
+        return ",".join(split_addresses(text))
+    except ArgumentError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def scheduler_address(args: argparse.Namespace) -> str:
+    """The scheduler's address(es) from --scheduler, $HARP_SCHEDULER or the default."""
+    from ..replicas import split_addresses
     address = args.scheduler or os.environ.get("HARP_SCHEDULER") or DEFAULT_SCHEDULER
-    return address if "://" in address else f"harp://{address}"
+    return ",".join(split_addresses(address))
 
 
 def scheduler_client(args: argparse.Namespace, admin: bool = False) -> Any:
@@ -177,5 +191,6 @@ def say(text: str) -> None:
 
 __all__ = ["size", "positive_int", "positive_count", "count", "positive_float", "share",
            "listen_address",
-           "format_size", "add_scheduler_options", "scheduler_address", "scheduler_client",
+           "format_size", "add_scheduler_options", "scheduler_address", "scheduler_addresses",
+           "scheduler_client",
            "add_tls_server_options", "server_tls", "server_credentials", "wait_for_signal", "say"]

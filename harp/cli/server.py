@@ -7,8 +7,8 @@ import socket
 from ..errors import ArgumentError
 from ..output import emit_json
 from .common import (add_scheduler_options, add_tls_server_options, count, listen_address,
-                     positive_float, positive_int, say, scheduler_address, scheduler_client,
-                     server_credentials, server_tls, size, wait_for_signal)
+                     positive_float, positive_int, say, scheduler_address, scheduler_addresses,
+                     scheduler_client, server_credentials, server_tls, size, wait_for_signal)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,9 +32,10 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="server name, unique in the pool (default: the name in the server "
                             "certificate; with --scheduler it must be that name)")
     add_tls_server_options(serve, "server")
-    serve.add_argument("--scheduler", default=None,
+    serve.add_argument("--scheduler", default=None, type=scheduler_addresses,
                        help="register with this scheduler and admit only sessions with its "
-                            "lease tokens (harp://HOST:PORT)")
+                            "lease tokens (harp://HOST:PORT; replicas: several, "
+                            "comma-separated)")
     serve.add_argument("--advertise", action="append", default=[],
                        help="endpoint clients should dial, e.g. harp://gpu1.example.org:50051 "
                             "(repeatable; default: the listen addresses)")
@@ -123,12 +124,15 @@ def start_pool_server(args: argparse.Namespace, name: str = "") -> tuple:
     registrar = None
     if args.scheduler:
         from harp.client.pool import scheduler_channel
+        from harp.proto.scheduler_pb2_grpc import SchedulerStub
+        from harp.replicas import ReplicaSet, split_addresses
         from harp.server.registration import Registrar
         # The server's own certificate (server + client usage) proves to the scheduler
         # that this peer is the pool server of that name.
         tls = None if args.insecure else server_tls(args)
-        registrar = Registrar(server, scheduler_channel(scheduler_address(args), tls=tls),
-                              endpoints=endpoints)
+        replicas = ReplicaSet(split_addresses(scheduler_address(args)),
+                              lambda address: scheduler_channel(address, tls=tls), SchedulerStub)
+        registrar = Registrar(server, replicas, endpoints=endpoints)
         server.authorizer = registrar.authorize
         try:
             registrar.start()

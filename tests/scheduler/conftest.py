@@ -1,4 +1,5 @@
-"""A real pool on loopback: a scheduler process and pool server processes, all with mTLS."""
+"""A real pool on loopback: a scheduler process and pool server processes, all with mTLS;
+and a real PostgreSQL server for the replicated store (`postgres`)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from harp import security
+
+from .pgserver import PostgresServer, unavailable
 
 HARP = os.path.join(os.path.dirname(sys.executable), "harp")
 
@@ -121,3 +124,17 @@ def cluster(tmp_path):
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server from the machine's binaries for the whole run (skipped, saying
+    why, where none can start)."""
+    why = unavailable()
+    if why is not None:
+        pytest.skip(f"no PostgreSQL for the replicated store: {why}")
+    server = PostgresServer().start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -1,6 +1,7 @@
 """Placement policy and the store's transactions, without processes."""
 from __future__ import annotations
 
+import secrets
 import threading
 
 import pytest
@@ -55,8 +56,34 @@ def _register(store, name, memory=GiB, devices=1):
                                         "memory": memory}) for i in range(devices)], 0.0)
 
 
-def test_concurrent_attaches_never_exceed_capacity(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def open_store(request, tmp_path):
+    """Opens the store under test (again: the same database), SQLite or PostgreSQL; a
+    PostgreSQL store writes as the leader of a fresh database."""
+    opened = []
+    if request.param == "sqlite":
+        def open_():
+            opened.append(SqliteStore(tmp_path / "s.sqlite3"))
+            return opened[-1]
+        yield open_
+    else:
+        from harp.scheduler.leadership import Leadership
+        from harp.scheduler.postgres import PostgresStore
+        dsn = request.getfixturevalue("postgres").database(f"store_{secrets.token_hex(4)}")
+        leadership = Leadership(dsn, name="test", timeout_s=60)
+
+        def open_():
+            opened.append(PostgresStore(dsn))
+            opened[-1].term = leadership.term or leadership.try_lead()
+            return opened[-1]
+        yield open_
+        leadership.step_down("test over")
+    for store in opened:
+        store.close()
+
+
+def test_concurrent_attaches_never_exceed_capacity(open_store):
+    store = open_store()
     for name in ("a", "b", "c"):
         _register(store, name, memory=GiB)
     granted, refused = [], []
@@ -82,18 +109,18 @@ def test_concurrent_attaches_never_exceed_capacity(tmp_path):
     assert len(store.leases()) == 12
 
 
-def test_leases_survive_reopening_the_database(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
+def test_leases_survive_reopening_the_database(open_store):
+    store = open_store()
     _register(store, "a")
     lease = store.attach(req(), 60, "t", 1.0)
     store.close()
-    again = SqliteStore(tmp_path / "s.sqlite3")
+    again = open_store()
     assert again.lease(lease.id).state == "active"
     assert again.renew(lease.id, 2.0).expires_at == 62.0
 
 
-def test_reaper_marks_silent_servers_down_and_loses_their_leases(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
+def test_reaper_marks_silent_servers_down_and_loses_their_leases(open_store):
+    store = open_store()
     _register(store, "a")
     lease = store.attach(req(), 600, "t", 0.0)
     changed = store.reap(now=100.0, down_after=3.0)
@@ -115,8 +142,8 @@ def test_kind_matches_the_device_kind_or_its_backend():
         choose(pool, req(kind="gpu"))
 
 
-def test_the_store_places_by_backend_name(tmp_path):
-    store = SqliteStore(tmp_path / "s.sqlite3")
+def test_the_store_places_by_backend_name(open_store):
+    store = open_store()
     _register(store, "cpu-box")
     facts = {"kind": "fpga", "name": "x", "backend": "opencl", "index": 0, "memory": GiB}
     store.register("fpga-box", "i1", "h1", ["harp://x"], [(0, "fpga", GiB, facts)], 0.0)
