@@ -88,14 +88,13 @@ def pod_credentials(args: argparse.Namespace) -> tuple[bytes, bytes, bytes]:
 
 
 def _plugin(args: argparse.Namespace) -> int:
-    from harp.k8s.apiclient import resource_api
     from harp.k8s.claimstore import ClaimStore
     from harp.k8s.plugin import KubeletPlugin
     from harp.k8s.preparer import Preparer
     from harp.k8s.renewal import Renewer
     plugin_dir = args.plugin_dir or Path("/var/lib/kubelet/plugins") / args.driver
     credentials = pod_credentials(args)
-    resources = resource_api(args.kubeconfig)
+    resources = _resource_api(args)
     scheduler = scheduler_client(args)
     store = ClaimStore(plugin_dir)
     preparer = Preparer(driver=args.driver, store=store, cdi_dir=args.cdi_dir,
@@ -117,10 +116,9 @@ def _plugin(args: argparse.Namespace) -> int:
 
 
 def _controller(args: argparse.Namespace) -> int:
-    from harp.k8s.apiclient import resource_api
     from harp.k8s.controller import SliceController
     from harp.output import emit_json
-    resources = resource_api(args.kubeconfig)
+    resources = _resource_api(args)
     with scheduler_client(args) as scheduler:
         controller = SliceController(resources, scheduler, args.driver)
         if args.once:
@@ -156,6 +154,16 @@ def _controller(args: argparse.Namespace) -> int:
 def _why(exc: Any) -> str:
     status = getattr(exc, "status", None)
     return f"{status} {getattr(exc, 'reason', '')}".strip() if status else str(exc)
+
+
+def _resource_api(args: argparse.Namespace) -> Any:
+    from harp.k8s.apiclient import resource_api
+    resources = resource_api(args.kubeconfig)
+    if not args.verbose:      # urllib3 logs each retry; a failure is said once, in our words
+        import logging        # (a filter: the client's every Configuration resets the level)
+        logging.getLogger("urllib3.connectionpool").addFilter(
+            lambda record: record.levelno >= logging.ERROR)
+    return resources
 
 
 def run(args: argparse.Namespace) -> int:

@@ -285,3 +285,11 @@ def test_bad_claims_get_clear_errors_each_and_leave_no_lease(pool, node):
                    for _, u, name in refs if name != "good")
     assert node.kubelet.unprepare(*refs).claims[uid(1)].error == ""
     assert not any("default/good" in x.client_name for x in _leases(pool, node).values())
+
+
+def test_a_lease_address_names_a_lease_file(tmp_path):
+    import harp
+    with pytest.raises(harp.ArgumentError, match="a lease address is lease:PATH"):
+        harp.connect("lease:")
+    with pytest.raises(harp.LeaseError, match="no lease at"):
+        harp.connect(f"lease:{tmp_path}/none.json")
