@@ -58,6 +58,18 @@ def renew_interval(lease: Lease, minimum: float = 0.2) -> float:
     return max(minimum, min(lives) / 3) if lives else 20.0
 
 
+_EXPECTED = (ClaimError, StateError, HarpError, OSError)
+
+
+def _message(exc: Exception) -> str:
+    """What the kubelet's error for a claim says: ours as they are, others with their type."""
+    if isinstance(exc, HarpError):
+        return exc.message
+    if isinstance(exc, (ClaimError, StateError, OSError)):
+        return str(exc)
+    return f"internal error in the plugin: {type(exc).__name__}: {exc}"
+
+
 def _api_failure(exc: Exception) -> str:
     status = getattr(exc, "status", None)
     reason = getattr(exc, "reason", None) or type(exc).__name__
@@ -140,10 +152,11 @@ class Preparer:
                     devices = self._prepare(ref, device_kinds)
                 results[ref.uid] = PrepareResult(devices=devices)
                 log.info("prepared %s: %d device(s)", where, len(devices))
-            except (ClaimError, StateError, HarpError, OSError) as exc:
-                message = exc.message if isinstance(exc, HarpError) else str(exc)
+            except Exception as exc:          # this claim fails; the others go on
+                message = _message(exc)
                 results[ref.uid] = PrepareResult(error=f"{where}: {message}")
-                log.warning("could not prepare %s: %s", where, message)
+                log.warning("could not prepare %s: %s", where, message,
+                            exc_info=not isinstance(exc, _EXPECTED))
         return results
 
     def _answer(self, claim: PreparedClaim) -> list[PreparedDevice]:
@@ -207,10 +220,11 @@ class Preparer:
                         self._release(state)
                         log.info("unprepared %s", where)
                 results[ref.uid] = ""
-            except (StateError, HarpError, OSError) as exc:
-                message = exc.message if isinstance(exc, HarpError) else str(exc)
+            except Exception as exc:
+                message = _message(exc)
                 results[ref.uid] = f"{where}: {message}"
-                log.warning("could not unprepare %s: %s", where, message)
+                log.warning("could not unprepare %s: %s", where, message,
+                            exc_info=not isinstance(exc, _EXPECTED))
         return results
 
     def _release(self, state: PreparedClaim, quiet: bool = False) -> None:

@@ -13,7 +13,8 @@ can test (`device.attributes["harp.dev"].kind == "gpu"`):
     model    string   the device's name (cut to 64 characters, the API's limit)
 
 and a capacity `memory` (bytes). Servers that are down or draining have no slice: the
-scheduler would not place a lease on them either. No I/O here: `desired_slices` is a
+scheduler would not place a lease on them either. A slice holds at most 128 devices (the
+API's limit), so a server's devices past its 128th are not published. No I/O here: `desired_slices` is a
 function of the scheduler's pool listing (`SchedulerClient.pool()`).
 """
 from __future__ import annotations
@@ -50,13 +51,13 @@ def device_name(kind: str, index: int) -> str:
 def _device(device: dict[str, Any], server: str) -> Any:
     from kubernetes import client
     kind = str(device.get("kind") or "device")
-    string = lambda text: client.V1DeviceAttribute(string=str(text)[:MAX_ATTRIBUTE_STRING])  # noqa: E731
+    attributes = {"index": client.V1DeviceAttribute(int=int(device["index"]))}
+    for name, text in (("kind", kind), ("backend", device.get("backend")), ("server", server),
+                       ("model", device.get("name"))):
+        if text:
+            attributes[name] = client.V1DeviceAttribute(string=str(text)[:MAX_ATTRIBUTE_STRING])
     return client.V1Device(
-        name=device_name(kind, int(device["index"])),
-        attributes={"kind": string(kind), "backend": string(device.get("backend") or ""),
-                    "server": string(server), "index": client.V1DeviceAttribute(
-                        int=int(device["index"])),
-                    "model": string(device.get("name") or "")},
+        name=device_name(kind, int(device["index"])), attributes=attributes,
         capacity={"memory": client.V1DeviceCapacity(value=str(int(device.get("memory", 0))))})
 
 
