@@ -119,14 +119,14 @@ class KubeletPlugin:
         self._servers: list[tuple[grpc.Server, Path]] = []
 
     def start(self) -> "KubeletPlugin":
+        dra_service = DraService(self.preparer)
         try:
-            self._servers.append((_listen(self.dra_socket, lambda s: dra_grpc.
-                                          add_DRAPluginServicer_to_server(
-                                              DraService(self.preparer), s)), self.dra_socket))
-            self._servers.append((_listen(self.registration_socket, lambda s: reg_grpc.
-                                          add_RegistrationServicer_to_server(
-                                              self.registration, s)),
-                                  self.registration_socket))
+            server = _listen(self.dra_socket, lambda s: dra_grpc.add_DRAPluginServicer_to_server(
+                dra_service, s))
+            self._servers.append((server, self.dra_socket))
+            server = _listen(self.registration_socket, lambda s: reg_grpc.
+                             add_RegistrationServicer_to_server(self.registration, s))
+            self._servers.append((server, self.registration_socket))
         except BaseException:
             self.stop()
             raise

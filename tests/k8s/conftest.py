@@ -250,12 +250,12 @@ def params(**fields: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="package")
 def pool(tmp_path_factory):
-    """A scheduler (tokens live 3 s, so renewals show) and pool server p1 (2 cpu devices)."""
+    """A scheduler (tokens live 6 s, so renewals show) and pool server p1 (2 cpu devices)."""
     cluster = Cluster(tmp_path_factory.mktemp("k8s-pool"))
     cluster.identity("client", "dra-node1")
     cluster.identity("client", "pod")
     cluster.identity("client", "dra-controller")
-    cluster.start_scheduler(token_ttl=3)
+    cluster.start_scheduler(token_ttl=6)
     try:
         cluster.start_server("p1", "256MiB", 2)
         yield cluster

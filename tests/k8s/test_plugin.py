@@ -186,7 +186,7 @@ def test_a_prepared_claim_opens_its_device_and_unprepare_detaches_it(pool, node,
     assert again == answer and lease_id in _leases(pool, node)
     assert sum("default/train" in x.client_name for x in _leases(pool, node).values()) == 1
 
-    token = handed["devices"][0]["token"]             # tokens live 3 s: the plugin renews
+    token = handed["devices"][0]["token"]             # tokens live 6 s: the plugin renews
     assert wait_until(lambda: json.loads((host / "lease.json").read_text())["devices"][0]
                       ["token"] != token, timeout=20)
 
@@ -293,3 +293,14 @@ def test_a_lease_address_names_a_lease_file(tmp_path):
         harp.connect("lease:")
     with pytest.raises(harp.LeaseError, match="no lease at"):
         harp.connect(f"lease:{tmp_path}/none.json")
+
+
+def test_the_plugin_refuses_to_hand_pods_its_own_identity_or_a_server_certificate(pool):
+    for name, says in (("dra-node1", "is the plugin's own identity (dra-node1)"),
+                       ("server", "is a server certificate")):
+        result = subprocess.run(
+            [HARP, "kubernetes", "plugin", "--kubeconfig", "/nonexistent", "--cert-dir",
+             str(pool.certs), "--cert-name", "dra-node1", "--pod-cert-dir", str(pool.certs),
+             "--pod-cert-name", name], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1 and says in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
