@@ -4,6 +4,7 @@
     harp.connect("local:cuda:1")       # any installed backend, by name and device index
     harp.connect("harp://host:port")   # a device on a pool server (see harp.client)
     harp.connect(lease)                # device 0 of a lease from the scheduler (harp attach)
+    harp.connect("lease:/path/lease.json")   # the same, from a lease file
 
 Without an address, `HARP_DEVICE` names one, else the lease `harp attach` stored
 (`$HARP_LEASE` or ~/.config/harp/lease.json).
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from .device import Device
@@ -70,6 +72,10 @@ def connect(target: str | None = None, **options: Any) -> Device:
                                     "`harp attach`")
             target = Lease.load()
     from .lease import Lease
+    if isinstance(target, str) and target.startswith("lease:"):
+        if not target[len("lease:"):]:
+            raise ArgumentError("a lease address is lease:PATH (a lease file), got 'lease:'")
+        target = Lease.load(Path(target[len("lease:"):]))
     if isinstance(target, Lease):
         from harp.client import connect_lease
         return connect_lease(target, **options)
@@ -84,5 +90,5 @@ def connect(target: str | None = None, **options: Any) -> Device:
     if target.startswith(("harp://", "harp+insecure://", "unix:")):
         from harp.client import connect_remote
         return connect_remote(target, **options)
-    raise ArgumentError(f"unknown device address {target!r}: expected local:BACKEND[:INDEX] "
-                        "or harp://HOST:PORT")
+    raise ArgumentError(f"unknown device address {target!r}: expected local:BACKEND[:INDEX], "
+                        "harp://HOST:PORT or lease:PATH")

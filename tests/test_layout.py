@@ -6,6 +6,8 @@
   (`harp/connection.py`, `harp/cli/`, and the lazy `harp.RawKernel` export of
   `harp/__init__.py`), and those only inside the function that needs them.
 - `proto/` imports only `harp/` and itself.
+- `k8s/` (the DRA driver) imports `harp/`, `proto/` and `client/` (it attaches
+  through the scheduler client), and nothing imports it but the command line.
 - No module imports itself back through others: the import graph has no cycle.
 """
 from __future__ import annotations
@@ -17,11 +19,12 @@ import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 FOLDERS = {"harp": "harp", "client": "harp.client", "server": "harp.server",
-           "scheduler": "harp.scheduler", "trace": "harp.trace", "proto": "harp.proto"}
-PARTS = ("harp.client", "harp.server", "harp.scheduler", "harp.trace")
+           "scheduler": "harp.scheduler", "trace": "harp.trace", "proto": "harp.proto",
+           "k8s": "harp.k8s"}
+PARTS = ("harp.client", "harp.server", "harp.scheduler", "harp.trace", "harp.k8s")
 ALLOWED = {"harp.client": {"harp.trace", "harp.proto"}, "harp.server": {"harp.proto"},
            "harp.scheduler": {"harp.proto"}, "harp.trace": {"harp.proto"},
-           "harp.proto": set()}
+           "harp.proto": set(), "harp.k8s": {"harp.client", "harp.proto"}}
 #: May import the parts, lazily: harp.connect, the command line, the harp.RawKernel export,
 #: and the `harp run` start-up hook.
 ENTRY_POINTS = ("harp.connection", "harp.cli", "harp", "harp.runhook")

@@ -27,6 +27,8 @@ COMMANDS = {
     "leases": ("harp.cli.leases", "list leases"),
     "trace": ("harp.cli.trace", "study recorded traces: report, replay, export, what-if"),
     "run": ("harp.cli.run", "run an unmodified program with its numba.cuda calls served by HARP"),
+    "kubernetes": ("harp.cli.kubernetes", "the Kubernetes DRA driver: kubelet plugin and "
+                   "ResourceSlice controller"),
 }
 
 
