@@ -176,6 +176,14 @@ class SqliteStore:
             rows = self._db.execute("SELECT * FROM servers ORDER BY name").fetchall()
             return [self._server_dict(self._db, r) for r in rows]
 
+    def counts(self, table: str) -> dict[str, int]:
+        """How many leases (`table="leases"`) or servers (`"servers"`) are in each state."""
+        if table not in ("leases", "servers"):
+            raise ValueError(f"no states to count in {table!r}")
+        with self._lock:
+            rows = self._db.execute(f"SELECT state, COUNT(*) FROM {table} GROUP BY state")
+            return {state: n for state, n in rows.fetchall()}
+
     @staticmethod
     def _find_server(db: sqlite3.Connection, server: str) -> sqlite3.Row | None:
         row = db.execute("SELECT * FROM servers WHERE name=?", (server,)).fetchone()

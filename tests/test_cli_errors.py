@@ -38,6 +38,8 @@ def _one_line_error(out, *words):
     (["server", "serve", "--listen", "localhost:99999"], ["0 to 65535"]),
     (["certs", "issue", "client", "x", "--days", "-5"], ["at least 1"]),
     (["certs", "issue", "client", "x", "--days", "0"], ["at least 1"]),
+    (["server", "serve", "--metrics-listen", "unix:/tmp/m.sock"], ["over TCP"]),
+    (["scheduler", "serve", "--metrics-listen", "127.0.0.1"], ["HOST:PORT"]),
 ])
 def test_bad_values_are_usage_errors(args, words):
     _one_line_error(harp(*args), *words)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_tls_server_options, listen_address, positive_float, say,
-                     server_credentials, wait_for_signal)
+from .common import (add_metrics_options, add_tls_server_options, listen_address,
+                     metrics_endpoint, positive_float, say, server_credentials, start_metrics,
+                     wait_for_signal)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="lifetime of a lease token, seconds (default 60): a detached lease's "
                             "token is refused by a pool server that missed the news within this")
     add_tls_server_options(serve, "server")
+    add_metrics_options(serve)
 
 
 def start_scheduler(args: argparse.Namespace):  # noqa: ANN201 - a harp.scheduler.Scheduler
@@ -39,12 +41,19 @@ def start_scheduler(args: argparse.Namespace):  # noqa: ANN201 - a harp.schedule
 
 
 def run(args: argparse.Namespace) -> int:
+    metrics = metrics_endpoint(args)
     scheduler = start_scheduler(args)
     scheme = "harp+insecure" if args.insecure else "harp"
     for address in scheduler.addresses:
         say(f"HARP scheduler listening on {scheme}://{address} (database {scheduler.store.path})")
     try:
+        if metrics is not None:
+            from harp.scheduler.metrics import register
+            register(scheduler, metrics.registry)
+            start_metrics(metrics)
         wait_for_signal()
     finally:
+        if metrics is not None:
+            metrics.stop()
         scheduler.stop()
     return 0
