@@ -7,8 +7,9 @@ P-256 and are written owner-only (0o600) from the moment the file exists.
 A certificate also says who its holder is and what it may do: its subject's common
 name is the holder's identity (`alice`, `gpu-host-1`), and its organizational unit
 its role: `client` (attach, and see, renew and detach its own leases), `server` (a
-pool server: register and heartbeat under its own name), or `admin` (everything,
-every lease). `peer_identity` reads both from a gRPC peer's certificate.
+pool server: register and heartbeat under its own name), `admin` (everything,
+every lease), or `monitor` (read the services' metrics endpoints, nothing else).
+`peer_identity` reads both from a gRPC peer's certificate.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import functools
 import ipaddress
 import os
 import re
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Sequence
@@ -32,20 +34,22 @@ from harp.errors import AuthError
 __all__ = [
     "CertError", "TlsFiles", "default_cert_dir", "init_ca", "issue", "tls_files",
     "server_credentials", "channel_credentials", "ephemeral_pool", "describe",
+    "ssl_server_context", "MONITOR_ROLES",
 ]
 
 CA_CERT, CA_KEY = "ca.pem", "ca.key"
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-ROLES = ("client", "server", "admin")
+ROLES = ("client", "server", "admin", "monitor")
 _ROLE_EKU = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH,
-             "admin": ExtendedKeyUsageOID.CLIENT_AUTH}
+             "admin": ExtendedKeyUsageOID.CLIENT_AUTH, "monitor": ExtendedKeyUsageOID.CLIENT_AUTH}
 #: What each role's certificate may do. A server certificate also authenticates its holder
 #: as a client: a pool server uses it to register with the scheduler, which admits only
 #: server certificates to Register/Heartbeat (a user's client certificate cannot pose as a
 #: pool server).
 _ROLE_USAGES = {"server": [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH],
                 "client": [ExtendedKeyUsageOID.CLIENT_AUTH],
-                "admin": [ExtendedKeyUsageOID.CLIENT_AUTH]}
+                "admin": [ExtendedKeyUsageOID.CLIENT_AUTH],
+                "monitor": [ExtendedKeyUsageOID.CLIENT_AUTH]}
 _SERVER_DEFAULT_SANS = ("localhost", "127.0.0.1", "::1")
 
 
@@ -131,7 +135,7 @@ def _general_name(san: str) -> x509.GeneralName:
         return x509.DNSName(san)
 
 
-def issue(directory: Path, role: Literal["server", "client", "admin"], name: str, *,
+def issue(directory: Path, role: Literal["server", "client", "admin", "monitor"], name: str, *,
           sans: Sequence[str] = (), days: int = 825, overwrite: bool = False) -> tuple[Path, Path]:
     """Issue a `role` leaf cert `{name}.pem`/`{name}.key` signed by the CA in `directory`.
 
@@ -238,6 +242,17 @@ def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
                                        require_client_auth=True)
 
 
+def ssl_server_context(files: TlsFiles) -> ssl.SSLContext:
+    """A Python `ssl` context for a service beside gRPC (a data channel, a metrics endpoint):
+    TLS 1.3 with the service's certificate, requiring a client certificate of the pool CA."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(str(files.cert), str(files.key))
+    context.load_verify_locations(str(files.ca))
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
 def channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
     """gRPC channel credentials that trust only the pool CA and present the client cert."""
     ca_pem, cert_pem, key_pem = files.load()
@@ -272,7 +287,7 @@ def _extension(cert: x509.Certificate, cls: type[Any]) -> Any:
 class Identity:
     """Who a peer is (its certificate's common name) and its role."""
     name: str
-    role: str              # "client", "server", "admin"
+    role: str              # "client", "server", "admin", "monitor"
 
     def __str__(self) -> str:
         return f"{self.role} {self.name}"
@@ -280,6 +295,24 @@ class Identity:
     @property
     def is_admin(self) -> bool:
         return self.role == "admin"
+
+    @property
+    def is_monitor(self) -> bool:
+        """A monitoring system's identity: it reads metrics endpoints and may do nothing
+        else (no session, no lease)."""
+        return self.role == "monitor"
+
+
+#: The roles whose certificates may read a metrics endpoint: an operator, and a monitoring
+#: system (Prometheus) that may do nothing else.
+MONITOR_ROLES = ("admin", "monitor")
+
+
+def refuse_monitor(who: Identity, service: str) -> None:
+    """Raise `AuthError` for a monitor certificate at a service other than metrics."""
+    if who.is_monitor:
+        raise AuthError(f"{who} is a monitor certificate: it may read metrics endpoints, not "
+                        f"use the {service}")
 
 
 #: The identity of every peer of a plain-text (--insecure, loopback-only) service: there are

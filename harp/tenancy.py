@@ -182,6 +182,10 @@ class Ledger:
                     self._leases.pop(s.lease_key, None)
 
     # -- views -----------------------------------------------------------------------
+    def capacity(self, device: int) -> int:
+        with self._lock:
+            return self._cards[device].limit
+
     def used(self, device: int) -> int:
         with self._lock:
             return self._cards[device].used

@@ -1,15 +1,30 @@
 """Placement: which devices an attach gets, as a pure function of the pool's state.
 
-Kept free of the database so the policy can be read and tested on its own.
+Kept free of the database so the policy can be read and tested on its own. A refusal
+says why in words for the client, and as a reason code for the scheduler's metrics
+(`reason`, one of `REASONS`, on the error it raises).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from harp.errors import ArgumentError, NoCapacityError
+from harp.errors import ArgumentError, HarpError, NoCapacityError
 from harp.units import format_size
 
 SHARE_EPSILON = 1e-9
+
+#: Why an attach was refused: a malformed request, a kind the pool does not have, no such
+#: device on the client's host, only servers that are down or draining, or no room left.
+BAD_REQUEST, UNKNOWN_KIND, NOT_ON_HOST, SERVERS_UNAVAILABLE, NO_ROOM = (
+    "bad_request", "unknown_kind", "not_on_host", "servers_unavailable", "no_room")
+REASONS = (BAD_REQUEST, UNKNOWN_KIND, NOT_ON_HOST, SERVERS_UNAVAILABLE, NO_ROOM)
+
+
+def refusal(cls: type[HarpError], reason: str, message: str) -> HarpError:
+    """An error of class `cls` saying `message`, carrying the reason code `reason`."""
+    error = cls(message)
+    error.reason = reason  # type: ignore[attr-defined]
+    return error
 
 
 @dataclass(frozen=True)
@@ -41,23 +56,25 @@ class Request:
 def choose(candidates: list[Candidate], request: Request) -> list[tuple[Candidate, int]]:
     """Pick `request.count` devices; returns (device, memory quota) pairs, or raises why not."""
     if request.policy not in ("spread", "pack"):
-        raise ArgumentError(f"placement policy is 'spread' or 'pack', not {request.policy!r}")
+        raise refusal(ArgumentError, BAD_REQUEST,
+                      f"placement policy is 'spread' or 'pack', not {request.policy!r}")
     if not 0 < request.share <= 1:
-        raise ArgumentError(f"share must be in (0, 1], got {request.share}")
+        raise refusal(ArgumentError, BAD_REQUEST, f"share must be in (0, 1], got {request.share}")
     if request.count < 1:
-        raise ArgumentError(f"count must be >= 1, got {request.count}")
+        raise refusal(ArgumentError, BAD_REQUEST, f"count must be >= 1, got {request.count}")
     kinds = sorted({c.kind for c in candidates} | {c.backend for c in candidates if c.backend})
     pool = [c for c in candidates
             if not request.kind or request.kind in (c.kind, c.backend)]
     if not pool:
-        raise ArgumentError(f"no device of kind {request.kind!r} in the pool"
-                            + (f"; kinds here: {', '.join(kinds)}" if kinds else
-                               " (no pool server has registered)"))
+        raise refusal(ArgumentError, UNKNOWN_KIND,
+                      f"no device of kind {request.kind!r} in the pool"
+                      + (f"; kinds here: {', '.join(kinds)}" if kinds else
+                         " (no pool server has registered)"))
     if request.same_host:
         pool = [c for c in pool if c.host == request.client_host]
         if not pool:
-            raise NoCapacityError(f"no {request.kind or 'device'} on this host "
-                                  f"({request.client_host}) is in the pool")
+            raise refusal(NoCapacityError, NOT_ON_HOST, f"no {request.kind or 'device'} on "
+                          f"this host ({request.client_host}) is in the pool")
     up = [c for c in pool if c.server_state == "up"]
     fits = [c for c in up
             if c.used_memory + (request.memory or c.memory) <= c.memory
@@ -69,8 +86,8 @@ def choose(candidates: list[Candidate], request: Request) -> list[tuple[Candidat
                f"{len(fits)} of {len(up)} matching device(s) have room for "
                f"{format_size(request.memory) if request.memory else 'a whole device'} at "
                f"compute share {request.share:g}")
-        raise NoCapacityError(f"no capacity for {request.count} {request.kind or 'device'}(s): "
-                              f"{why}")
+        raise refusal(NoCapacityError, NO_ROOM if up else SERVERS_UNAVAILABLE,
+                      f"no capacity for {request.count} {request.kind or 'device'}(s): {why}")
     load = lambda c: (c.leases, c.used_share, c.used_memory / max(c.memory, 1))  # noqa: E731
     fits.sort(key=load, reverse=request.policy == "pack")
     if request.policy == "spread":  # one device per server first, then the rest

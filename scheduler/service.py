@@ -49,7 +49,7 @@ from harp.tokens import Claims, SigningKey
 from harp.transport import serve, server_options
 from harp.types import DeviceInfo
 
-from .placement import Request
+from .placement import BAD_REQUEST, Request, refusal
 from .sqlite import SqliteStore
 from .store import LeaseRecord, Store
 
@@ -118,6 +118,9 @@ class Scheduler(pb_grpc.SchedulerServicer):
         self.addresses: list[str] = []
         self._watchers: dict[str, set[queue.SimpleQueue]] = {}
         self._watch_lock = threading.Lock()
+        #: Told of every attach once answered: its seconds, and None or the placement
+        #: reason it was refused for (`placement.REASONS`); the metrics hook in here.
+        self.attach_observers: list[Callable[[float, str | None], None]] = []
 
     # -- lifetime ------------------------------------------------------------------
     def start(self, listen: list[str], credentials: grpc.ServerCredentials | None) -> list[str]:
@@ -219,7 +222,9 @@ class Scheduler(pb_grpc.SchedulerServicer):
     # -- who is asking ---------------------------------------------------------------
     def _identity(self, context: grpc.ServicerContext) -> Identity:
         try:
-            return security.peer_identity(context.auth_context(), insecure=self.insecure)
+            who = security.peer_identity(context.auth_context(), insecure=self.insecure)
+            security.refuse_monitor(who, "scheduler")
+            return who
         except AuthError as exc:
             _abort(context, exc)
             raise
@@ -330,23 +335,37 @@ class Scheduler(pb_grpc.SchedulerServicer):
     @_changes_state
     def Attach(self, request: Any, context: grpc.ServicerContext) -> Any:
         who = self._identity(context)
+        started = time.perf_counter()
         ttl = request.ttl_s or self.default_ttl_s
         now = time.time()
         try:
             if not MIN_TTL_S <= ttl <= MAX_TTL_S:
-                raise ArgumentError(f"ttl must be between {MIN_TTL_S:g} and {MAX_TTL_S:g} s")
+                raise refusal(ArgumentError, BAD_REQUEST,
+                              f"ttl must be between {MIN_TTL_S:g} and {MAX_TTL_S:g} s")
             if len(request.request_id) > 64:
-                raise ArgumentError("an attach's request id is at most 64 characters")
+                raise refusal(ArgumentError, BAD_REQUEST,
+                              "an attach's request id is at most 64 characters")
             lease = self.store.attach(Request(
                 kind=request.kind, count=request.count or 1, memory=request.memory,
                 share=request.share or 1.0, same_host=request.same_host,
                 client_host=request.client_host, policy=request.policy or "spread"),
                 ttl, request.client_name, now, owner=who.name, request_id=request.request_id)
         except (ArgumentError, NoCapacityError) as exc:
+            self._attached(started, getattr(exc, "reason", BAD_REQUEST))
             _abort(context, exc)
         log.info("attached %s for %s to %s", lease.id, who,
                  [(d["server"], d["index"]) for d in lease.devices])
-        return self._lease_reply(lease, now=min(now, lease.created_at))
+        reply = self._lease_reply(lease, now=min(now, lease.created_at))
+        self._attached(started, None)
+        return reply
+
+    def _attached(self, started: float, refused: str | None) -> None:
+        seconds = time.perf_counter() - started
+        for observe in self.attach_observers:
+            try:
+                observe(seconds, refused)
+            except Exception:       # a metrics hook must not fail an attach
+                log.exception("attach observer failed")
 
     @_changes_state
     def Renew(self, request: Any, context: grpc.ServicerContext) -> Any:

@@ -139,6 +139,13 @@ class SqlStore(Store):
             rows = db.execute("SELECT * FROM servers ORDER BY name").fetchall()
             return [self._server_dict(db, r) for r in rows]
 
+    def counts(self, table: str) -> dict[str, int]:
+        if table not in ("leases", "servers"):
+            raise ValueError(f"no states to count in {table!r}")
+        with self._read() as db:
+            rows = db.execute(f"SELECT state, COUNT(*) AS n FROM {table} GROUP BY state")
+            return {row["state"]: int(row["n"]) for row in rows.fetchall()}
+
     @staticmethod
     def _find_server(db: Transaction, server: str) -> Any:
         row = db.execute("SELECT * FROM servers WHERE name=?", (server,)).fetchone()

@@ -85,6 +85,10 @@ class Store(ABC):
     def servers(self) -> list[dict[str, Any]]:
         """Every registered server with its devices, load and active lease count."""
 
+    @abstractmethod
+    def counts(self, table: str) -> dict[str, int]:
+        """How many leases (`table="leases"`) or servers (`"servers"`) are in each state."""
+
     # -- leases ---------------------------------------------------------------------------
     @abstractmethod
     def attach(self, request: Request, ttl: float, client_name: str, now: float,

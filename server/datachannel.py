@@ -25,7 +25,7 @@ import socket
 import ssl
 import threading
 
-from harp.security import TlsFiles, identity_from_pem
+from harp.security import identity_from_pem
 from harp.shm import TICKET_BYTES
 from harp.transport import recv_exactly
 
@@ -41,16 +41,6 @@ MAX_PENDING = 32
 ACK, NACK = b"\x01", b"\x00"
 #: Seconds a data socket may make no progress during a transfer before the session ends.
 IO_TIMEOUT_S = 30.0
-
-
-def server_context(files: TlsFiles) -> ssl.SSLContext:
-    """TLS 1.3 with the server's certificate, requiring a client certificate of the pool CA."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_3
-    context.load_cert_chain(str(files.cert), str(files.key))
-    context.load_verify_locations(str(files.ca))
-    context.verify_mode = ssl.CERT_REQUIRED
-    return context
 
 
 class DataListener:

@@ -12,8 +12,9 @@ hand-off between threads on a round trip. Two hosts:
   runs here, in the handler's thread, on a device of this process. It does not
   isolate tenants from each other.
 
-Either way the host counts what passes (bytes, frames), knows whether a call is
-in progress, and can be ended from outside (`end`: a lease that is over, an
+Either way the host counts what passes (bytes, frames), reports what the session
+did (`counts`: calls, payload bytes, device time, failures by code), knows whether a
+call is in progress, and can be ended from outside (`end`: a lease that is over, an
 idle session, a stopping server, a worker that died); the handler then raises
 `SessionEnded` with the reason, which reaches the client as the session's final
 error (see `PoolServer.end_session`).
@@ -37,6 +38,8 @@ from harp.shm import SharedWindow
 from harp.types import DeviceInfo
 
 from . import ipc
+from .counters import Counts, session_counts
+from .fairshare import SessionGate
 from .session import Reply, Session
 from .workers import ControlLoop, WorkerProcess, describe_exit
 
@@ -109,6 +112,10 @@ class SessionHost:
         """Run one client frame; yields the frames the client gets back."""
         raise NotImplementedError
 
+    def counts(self) -> Counts:
+        """What the session has done so far (read when asked: a scrape, the session's end)."""
+        raise NotImplementedError
+
     def end(self, error: HarpError) -> None:
         raise NotImplementedError
 
@@ -130,9 +137,10 @@ class ThreadHost(SessionHost):
     isolation = "thread"
 
     def __init__(self, sid: str, device: Any, chunk_size: int,
-                 window: SharedWindow | None = None) -> None:
+                 window: SharedWindow | None = None, gate: SessionGate | None = None) -> None:
         super().__init__(sid)
         self.session = Session(device, sid, chunk_size, window)
+        self.gate = gate
         self.info = device.info
         self.protocol = ServerProtocol()
         self.lock = threading.Lock()
@@ -158,6 +166,9 @@ class ThreadHost(SessionHost):
             self.last_activity = time.monotonic()
         if reply is not None:
             yield from self._frames(reply)
+
+    def counts(self) -> Counts:
+        return session_counts(self.session, self.gate.device_ns if self.gate is not None else 0)
 
     def _receive_data(self, nbytes: int) -> Reply | None:
         """The rest of a chunked write, from the data channel, a chunk at a time."""
@@ -235,6 +246,8 @@ class WorkerHost(SessionHost):
         self._drained = 0
         #: A synchronize answered here that the worker is yet to hear of (0: none).
         self._synced = 0
+        #: Calls answered here, which the worker does not count (`_answer_drained`).
+        self.answered = 0
 
     def open(self, request: dict, device: int, share: float, timeout: float = 60.0,
              window: SharedWindow | None = None) -> None:
@@ -332,10 +345,15 @@ class WorkerHost(SessionHost):
             return None
         self._drained = self._synced = seq
         self.replies += 1
+        self.answered += 1
         reply = ServerProtocol.reply(seq, None, None)
         self.bytes_out += len(reply)
         self.last_activity = time.monotonic()
         return reply
+
+    def counts(self) -> Counts:
+        """The worker's counts as it last published them, with the calls answered here."""
+        return self.worker.counts.read() + Counts(calls=self.answered)
 
     def _relay_data(self, nbytes: int) -> None:
         """A chunked write's bytes from the data channel straight into the worker's write

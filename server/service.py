@@ -36,13 +36,15 @@ from harp.errors import (HarpError, LeaseError, NoCapacityError, ProtocolError,
 from harp.proto import session_pb2 as pb
 from harp.proto.codec import error_from_bytes, error_message, error_to_bytes, facts_to_proto
 from harp.shm import SharedWindow
-from harp.security import ANONYMOUS, Identity, TlsFiles, peer_identity
+from harp.security import (ANONYMOUS, Identity, TlsFiles, peer_identity, refuse_monitor,
+                           ssl_server_context)
 from harp.tenancy import Ledger, Tenancy
 from harp.transport import serve, server_options, split_host_port
 
 from . import malloc
 from harp.executor import ElasticExecutor
-from .datachannel import TICKET_TTL_S as DATA_TICKET_TTL_S, DataListener, server_context
+from .counters import Counts
+from .datachannel import TICKET_TTL_S as DATA_TICKET_TTL_S, DataListener
 from .door import Door, door_path
 from .tickets import TicketBook
 from .fairshare import DeviceArbiter
@@ -154,6 +156,12 @@ class PoolServer:
         self.workers: WorkerPool | None = None
         self.control: ControlLoop | None = None
         self.addresses: list[str] = []
+        #: Per device, what its ended sessions did, and how many sessions it opened: with the
+        #: open sessions' own counts, the totals a metrics scrape reports (`server.metrics`).
+        self.retired: dict[int, Counts] = {}
+        self.opened: dict[int, int] = {}
+        #: Sessions refused at the handshake, by error code.
+        self.refused: dict[str, int] = {}
 
     # -- lifetime ----------------------------------------------------------------
     def start(self, listen: list[str], credentials: grpc.ServerCredentials | None,
@@ -221,7 +229,7 @@ class PoolServer:
     def _open_data_listeners(self, bound: list[str], tls: TlsFiles) -> None:
         """A data listener on the host of each TCP listen address, all on one port."""
         try:
-            context = server_context(tls)
+            context = ssl_server_context(tls)
         except (OSError, ValueError) as exc:
             log.warning("no data channels (the TLS files do not load for Python's ssl: %s); "
                         "bulk data will take the stream", exc)
@@ -279,6 +287,25 @@ class PoolServer:
 
     def memory_used(self) -> int:
         return sum(self.ledger.used(i) for i in self.arbiters)
+
+    def session_counts(self, record: SessionRecord) -> Counts:
+        """What a session has done so far: its host's counts, with the device time the
+        device's arbiter was charged when that is more (a worker that died unheard)."""
+        host = record.host
+        counts = host.counts() if host is not None else Counts()
+        arbiter = self.arbiters.get(record.device)
+        charged = arbiter.device_ns(record.id) if arbiter is not None else 0
+        if charged > counts.device_ns:
+            counts = Counts(counts.calls, counts.write_bytes, counts.read_bytes, charged,
+                            counts.errors)
+        return counts
+
+    def totals(self) -> tuple[list[SessionRecord], dict[int, Counts], dict[int, int]]:
+        """The open sessions, and per device what ended sessions did and how many opened,
+        taken together (a session moves from the first to the second under the same lock,
+        so totals built from them never go back)."""
+        with self._lock:
+            return list(self.sessions.values()), dict(self.retired), dict(self.opened)
 
     def session_stats(self) -> list[dict[str, Any]]:
         """Every open session: who, which lease, device time, memory, traffic."""
@@ -425,8 +452,12 @@ class PoolServer:
                 log.exception("session %s failed", record.id if record else "-")
         finally:
             if record is not None:
+                final = self.session_counts(record) if record.host is not None else None
                 with self._lock:
                     self.sessions.pop(record.id, None)
+                    if final is not None:
+                        self.retired[record.device] = \
+                            self.retired.get(record.device, Counts()) + final
                 if record.host is not None:
                     record.host.dispose()
                 if record.data_ticket and self._data_tickets is not None:
@@ -477,6 +508,7 @@ class PoolServer:
         try:
             version = wire.choose_version(request.versions.min, request.versions.max)
             identity = self._identity(context)
+            refuse_monitor(identity, "pool server's sessions")
             grant = self.authorizer(request)
             self.backend.check_index(grant.device_index)
             record = SessionRecord(id=f"s{next(self._counter)}-{secrets.token_hex(4)}",
@@ -497,15 +529,19 @@ class PoolServer:
             if window is not None and self.isolation == "process":
                 window.close()               # the worker and the door have their own copies
         except HarpError as exc:
-            if record is not None:
-                with self._lock:
+            with self._lock:
+                if record is not None:
                     self.sessions.pop(record.id, None)
+                self.refused[exc.code] = self.refused.get(exc.code, 0) + 1
+            if record is not None:
                 self.ledger.close(record.id)
             log.info("refused a session from %s (%s): %s", context.peer(), client, exc.message)
             return None, pb.HandshakeReply(error=error_message(exc),
                                            server_name=self.name).SerializeToString()
         log.info("session %s opened by %s (%s, %s) on device %d", record.id, context.peer(),
                  record.identity, client, grant.device_index)
+        with self._lock:
+            self.opened[record.device] = self.opened.get(record.device, 0) + 1
         return record, pb.HandshakeReply(
             version=version, session_id=record.id, device=facts_to_proto(record.host.info),
             chunk_size=self.chunk_size, server_name=self.name, shared_memory=offer,
@@ -559,7 +595,7 @@ class PoolServer:
                                        tenancy=Tenancy(account, gate))
             if self.wrap_device is not None:
                 device = self.wrap_device(device, record.id)
-            return ThreadHost(record.id, device, self.chunk_size, window)
+            return ThreadHost(record.id, device, self.chunk_size, window, gate)
         assert self.workers is not None and self.control is not None
         self.ledger.open(record.id, grant.device_index, quota=quota, lease=grant.lease_id)
         worker = self.workers.take()

@@ -124,7 +124,10 @@ class Session:
         self.backend_calls = 0
         self.last_seq = 0
         self.closed = False
-        self.calls = 0
+        #: What the session did, for the server's metrics (`counters.Counts`): calls run here,
+        #: bytes its writes and reads named, failures reported to it by code (and their sum).
+        self.calls = self.write_bytes = self.read_bytes = self.failed = 0
+        self.failures: dict[str, int] = {}
         #: The seq of the last call after which the device was known drained: a whole-device
         #: synchronize that succeeded, everything before it done and its errors taken.
         self.drained_seq = 0
@@ -167,7 +170,7 @@ class Session:
                 raise
             error = _as_harp(exc)
             if op in wire.SYNC_OPS:
-                return Reply(seq, _named(error, wire.SCHEMA[op][0], seq))
+                return self._failed(seq, _named(error, wire.SCHEMA[op][0], seq))
             self.errors.add(error, wire.SCHEMA[op][0], seq)
             return None
 
@@ -216,10 +219,19 @@ class Session:
             error = found[0]
             error.later = found[1:]  # type: ignore[attr-defined]
         if error is not None:
-            return Reply(seq, error)
+            return self._failed(seq, error)
         if type(result) is Reply:
             return result
         return Reply(seq, None, result)
+
+    def _failed(self, seq: int, error: HarpError) -> Reply:
+        """The reply to a sync call that reports `error` (and the failures after it, in
+        `error.later`), counted by code for the server's metrics."""
+        failures = self.failures
+        for failure in (error, *getattr(error, "later", ())):
+            failures[failure.code] = failures.get(failure.code, 0) + 1
+            self.failed += 1
+        return Reply(seq, error)
 
     # -- memory ----------------------------------------------------------------
     def _alloc(self, seq: int, client_id: int, nbytes: int) -> None:
@@ -249,6 +261,7 @@ class Session:
             return None
 
     def _write(self, seq: int, buf: int, offset: int, stream: int, data: bytes) -> None:
+        self.write_bytes += len(data)
         found = self._lookup(seq, "write", (Buffer, buf), (Stream, stream))
         if found:
             self._async(seq, "write", self.device.write, found[0], offset, data, found[1])
@@ -262,6 +275,8 @@ class Session:
                 self.errors.add(ArgumentError(f"write [{offset}, {offset + nbytes}) is outside "
                                               f"the buffer of {target.nbytes} bytes"), "write", seq)
                 found = None
+            else:
+                self.write_bytes += nbytes
         return ChunkSink(self, seq, found[0] if found else None, offset,
                          found[1] if found else None)
 
@@ -282,6 +297,8 @@ class Session:
             self.errors.add(ArgumentError(f"write [{offset}, {offset + nbytes}) is outside "
                                           f"the buffer of {found[0].nbytes} bytes"), "write", seq)
             found = None
+        if found:
+            self.write_bytes += nbytes
         pos = 0
         while pos < nbytes:
             chunk = window.receive(nbytes - pos, self._alive)
@@ -308,6 +325,7 @@ class Session:
                                             f"buffer of {target.nbytes} bytes")
                 except HarpError as exc:
                     raise self._refused(seq, exc)
+                self.read_bytes += nbytes
                 if self.errors:                  # an earlier failure is this call's reply
                     return [nbytes]
                 while sent < nbytes:
@@ -346,6 +364,7 @@ class Session:
                                         f"buffer of {target.nbytes} bytes")
             except HarpError as exc:
                 raise self._refused(seq, exc)
+            self.read_bytes += nbytes
             if nbytes <= wire.INLINE_LIMIT:  # small reads ride in the reply record itself
                 return [nbytes, self._read_chunk(seq, target, offset, nbytes, queue)
                         if nbytes else b""]
@@ -449,9 +468,8 @@ class Session:
     def synchronized_elsewhere(self, seq: int) -> None:
         """A whole-device synchronize `seq` was answered for this session without it (the
         pool server's relay, while the session stayed drained): number it as if run here."""
-        if seq > self.last_seq:
+        if seq > self.last_seq:                 # counted by the relay that answered it
             self.last_seq = self.drained_seq = seq
-            self.calls += 1
 
     def _elapsed(self, seq: int, start: int, end: int) -> Reply:
         def run() -> float:

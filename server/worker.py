@@ -40,6 +40,7 @@ from harp.tenancy import MemoryBroker, Tenancy
 from harp.types import MemInfo
 
 from . import ipc
+from .counters import SharedCounts
 from .fairshare import GateLink, SessionGate
 from .session import Reply, Session
 
@@ -86,6 +87,7 @@ class Worker:
         chunk = spec.get("chunk_size", wire.CHUNK_SIZE)
         self.writes = ipc.SlotRing.create("harp-write", chunk)   # server fills, we drain
         self.reads = ipc.SlotRing.create("harp-read", chunk)     # we fill, server drains
+        self.counts = SharedCounts.create()                      # we write, server reads
         self.session: Session | None = None
         self.protocol = ServerProtocol()
         self.gate: SessionGate | None = None
@@ -93,7 +95,7 @@ class Worker:
 
     def run(self) -> None:
         self.data.send_fds(ipc.READY, ipc.pack({"pid": os.getpid()}),
-                           [self.writes.fd, self.reads.fd])
+                           [self.writes.fd, self.reads.fd, self.counts.fd])
         from harp.backends import load_backend
         backend = load_backend(self.spec["backend"], **self.spec.get("options", {}))
         # started while warm, so that opening a session costs only the open
@@ -147,6 +149,7 @@ class Worker:
                 kind, body = data.recv()
                 if kind == ipc.FRAME:
                     reply = session.handle(protocol.receive(body))
+                    self._publish()                     # before the client hears of it
                     if reply is not None and reply.error is None and reply.payload is None \
                             and drains and session.drained():
                         data.send(ipc.REPLY_DRAINED, ServerProtocol.reply(reply.seq, None,
@@ -166,6 +169,7 @@ class Worker:
                     continue
                 elif kind == ipc.CLOSE:             # the client went away
                     session.close()
+                    self._publish()
                     data.send(ipc.CLOSED)
                     return
                 else:                               # the server has gone
@@ -173,6 +177,7 @@ class Worker:
                 if reply is not None:
                     self._send_reply(reply)
                 if session.closed:
+                    self._publish()
                     data.send(ipc.CLOSED)
                     return
         except ProtocolError as exc:
@@ -183,6 +188,11 @@ class Worker:
             pass
         finally:
             session.close()
+
+    def _publish(self) -> None:
+        """The session's counts, where the server reads them (`counters.SharedCounts`)."""
+        gate = self.gate
+        self.counts.publish(self.session, gate.device_ns if gate is not None else 0)
 
     def _send_reply(self, reply: Reply) -> None:
         """`REPLY`, or `REPLY_MORE` and a large read's payload chunk by chunk (the last one
@@ -237,6 +247,7 @@ class Worker:
                 if self.session is not None:
                     try:
                         self.session.close()
+                        self._publish()
                     except Exception:
                         pass
                 sys.stdout.flush()

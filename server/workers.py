@@ -29,6 +29,7 @@ from harp.proto.codec import error_to_bytes
 from harp.tenancy import Ledger
 
 from . import ipc
+from .counters import SharedCounts
 from .fairshare import DeviceArbiter
 from .forkserver import ForkServer
 
@@ -51,13 +52,16 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 class WorkerProcess:
-    """The server's end of one worker: its process, channels and payload rings."""
+    """The server's end of one worker: its process, channels, payload rings and counts."""
 
     def __init__(self, forks: ForkServer, data: ipc.Channel, ctl: ipc.Channel,
-                 writes: ipc.SlotRing, reads: ipc.SlotRing, pid: int) -> None:
+                 writes: ipc.SlotRing, reads: ipc.SlotRing, pid: int,
+                 counts: SharedCounts) -> None:
         self.forks, self.data, self.ctl = forks, data, ctl
         self.writes, self.reads = writes, reads
         self.pid = pid
+        #: The session's counts, as the worker last published them (`counters`).
+        self.counts = counts
 
     def alive(self) -> bool:
         return self.forks.exitcode(self.pid) is None
@@ -73,7 +77,7 @@ class WorkerProcess:
 
     def dispose(self) -> None:
         """Close our ends and reap the process (in the background)."""
-        for thing in (self.data, self.ctl, self.writes, self.reads):
+        for thing in (self.data, self.ctl, self.writes, self.reads, self.counts):
             try:
                 thing.close()
             except Exception:
@@ -149,12 +153,12 @@ class WorkerPool:
         data, ctl = ipc.Channel(parent_data), ipc.Channel(parent_ctl, buffered=False)
         parent_data.settimeout(timeout)
         try:
-            kind, _, fds = data.recv_fds(2)
+            kind, _, fds = data.recv_fds(3)
         except OSError:
             kind, fds = 0, []
         finally:
             parent_data.settimeout(None)
-        if kind != ipc.READY or len(fds) != 2:
+        if kind != ipc.READY or len(fds) != 3:
             for fd in fds:
                 os.close(fd)
             code = self.forks.exitcode(pid, 1.0)
@@ -166,7 +170,7 @@ class WorkerPool:
             raise BackendError(f"a session worker process {why}")
         chunk = self.spec["chunk_size"]
         return WorkerProcess(self.forks, data, ctl, ipc.SlotRing(fds[0], chunk),
-                             ipc.SlotRing(fds[1], chunk), pid)
+                             ipc.SlotRing(fds[1], chunk), pid, SharedCounts(fds[2]))
 
     #: A replacement is started this long after a worker is taken (at once when fewer than
     #: half are left), so its start-up does not compete for the CPU with the session just

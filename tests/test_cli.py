@@ -60,12 +60,14 @@ def test_connect_without_address_or_lease_says_what_to_do(tmp_path):
 
 def test_harp_up_serves_a_one_machine_pool_and_stops_on_ctrl_c(tmp_path):
     """`harp up`: certificates on first use, a scheduler and a cpu pool server; a lease from
-    it works through `harp.connect()`; SIGINT stops everything cleanly."""
+    it works through `harp.connect()`; one metrics endpoint shows both services to the
+    monitor certificate it issued; SIGINT stops everything cleanly."""
     import signal
     env = dict(os.environ, HARP_DATA_DIR=str(tmp_path / "data"),
                HARP_CERT_DIR=str(tmp_path / "certs"), HARP_LEASE=str(tmp_path / "lease.json"))
     proc = subprocess.Popen([HARP, "up", "--scheduler-listen", "127.0.0.1:0",
-                             "--server-listen", "127.0.0.1:0", "--memory", "256MiB"],
+                             "--server-listen", "127.0.0.1:0", "--memory", "256MiB",
+                             "--metrics-listen", "127.0.0.1:0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         line = ""
@@ -73,6 +75,10 @@ def test_harp_up_serves_a_one_machine_pool_and_stops_on_ctrl_c(tmp_path):
             line = proc.stdout.readline()
             assert line, "harp up exited before it was up"
         env["HARP_SCHEDULER"] = line.split("scheduler ")[1].split(",")[0]
+        while "HARP metrics on" not in line:
+            line = proc.stdout.readline()
+            assert line, "harp up exited before it served its metrics"
+        metrics = line.split("HARP metrics on ")[1].split()[0]
         assert (tmp_path / "certs" / "ca.pem").exists()
         pool = json.loads(run("pool", "ls", "--json", env=env).stdout)
         assert pool[0]["state"] == "up" and pool[0]["devices"][0]["kind"] == "cpu"
@@ -85,6 +91,14 @@ def test_harp_up_serves_a_one_machine_pool_and_stops_on_ctrl_c(tmp_path):
         assert out.stdout.split() == ["abcd", str(64 << 20)], out.stderr
         assert json.loads(run("detach", "--json", env=env).stdout)["state"] == "ended"
         assert lease["devices"][0]["server"] == pool[0]["name"]
+        import ssl
+        import urllib.request
+        context = ssl.create_default_context(cafile=str(tmp_path / "certs" / "ca.pem"))
+        context.load_cert_chain(str(tmp_path / "certs" / "monitor.pem"),
+                                str(tmp_path / "certs" / "monitor.key"))
+        text = urllib.request.urlopen(metrics, context=context, timeout=15).read().decode()
+        assert 'harp_scheduler_leases{state="ended"} 1.0' in text
+        assert 'harp_device_sessions_opened_total{device="0"} 1.0' in text
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(20) == 0

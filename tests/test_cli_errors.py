@@ -41,6 +41,8 @@ def _one_line_error(out, *words):
     (["scheduler", "serve", "--store", "mysql://db/harp"], ["unknown store"]),
     (["scheduler", "serve", "--advertise", "sched-a:50050"], ["harp://HOST:PORT"]),
     (["leases", "--scheduler", " , "], ["no scheduler address"]),
+    (["server", "serve", "--metrics-listen", "unix:/tmp/m.sock"], ["over TCP"]),
+    (["scheduler", "serve", "--metrics-listen", "127.0.0.1"], ["HOST:PORT"]),
 ])
 def test_bad_values_are_usage_errors(args, words):
     _one_line_error(harp(*args), *words)

@@ -79,6 +79,13 @@ class Backend(abc.ABC):
         `trust_client_code` allows image formats that run or compile client code here.
         """
 
+    def telemetry(self, index: int) -> dict[str, float]:
+        """Live readings of device `index` for a pool server's metrics, those the backend
+        can take: `utilization` (busy fraction, 0 to 1), `temperature_celsius`,
+        `power_watts`. Never raises; `{}` when it has none (the default: a pool server
+        still counts each device's kernel time itself)."""
+        return {}
+
     def local_memory(self, index: int, capacity: int, quota: int | None) -> MemoryBroker:
         """A session's account in this backend's own ledger of device `index`."""
         with self._ledger_lock:

@@ -17,10 +17,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     init.add_argument("--name", default="HARP pool CA")
     init.add_argument("--overwrite", action="store_true", help="replace an existing CA")
     issue = sub.add_parser("issue", help="issue a certificate from the CA: a pool server's "
-                                         "(server), a user's (client) or an operator's (admin)")
-    issue.add_argument("role", choices=["server", "client", "admin"],
+                                         "(server), a user's (client), an operator's (admin) "
+                                         "or a monitoring system's (monitor)")
+    issue.add_argument("role", choices=list(security.ROLES),
                        help="server: a pool server, registering under NAME; client: a user, "
-                            "who sees and ends only its own leases; admin: every lease, drain")
+                            "who sees and ends only its own leases; admin: every lease, drain; "
+                            "monitor: reads metrics endpoints and nothing else")
     issue.add_argument("name", help="the holder's identity, and the file names NAME.pem and "
                                     "NAME.key")
     issue.add_argument("--san", action="append", default=[],

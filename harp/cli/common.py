@@ -87,6 +87,45 @@ def listen_address(text: str) -> str:
     return text
 
 
+def metrics_address(text: str) -> str:
+    """HOST:PORT or [IPv6]:PORT for a metrics endpoint (port 0 picks a free one)."""
+    if text.startswith("unix:"):
+        raise argparse.ArgumentTypeError("metrics are served over TCP: HOST:PORT, e.g. "
+                                         "127.0.0.1:9464")
+    return listen_address(text)
+
+
+def add_metrics_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--metrics-listen", default=None, type=metrics_address, metavar="HOST:PORT",
+                   help="serve Prometheus metrics at /metrics on this address, over HTTPS "
+                        "with the service's certificate, to client certificates of role "
+                        "monitor or admin (port 0 picks a free one)")
+    p.add_argument("--metrics-insecure", action="store_true",
+                   help="serve the metrics over plain HTTP (loopback addresses only); "
+                        "--insecure implies it")
+
+
+def metrics_endpoint(args: argparse.Namespace) -> Any:
+    """The metrics endpoint the options ask for, checked (TLS files, the loopback rule) but
+    not started, with an empty registry for the service's collectors; None without
+    --metrics-listen."""
+    if not getattr(args, "metrics_listen", None):
+        return None
+    from harp.metrics import MetricsEndpoint, prometheus
+    insecure = bool(args.insecure or args.metrics_insecure)
+    return MetricsEndpoint(prometheus().CollectorRegistry(), args.metrics_listen,
+                           tls=None if insecure else server_tls(args), insecure=insecure)
+
+
+def start_metrics(endpoint: Any) -> None:
+    """Start a metrics endpoint (from `metrics_endpoint`) and say where it is."""
+    if endpoint is None:
+        return
+    endpoint.start()
+    say(f"HARP metrics on {endpoint.url}" + (" (client certificates of role monitor or admin)"
+                                             if endpoint.scheme == "https" else ""))
+
+
 def add_scheduler_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scheduler", default=None, type=scheduler_addresses,
                    help=f"scheduler address (default: $HARP_SCHEDULER or {DEFAULT_SCHEDULER}; "
@@ -193,4 +232,5 @@ __all__ = ["size", "positive_int", "positive_count", "count", "positive_float", 
            "listen_address",
            "format_size", "add_scheduler_options", "scheduler_address", "scheduler_addresses",
            "scheduler_client",
-           "add_tls_server_options", "server_tls", "server_credentials", "wait_for_signal", "say"]
+           "add_tls_server_options", "server_tls", "server_credentials", "wait_for_signal", "say",
+           "metrics_address", "add_metrics_options", "metrics_endpoint", "start_metrics"]

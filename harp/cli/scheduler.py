@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import (add_tls_server_options, listen_address, positive_float, say,
-                     server_credentials, wait_for_signal)
+from .common import (add_metrics_options, add_tls_server_options, listen_address,
+                     metrics_endpoint, positive_float, say, server_credentials, start_metrics,
+                     wait_for_signal)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="replicas: seconds a frozen leader keeps the lead before a "
                             "follower takes over (default 5)")
     add_tls_server_options(serve, "server")
+    add_metrics_options(serve)
 
 
 def store(text: str) -> str:
@@ -81,6 +83,7 @@ def start_scheduler(args: argparse.Namespace):  # noqa: ANN201 - a harp.schedule
 
 
 def run(args: argparse.Namespace) -> int:
+    metrics = metrics_endpoint(args)
     scheduler = start_scheduler(args)
     scheme = "harp+insecure" if args.insecure else "harp"
     for address in scheduler.addresses:
@@ -89,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
             + (f"; a replica, leading when elected as {scheduler.advertise})"
                if scheduler.leadership is not None else ")"))
     try:
+        if metrics is not None:
+            from harp.scheduler.metrics import register
+            register(scheduler, metrics.registry)
+            start_metrics(metrics)
         wait_for_signal()
     finally:
+        if metrics is not None:
+            metrics.stop()
         scheduler.stop()
     return 0

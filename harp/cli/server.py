@@ -6,9 +6,10 @@ import socket
 
 from ..errors import ArgumentError
 from ..output import emit_json
-from .common import (add_scheduler_options, add_tls_server_options, count, listen_address,
-                     positive_float, positive_int, say, scheduler_address, scheduler_addresses,
-                     scheduler_client, server_credentials, server_tls, size, wait_for_signal)
+from .common import (add_metrics_options, add_scheduler_options, add_tls_server_options, count,
+                     listen_address, metrics_endpoint, positive_float, positive_int, say,
+                     scheduler_address, scheduler_addresses, scheduler_client, server_credentials,
+                     server_tls, size, start_metrics, wait_for_signal)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -69,6 +70,7 @@ def add_serve_arguments(serve: argparse.ArgumentParser) -> None:
                        help="end sessions that send nothing for this many seconds (default 1800)")
     serve.add_argument("--trace-dir", default=None,
                        help="record every session into DIR/SESSION.harptrace (harp trace ...)")
+    add_metrics_options(serve)
 
 
 def backend_options(args: argparse.Namespace) -> dict:
@@ -151,6 +153,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"server {info['name']} is {info['state']}")
         return 0
+    metrics = metrics_endpoint(args)
     server, registrar, endpoints = start_pool_server(args)
     for endpoint in endpoints:
         say(f"HARP pool server {server.name} listening on {endpoint} "
@@ -158,9 +161,15 @@ def run(args: argparse.Namespace) -> int:
             f"{server.isolation} isolation)"
             + (f", leases from {args.scheduler}" if registrar else ""))
     try:
+        if metrics is not None:
+            from harp.server.metrics import PoolCollector
+            metrics.registry.register(PoolCollector(server))
+            start_metrics(metrics)
         wait_for_signal()
     finally:
         say("stopping: ending sessions")
+        if metrics is not None:
+            metrics.stop()
         if registrar is not None:
             registrar.stop()
         server.stop(grace=2.0)

@@ -2,9 +2,10 @@
 
 A scheduler on SQLite and a pool server for the local cpu device, with the pool
 CA and certificates created on first use: the scheduler's and the pool
-server's (`HOST-cpu`), a `client` certificate for this machine's user, and an
-`admin` one for its operator (`harp leases --all`, `harp server drain`).
-Ctrl-C stops everything cleanly.
+server's (`HOST-cpu`), a `client` certificate for this machine's user, an
+`admin` one for its operator (`harp leases --all`, `harp server drain`), and a
+`monitor` one for a Prometheus server (`--metrics-listen`: one endpoint for both
+services). Ctrl-C stops everything cleanly.
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import re
 import socket
 from pathlib import Path
 
-from .common import listen_address, positive_float, say, size, wait_for_signal
+from .common import (add_metrics_options, listen_address, metrics_endpoint, positive_float, say,
+                     size, start_metrics, wait_for_signal)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--isolation", choices=["process", "thread"], default="process",
                    help="sessions in worker processes (default) or in the server's own "
                         "(development only)")
+    add_metrics_options(p)
 
 
 def pool_server_name() -> str:
@@ -49,7 +52,7 @@ def ensure_certs(cert_dir: Path) -> None:
         say(f"created pool CA in {cert_dir}")
     wanted = (("server", "server", [socket.gethostname()]),
               ("server", pool_server_name(), [socket.gethostname()]),
-              ("client", "client", []), ("admin", "admin", []))
+              ("client", "client", []), ("admin", "admin", []), ("monitor", "monitor", []))
     for role, name, sans in wanted:
         if not (cert_dir / f"{name}.pem").exists():
             security.issue(cert_dir, role, name, sans=sans)
@@ -65,6 +68,9 @@ def run(args: argparse.Namespace) -> int:
     certs = args.cert_dir or default_cert_dir()
     ensure_certs(certs)
     tls = dict(insecure=False, cert_dir=str(certs), tls_ca=None, tls_cert=None, tls_key=None)
+    metrics = metrics_endpoint(argparse.Namespace(
+        **tls, cert_name="server", metrics_listen=args.metrics_listen,
+        metrics_insecure=args.metrics_insecure))
     scheduler = start_scheduler(argparse.Namespace(
         **tls, cert_name="server", data_dir=data, listen=[args.scheduler_listen],
         heartbeat=args.heartbeat, down_after=None, default_ttl=600.0, token_ttl=60.0))
@@ -87,9 +93,17 @@ def run(args: argparse.Namespace) -> int:
         say(f"HARP is up: scheduler {scheduler_url}, pool server {server.name} "
             f"on {', '.join(endpoints)}")
         say(f"  HARP_SCHEDULER={scheduler_url} harp attach --kind cpu   # then harp.connect()")
+        if metrics is not None:
+            from harp.scheduler.metrics import register
+            from harp.server.metrics import PoolCollector
+            register(scheduler, metrics.registry)
+            metrics.registry.register(PoolCollector(server))
+            start_metrics(metrics)
         wait_for_signal()
     finally:
         say("stopping")
+        if metrics is not None:
+            metrics.stop()
         for server, registrar in servers:
             if registrar is not None:
                 registrar.stop()

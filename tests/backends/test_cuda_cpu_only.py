@@ -22,6 +22,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -29,7 +30,7 @@ import pytest
 import harp
 from harp import catalog as cat
 from harp.backends import backend_names, load_backend
-from harp.backends.cuda import kernels, nvrtc
+from harp.backends.cuda import kernels, nvml, nvrtc
 
 from stand_ins import emulated_cupy
 
@@ -111,6 +112,7 @@ def test_without_cupy_unavailable_with_reason(no_cupy):
     assert ok is False
     assert "CuPy" in reason and "harp[cuda]" in reason
     assert backend.device_count() == 0
+    assert backend.telemetry(0) == {}                    # a pool server's metrics: none
     with pytest.raises(harp.BackendError, match="unavailable here: CuPy"):
         backend.describe(0)
     row = next(r for r in harp.backends.list_devices() if r["backend"] == "cuda")
@@ -123,6 +125,31 @@ def test_connect_without_cupy_is_a_backend_error(no_cupy):
     assert "cuda backend is unavailable" in str(ei.value) and "CuPy" in str(ei.value)
     with pytest.raises(harp.BackendError):
         harp.connect("local:cuda:1", memory="1GiB")
+
+
+def test_nvml_readings_are_in_base_units():
+    """What a pool server's metrics read from NVML, through a stand-in for pynvml: a
+    percentage becomes a ratio, milliwatts watts, and a reading the GPU does not give is
+    left out."""
+    class StandIn:
+        NVML_TEMPERATURE_GPU = 0
+
+        def nvmlDeviceGetHandleByPciBusId(self, bus):
+            assert bus == b"00000000:17:00.0"
+            return "gpu-17"
+
+        def nvmlDeviceGetUtilizationRates(self, handle):
+            return types.SimpleNamespace(gpu=37, memory=5)
+
+        def nvmlDeviceGetTemperature(self, handle, sensor):
+            return 61
+
+        def nvmlDeviceGetPowerUsage(self, handle):
+            raise RuntimeError("NVML_ERROR_NOT_SUPPORTED")
+    assert nvml.readings(0, "00000000:17:00.0", module=StandIn()) == {
+        "utilization": 0.37, "temperature_celsius": 61.0}
+    StandIn.nvmlDeviceGetPowerUsage = lambda self, handle: 71_250
+    assert nvml.readings(0, "00000000:17:00.0", module=StandIn())["power_watts"] == 71.25
 
 
 def test_no_visible_gpu_is_unavailable(fake_cupy, monkeypatch):

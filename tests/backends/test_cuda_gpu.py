@@ -71,6 +71,17 @@ def test_info_describes_the_gpu(gpu):
         assert 0 < info.extra["temperature_c"] < 130
 
 
+def test_telemetry_reads_nvml():
+    """The live readings a pool server's metrics report for a GPU (harp_device_*)."""
+    from harp.backends import load_backend
+    if nvml.unavailable_reason() is not None:
+        pytest.skip(f"no NVML here: {nvml.unavailable_reason()}")
+    readings = load_backend("cuda").telemetry(0)
+    assert 0 <= readings["utilization"] <= 1
+    assert 0 < readings["temperature_celsius"] < 130
+    assert readings.get("power_watts", 1.0) > 0
+
+
 def test_mem_info_and_the_card():
     with harp.connect("local:cuda", memory="1GiB") as dev:
         assert dev.mem_info() == harp.MemInfo(free=1 << 30, total=1 << 30)

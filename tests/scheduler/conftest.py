@@ -57,8 +57,8 @@ class Cluster:
             raise RuntimeError(f"{args[0]} did not start: {line}{proc.stdout.read()}")
         return proc, line
 
-    def start_scheduler(self, token_ttl=None):
-        extra = ["--token-ttl", str(token_ttl)] if token_ttl else []
+    def start_scheduler(self, token_ttl=None, extra=()):
+        extra = (["--token-ttl", str(token_ttl)] if token_ttl else []) + list(extra)
         proc, line = self._spawn(["scheduler", "serve", "--listen",
                                   f"127.0.0.1:{self.scheduler_port}", "--data-dir",
                                   str(self.data), "--heartbeat", str(self.heartbeat),

@@ -38,16 +38,23 @@ def test_spread_puts_several_devices_on_distinct_servers():
 def test_same_host_and_refusals():
     pool = [cand("a", host="h1"), cand("b", host="h2")]
     assert choose(pool, req(same_host=True, host="h2"))[0][0].server == "b"
-    with pytest.raises(harp.NoCapacityError, match="on this host"):
-        choose(pool, req(same_host=True, host="h9"))
-    with pytest.raises(harp.ArgumentError, match="no device of kind 'gpu'.*kinds here: cpu"):
-        choose(pool, req(kind="gpu"))
-    with pytest.raises(harp.NoCapacityError, match="down or draining"):
-        choose([cand("a", state="down"), cand("b", state="draining")], req())
-    with pytest.raises(harp.NoCapacityError, match="room"):
-        choose([cand("a", used_share=0.8)], req(share=0.5))
-    with pytest.raises(harp.NoCapacityError):
-        choose([cand("a")], req(memory=8 * GiB))
+
+    def refused(cls, match, candidates, request):
+        with pytest.raises(cls, match=match) as caught:
+            choose(candidates, request)
+        return caught.value.reason                  # the code the scheduler's metrics count
+    assert refused(harp.NoCapacityError, "on this host", pool,
+                   req(same_host=True, host="h9")) == "not_on_host"
+    assert refused(harp.ArgumentError, "no device of kind 'gpu'.*kinds here: cpu", pool,
+                   req(kind="gpu")) == "unknown_kind"
+    assert refused(harp.NoCapacityError, "down or draining",
+                   [cand("a", state="down"), cand("b", state="draining")], req()) \
+        == "servers_unavailable"
+    assert refused(harp.NoCapacityError, "room", [cand("a", used_share=0.8)],
+                   req(share=0.5)) == "no_room"
+    assert refused(harp.NoCapacityError, None, [cand("a")], req(memory=8 * GiB)) == "no_room"
+    for bad in (req(policy="tight"), req(share=1.5), req(count=0)):
+        assert refused(harp.ArgumentError, None, pool, bad) == "bad_request"
 
 
 def _register(store, name, memory=GiB, devices=1):
@@ -123,9 +130,11 @@ def test_reaper_marks_silent_servers_down_and_loses_their_leases(open_store):
     store = open_store()
     _register(store, "a")
     lease = store.attach(req(), 600, "t", 0.0)
+    assert store.counts("servers") == {"up": 1} and store.counts("leases") == {"active": 1}
     changed = store.reap(now=100.0, down_after=3.0)
     assert changed["down"] == ["a"] and changed["lost"] == [lease.id]
     assert store.lease(lease.id).state == "lost"
+    assert store.counts("servers") == {"down": 1} and store.counts("leases") == {"lost": 1}
     with pytest.raises(harp.LeaseError, match="lost"):
         store.renew(lease.id, 101.0)
 

@@ -86,10 +86,7 @@ class CudaBackend(DriverBackend):
         props = card.props
         name = props.get("name", b"")
         name = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
-        pci = None
-        if "pciBusID" in props:
-            pci = (f"{int(props.get('pciDomainID', 0)):08x}:{int(props['pciBusID']):02x}:"
-                   f"{int(props.get('pciDeviceID', 0)):02x}.0")
+        pci = _pci_bus_id(props)
         extra: dict[str, Any] = {
             "total_memory": int(props["totalGlobalMem"]),
             "multiprocessors": int(props.get("multiProcessorCount", 0)),
@@ -115,8 +112,26 @@ class CudaBackend(DriverBackend):
                           index=card.index, memory=memory, compute_capability=card.arch,
                           formats=formats, extra=extra)
 
+    def telemetry(self, index: int) -> dict[str, float]:
+        """Utilization, temperature and power from NVML (`{}` without it, or without a GPU)."""
+        try:
+            self._require()
+            self.check_index(index)
+            pci = _pci_bus_id(self._card(index).props)
+        except Exception:
+            return {}
+        return nvml.readings(index, pci)
+
     def _session(self, card: Any, info: DeviceInfo, tenancy: Tenancy,
                  trust_client_code: bool) -> Device:
         from .device import CudaDevice
         return CudaDevice(info, tenancy.memory, card=card, compute=tenancy.compute,
                           trust_client_code=trust_client_code)
+
+
+def _pci_bus_id(props: dict) -> str | None:
+    """The PCI bus id NVML knows a GPU by, from CUDA's device properties."""
+    if "pciBusID" not in props:
+        return None
+    return (f"{int(props.get('pciDomainID', 0)):08x}:{int(props['pciBusID']):02x}:"
+            f"{int(props.get('pciDeviceID', 0)):02x}.0")

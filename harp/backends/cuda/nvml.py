@@ -75,3 +75,30 @@ def facts(index: int, pci_bus_id: str | None = None) -> dict[str, Any]:
         except Exception:   # a fact this GPU or driver does not report
             pass
     return out
+
+
+def readings(index: int, pci_bus_id: str | None = None, module: Any = None) -> dict[str, float]:
+    """A GPU's live readings for a pool server's metrics, in base units: `utilization`
+    (0 to 1, NVML's percentage of the last sample period a kernel ran),
+    `temperature_celsius` and `power_watts`; those NVML cannot give are left out.
+    `module` stands in for pynvml (tests); by default the initialised pynvml, or `{}`."""
+    nvml = module if module is not None else _nvml()
+    if nvml is None:
+        return {}
+    try:
+        h = _handle(nvml, index, pci_bus_id)
+    except Exception:
+        return {}
+    probes = {
+        "utilization": lambda: nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0,
+        "temperature_celsius": lambda: float(nvml.nvmlDeviceGetTemperature(
+            h, nvml.NVML_TEMPERATURE_GPU)),
+        "power_watts": lambda: nvml.nvmlDeviceGetPowerUsage(h) / 1000.0,
+    }
+    out: dict[str, float] = {}
+    for key, probe in probes.items():
+        try:
+            out[key] = float(probe())
+        except Exception:   # a reading this GPU or driver does not give
+            pass
+    return out
