@@ -52,8 +52,10 @@ from .card import CudaCard, DeviceMemory
 from .streams import StreamState
 
 _lock = threading.Lock()
-_unavailable: dict[int, str | None] = {}
-_places: dict[tuple[int, int], "GpuPlace | HostPlace"] = {}
+#: Per driver (by id, the driver held so that its id stays its own): why not, or None.
+_unavailable: dict[int, tuple[Any, str | None]] = {}
+#: Per driver and GPU index: the place its sessions' calls run (the driver held, as above).
+_places: dict[tuple[int, int], tuple[Any, "GpuPlace | HostPlace"]] = {}
 
 
 def host_memory(cupy: Any) -> bool:
@@ -68,10 +70,10 @@ def unavailable(cupy: Any) -> str | None:
     key = id(cupy)
     with _lock:
         if key in _unavailable:
-            return _unavailable[key]
+            return _unavailable[key][1]
     why = _why_not(cupy)
     with _lock:
-        _unavailable[key] = why
+        _unavailable[key] = (cupy, why)
     return why
 
 
@@ -142,12 +144,13 @@ def place_for(card: CudaCard, memory: int) -> "GpuPlace | HostPlace":
     import torch
     key = (id(card.cp), card.index)
     with _lock:
-        place = _places.get(key)
-    if place is None:
+        known = _places.get(key)
+    if known is None:
         made = HostPlace(torch, torch.device("cpu")) if host_memory(card.cp) \
             else GpuPlace(torch, card.index)
         with _lock:
-            place = _places.setdefault(key, made)
+            known = _places.setdefault(key, (card.cp, made))
+    place = known[1]
     place.bound(memory)
     return place
 
