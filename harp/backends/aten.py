@@ -1,15 +1,19 @@
-"""PyTorch operators on a host device's memory: the server side of the `aten` format.
+"""PyTorch operators on a session's memory: the server side of the `aten` format, for
+every backend that runs it.
 
-`AtenModule` is what `load_module(b"", "aten")` makes for a session: the session's
-random generator, and a parser for function names (`harp.aten_ops` says how a
-call is spelled). `AtenModule.call(name)` checks a name once (the operator is
-allowed, the template holds only the placeholders and values the format knows)
-and gives an `AtenCall`, a host-kernel runner: at launch, each array argument
-becomes a torch tensor over the session's own buffer (no copy), the operator
-runs by torch on the CPU, and its results are copied into the output arrays the
-client chose. Output shapes are checked against the operator's meta result
-before anything runs, so a call cannot make the server hold more than its
-outputs (which the client allocated, under its quota).
+`AtenModule` is what `load_module(b"", "aten")` makes for a session: where its
+calls run (a `TorchPlace`: torch's device for them, the CPU for host memory),
+the session's random generator on that device, and a parser for function names
+(`harp.aten_ops` says how a call is spelled). `AtenModule.call(name)` checks a
+name once (the operator is allowed, the template holds only the placeholders and
+values the format knows, a device argument is the session's own) and gives an
+`AtenCall`. At launch the backend makes each array argument a torch tensor over
+the session's own buffer, without a copy (the cpu backend from its NumPy views,
+here; the cuda backend through DLPack, `backends/cuda/aten.py`); `prepare`
+checks the launch, `run` runs the operator by torch and copies its results into
+the output arrays the client chose. Output shapes are checked against the
+operator's meta result before anything runs, so a call cannot make the server
+hold more than its outputs (which the client allocated, under its quota).
 """
 from __future__ import annotations
 
@@ -33,13 +37,27 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
-class AtenModule:
-    """One session's `aten` module: its generator and its parsed calls."""
+class TorchPlace:
+    """Where a session's `aten` calls run: torch's device for them, and the generator a
+    random operator that takes none draws from (that device's default one, which the
+    session's own generator stands in for while the operator runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, torch: Any, device: Any) -> None:
+        self.torch, self.device = torch, device
+
+    def default_generator(self) -> Any:
+        return self.torch.default_generator
+
+
+class AtenModule:
+    """One session's `aten` module: where it runs, its generator and its parsed calls."""
+
+    def __init__(self, place: TorchPlace | None = None) -> None:
         import torch
         self.torch = torch
-        self.generator = torch.Generator()
+        self.place = place if place is not None else TorchPlace(torch, torch.device("cpu"))
+        self.device = self.place.device
+        self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(0)
 
     def call(self, name: str) -> "AtenCall":
@@ -96,7 +114,7 @@ class AtenCall:
     def _check_devices(self) -> None:
         """A device argument may only be the session's own (`{"dv": 0}`) or none: never a
         device named by the tenant (another GPU of the server, say)."""
-        device = self.module.torch.device("cpu")
+        device = self.module.device
         for i, arg in enumerate(self.op._schema.arguments):
             if "Device" not in str(arg.type):
                 continue
@@ -135,7 +153,7 @@ class AtenCall:
             if kind == "ly" and value == "strided":
                 return torch.strided
             if kind == "dv":
-                return torch.device("cpu")
+                return self.module.device
         raise ArgumentError(f"an aten call argument the format does not know: {str(node)[:60]}")
 
     def _resolve(self, node: Any, values: list) -> Any:
@@ -155,18 +173,25 @@ class AtenCall:
         return node
 
     # -- running -------------------------------------------------------------------------
+    def check_dtype(self, dtype: np.dtype) -> None:
+        """An array argument's dtype must be one the format knows."""
+        if dtype.name not in aten_ops.DTYPES:
+            raise ArgumentError(f"{self.name}: arrays of {dtype} are not supported")
+
     def prepare(self, args: list) -> list:
-        """Launch arguments (arrays resolved to NumPy views of the session's buffers, and
-        NumPy scalars) as what `run` takes: tensors over the same memory, and scalars."""
+        """Launch arguments (arrays resolved to NumPy views of the session's host buffers,
+        or to tensors the backend made over its own device memory, and NumPy scalars) as
+        what `run` takes: tensors over the same memory, and scalars; checked."""
         if len(args) != self.arity:
             raise ArgumentError(f"{self.name} takes {self.arity} launch arguments, got "
                                 f"{len(args)}")
         torch = self.module.torch
         out = []
         for i, a in enumerate(args):
-            if isinstance(a, np.ndarray):
-                if a.dtype.name not in aten_ops.DTYPES:
-                    raise ArgumentError(f"{self.name}: arrays of {a.dtype} are not supported")
+            if type(a) is torch.Tensor:         # the backend's own, over its buffer
+                out.append(a)
+            elif isinstance(a, np.ndarray):
+                self.check_dtype(a.dtype)
                 try:
                     out.append(torch.from_numpy(a))
                 except (TypeError, ValueError, RuntimeError) as exc:
@@ -236,17 +261,19 @@ class AtenCall:
                               f"{_first_line(exc)}") from None
 
     def _with_generator(self, args: list, kwargs: dict) -> Any:
-        """Run a random operator on the session's generator: as the default generator when
-        the operator takes none (dropout), so that the numbers are torch's own on the CPU."""
-        torch, gen = self.module.torch, self.module.generator
+        """Run a random operator on the session's generator: as its device's default
+        generator when the operator takes none (dropout), so that the numbers are torch's
+        own on that device (on the CPU: the client's CPU run's)."""
+        gen = self.module.generator
+        default = self.module.place.default_generator()
         with _RNG_LOCK:
-            saved = torch.default_generator.get_state()
-            torch.default_generator.set_state(gen.get_state())
+            saved = default.get_state()
+            default.set_state(gen.get_state())
             try:
                 return self.op(*args, **kwargs)
             finally:
-                gen.set_state(torch.default_generator.get_state())
-                torch.default_generator.set_state(saved)
+                gen.set_state(default.get_state())
+                default.set_state(saved)
 
 
 def _tensors(result: Any) -> list:

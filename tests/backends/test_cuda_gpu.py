@@ -4,8 +4,12 @@ The conformance suite already runs on `local-cuda` and `remote-cuda` (tests/conf
 These add what only a GPU shows: device facts from CUDA and NVML, the catalog at
 sizes and launch shapes that stress the GPU kernels, kernels from every image
 format (cuda-source, PTX, CUBIN, numba's PTX with array arguments), argument
-checks that keep a bad launch off the GPU, and a kernel fault (in a subprocess,
-because a fault loses the process's CUDA context).
+checks that keep a bad launch off the GPU, a kernel fault (in a subprocess,
+because a fault loses the process's CUDA context), and PyTorch operators (`aten`)
+run by torch on the GPU over the session's buffers, on its stream, with torch's
+own memory bounded (where torch with CUDA is installed).
+
+Written without a GPU: none of this has run on one yet.
 """
 from __future__ import annotations
 
@@ -43,6 +47,14 @@ def gpu(request):
         dev.close()
 
 
+def _torch_has_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
 def _cc(dev) -> tuple[int, int]:
     return tuple(dev.info.compute_capability)
 
@@ -61,7 +73,8 @@ def test_info_describes_the_gpu(gpu):
     assert info.kind == "gpu" and info.backend == "cuda" and info.index == 0
     cc = cupy.cuda.Device(0).compute_capability          # e.g. "90"
     assert info.compute_capability == (int(cc[:-1]), int(cc[-1]))
-    assert set(info.formats) == {"catalog", "ptx", "cubin", "fatbin", "cuda-source"}
+    assert set(info.formats) - {"aten"} == {"catalog", "ptx", "cubin", "fatbin", "cuda-source"}
+    assert ("aten" in info.formats) == _torch_has_cuda()
     assert info.extra["total_memory"] >= info.memory > 0
     assert info.extra["multiprocessors"] > 0
     assert info.extra["cuda_driver_version"] >= 12000
@@ -330,3 +343,128 @@ def test_kernel_fault_names_the_launch_and_ends_the_gpu_in_that_process():
                          timeout=300)
     assert "FAULT launch 4 True" in out.stdout, out.stdout + out.stderr
     assert "AFTER True" in out.stdout and "CLOSED" in out.stdout, out.stdout + out.stderr
+
+
+# -- PyTorch operators (aten) on the GPU -----------------------------------------------------
+
+def _needs_aten(dev):
+    if "aten" not in dev.info.formats:
+        pytest.skip("torch with CUDA is not installed with this server")
+
+
+def test_torch_operators_run_on_the_gpu(gpu):
+    _needs_aten(gpu)
+    import torch
+    import harp.torch as ht
+    ht.use(gpu)
+    try:
+        g = torch.Generator().manual_seed(0)
+        a, b = torch.randn(64, 32, generator=g), torch.randn(32, 16, generator=g)
+        ha, hb = a.to("harp"), b.to("harp")
+        torch.testing.assert_close((ha @ hb).cpu(), a @ b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(torch.softmax(ha, -1).cpu(), torch.softmax(a, -1),
+                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close((ha.exp() + 1).log().sum(0).cpu(), (a.exp() + 1).log().sum(0),
+                                   rtol=1e-5, atol=1e-4)
+        idx = torch.tensor([3, 0, 7])
+        torch.testing.assert_close(ha.index_select(0, idx.to("harp")).cpu(), a.index_select(0, idx))
+        view = ha[2:5]                               # in place through a view: the buffer itself
+        view.mul_(10)
+        a[2:5].mul_(10)
+        torch.testing.assert_close(ha.cpu(), a)
+        torch.testing.assert_close(torch.zeros(3, 4, device="harp").cpu(), torch.zeros(3, 4))
+        # dropout draws from the session's generator on the GPU: a seed repeats its mask
+        x = torch.ones(10_000)
+        torch.manual_seed(5)
+        m1 = torch.nn.functional.dropout(x.to("harp"), 0.25).cpu()
+        torch.manual_seed(5)
+        m2 = torch.nn.functional.dropout(x.to("harp"), 0.25).cpu()
+        assert torch.equal(m1, m2) and 0.2 < float((m1 == 0).float().mean()) < 0.3
+    finally:
+        ht.reset()
+
+
+def test_torch_training_on_the_gpu_follows_the_cpu():
+    """A CNN (no dropout: CUDA's random numbers are not the CPU's) trained 20 steps on the
+    GPU through HARP, in this process, against the CPU (TF32 off, so only the order of
+    floating-point sums differs)."""
+    import os
+    import torch
+    import harp.torch as ht
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "torch"))
+    from training import train
+    dev = harp.connect("local:cuda", memory="2GiB")
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        _needs_aten(dev)
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+        ht.use(dev)
+        want = train("cnn", "cpu", steps=20, optimizer="sgd")
+        got = train("cnn", "harp", steps=20, optimizer="sgd")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+        ht.reset()
+        dev.close()
+    for step, (w, g) in enumerate(zip(want, got)):
+        assert abs(w - g) <= 1e-3 * abs(w) + 1e-5, (step, w, g)
+
+
+def test_aten_tensors_are_the_sessions_buffers_on_its_stream():
+    """White-box, in this process: a launch's tensors are the session's own memory on
+    `cuda:0`, and its operator runs with torch's current stream the session's."""
+    import torch
+    from harp.backends.cuda.aten import AtenKernel
+    dev = harp.connect("local:cuda", memory="1GiB")
+    try:
+        _needs_aten(dev)
+        module = dev.load_module(b"", "aten")
+        buf = dev.alloc(1024)
+        s = dev.stream()
+        dev.synchronize()
+        payload = dev._modules[module.id].payload
+        assert payload.device == torch.device("cuda", 0)
+        assert payload.generator.device == torch.device("cuda", 0)
+        call = payload.call('["neg.default",1,[{"t":1}],{}]')
+        kernel = AtenKernel(call, payload.place, dev._cp)
+        arg = harp.ArrayArg(buf, "float32", (16,), 64, (4,))
+        with dev._card.use():
+            out, x = kernel.prepare([arg, arg], dev._mem)
+        assert x.device == torch.device("cuda", 0)
+        assert x.data_ptr() == dev._buffers[buf.id].ptr + 64
+        state = dev._streams[s.id]
+        with dev._card.use(), payload.place.running(state.stream):
+            assert torch.cuda.current_stream().cuda_stream == state.stream.ptr
+        dev.write(buf, 64, np.arange(16, dtype=np.float32), stream=s)
+        fn = dev.function(module, '["neg.default",1,[{"t":1}],{}]')
+        dev.launch(fn, 1, 1, [harp.ArrayArg(buf, "float32", (16,), 0, (4,)), arg], stream=s)
+        got = np.frombuffer(dev.read(buf, 0, 64, stream=s), np.float32)
+        np.testing.assert_array_equal(got, -np.arange(16, dtype=np.float32))
+    finally:
+        dev.close()
+
+
+def test_torchs_own_memory_is_bounded_by_the_session():
+    """In a subprocess (the bound is per process): after a session of 256 MiB runs an
+    operator, torch's caching allocator refuses to hold more than that on the GPU."""
+    script = textwrap.dedent(r'''
+        import torch, harp, harp.torch as ht
+        dev = harp.connect("local:cuda", memory="256MiB")
+        if "aten" not in dev.info.formats:
+            print("NO-ATEN"); raise SystemExit(0)
+        ht.use(dev)
+        print("SUM", (torch.ones(1000, device="harp") * 2).sum().item())
+        small = torch.empty(16 << 20, dtype=torch.uint8, device="cuda")
+        try:
+            torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+            print("UNBOUNDED")
+        except torch.cuda.OutOfMemoryError:
+            print("BOUNDED")
+        ht.reset()
+        dev.close()
+    ''')
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=300)
+    if "NO-ATEN" in out.stdout:
+        pytest.skip("torch with CUDA is not installed here")
+    assert "SUM 2000.0" in out.stdout, out.stdout + out.stderr
+    assert "BOUNDED" in out.stdout, out.stdout + out.stderr

@@ -1,5 +1,8 @@
 """PyTorch programs on torch's `harp` device: local, and remote through a pool server
-over mutual TLS (sessions in worker processes), checked against torch on the CPU."""
+over mutual TLS (sessions in worker processes), checked against torch on the CPU; on the
+cpu backend, and on the cuda backend driving the CuPy stand-in (`cuda-local`,
+`cuda-remote`: torch's CPU build over the stand-in's memory through DLPack, one shared
+session each, see conftest.py)."""
 from __future__ import annotations
 
 import copy
@@ -18,18 +21,31 @@ import harp.torch as ht  # noqa: E402
 from training import train  # noqa: E402  (tests/torch is on the path: see conftest)
 
 
-@pytest.fixture(params=["local", "remote"])
+SHARED = {"cuda-local": "cuda_stand_in", "cuda-remote": "cuda_stand_in_remote"}
+
+
+@pytest.fixture(params=["local", "remote", *SHARED])
 def session(request):
     if request.param == "local":
         dev = harp.connect("local:cpu")
-    else:
+    elif request.param == "remote":
         dev = request.getfixturevalue("pool_server").connect()
+    else:
+        dev = request.getfixturevalue(SHARED[request.param])
     ht.use(dev)
     try:
         yield dev
     finally:
-        ht.reset()
-        dev.close()
+        if request.param in SHARED:          # the shared session goes on: leave it clean
+            ht.empty_cache()
+            ht.reset()
+            try:
+                dev.synchronize()
+            except harp.HarpError:
+                pass
+        else:
+            ht.reset()
+            dev.close()
 
 
 def same(harp_value, cpu_value, tol=1e-6):
@@ -160,7 +176,10 @@ def test_dropout_is_seeded_like_the_cpu(session):
     same(got, want)
 
 
-@pytest.mark.parametrize("kind, optimizer", [("mlp", "adam"), ("cnn", "sgd"), ("cnn", "adam")])
+@pytest.mark.parametrize("session, kind, optimizer", [
+    (where, kind, optimizer) for where in ("local", "remote")
+    for kind, optimizer in [("mlp", "adam"), ("cnn", "sgd"), ("cnn", "adam")]
+] + [(where, "mlp", "adam") for where in SHARED], indirect=["session"])
 def test_training_matches_the_cpu_at_every_step(session, kind, optimizer):
     want = train(kind, "cpu", optimizer=optimizer)
     got = train(kind, "harp", optimizer=optimizer)

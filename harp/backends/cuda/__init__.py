@@ -14,7 +14,8 @@ Options: `memory` (or `HARP_CUDA_MEMORY`) caps the bytes HARP hands out per GPU
 (default: the card's total memory); `cupy` (or `HARP_CUDA_CUPY`) is the driver: the
 CuPy module itself or the name to import it by (default `cupy`), so that a CuPy
 build under another name, or the host-memory stand-in the tests use, drives the
-same backend code.
+same backend code. PyTorch operators (`aten`) run where torch with CUDA loads, or where
+the driver's memory is host memory (`HARP_HOST_MEMORY`, the stand-in): `aten.py`.
 """
 from __future__ import annotations
 
@@ -36,8 +37,18 @@ class CudaBackend(DriverBackend):
     """Drives the CUDA GPUs this process can see (CuPy's device numbering)."""
 
     name = "cuda"
-    #: Importing CuPy touches no GPU, so a fork server may do it before it forks workers.
-    preload = ("harp.backends.cuda", "harp.backends.cuda.device", "cupy")
+
+    @property
+    def preload(self) -> tuple[str, ...]:
+        """Importing CuPy touches no GPU, so a fork server may do it before it forks workers;
+        so does importing torch, which a GPU's workers need to say whether they run `aten`
+        (and then to run it): imported once there, not per session."""
+        modules: tuple[str, ...] = ("harp.backends.cuda", "harp.backends.cuda.device", "cupy")
+        from .aten import host_memory
+        from ..aten import torch_available
+        if self._cp is not None and not host_memory(self._cp) and torch_available():
+            modules += ("harp.backends.aten", "harp.backends.cuda.aten", "torch")
+        return modules
 
     def __init__(self, *, memory: int | str | None = None, cupy: Any = None,
                  **options: Any) -> None:
@@ -106,8 +117,12 @@ class CudaBackend(DriverBackend):
         extra.update(nvml.facts(card.index, pci))
         if card.broken:
             extra["broken"] = card.broken
+        from .aten import unavailable
         from .device import FORMATS
-        formats = FORMATS if ok and trusted else tuple(f for f in FORMATS if f != "cuda-source")
+        skip = {"aten"} if unavailable(self._cp) else set()
+        if not (ok and trusted):
+            skip.add("cuda-source")
+        formats = tuple(f for f in FORMATS if f not in skip)
         return DeviceInfo(kind="gpu", name=name or f"CUDA GPU {card.index}", backend="cuda",
                           index=card.index, memory=memory, compute_capability=card.arch,
                           formats=formats, extra=extra)

@@ -59,8 +59,10 @@ Semantics match the cpu backend, which the conformance suite checks:
 
 Differences from the cpu backend: catalog buffer offsets must be aligned to the
 element size (a GPU faults on misaligned element access); image formats are
-`ptx`, `cubin`, `fatbin`, `cuda-source` and `catalog` (never `numba-python`:
-numba kernels reach a GPU as PTX compiled on the client).
+`ptx`, `cubin`, `fatbin`, `cuda-source`, `catalog` and `aten` (PyTorch operators run
+by torch over the session's buffers, on its stream: `aten.py`; where torch can run
+on the driver's memory), never `numba-python` (numba kernels reach a GPU as PTX
+compiled on the client).
 """
 from __future__ import annotations
 
@@ -90,9 +92,10 @@ STICKY_ERRORS = frozenset({214, 700, 702, 710, 714, 715, 716, 717, 718, 719})
 PAD_PARAMS = 64
 _PAD = np.zeros(1, dtype="V32768")
 
-#: The image formats this backend accepts ("cuda-source" only where NVRTC loads, and only
-#: on a device that trusts client code).
-FORMATS = ("catalog", "ptx", "cubin", "fatbin", "cuda-source")
+#: The image formats this backend accepts ("aten" only where torch can run on the driver's
+#: memory, `aten.unavailable`; "cuda-source" only where NVRTC loads, and only on a device
+#: that trusts client code).
+FORMATS = ("catalog", "ptx", "cubin", "fatbin", "aten", "cuda-source")
 
 
 class _Image:
@@ -252,6 +255,11 @@ class CudaDevice(BackendDevice):
             return ("the cuda backend runs compiled GPU code only and never client Python: numba "
                     "kernels reach it as PTX (HARP's numba.cuda shim compiles @cuda.jit kernels "
                     f"on the client); it accepts {', '.join(self._info.formats)}")
+        if format == "aten":
+            from .aten import unavailable
+            why = unavailable(self._cp)
+            if why:
+                return f"this GPU's server does not run PyTorch operators (aten): {why}"
         return super()._unsupported(format)
 
     def _load_catalog(self) -> None:
@@ -259,7 +267,12 @@ class CudaDevice(BackendDevice):
             self._card.catalog_module()       # compiled and loaded once per GPU
         return None
 
-    def _load(self, image: bytes | str, format: str) -> _Image:
+    def _load(self, image: bytes | str, format: str) -> Any:
+        if format == "aten":        # PyTorch operators by name (backends/cuda/aten.py)
+            from ..aten import AtenModule
+            from .aten import place_for
+            with self._card.use():
+                return AtenModule(place_for(self._card, self._info.memory))
         if format == "ptx":
             text = kernels.ptx_text(image)
             return _Image(self._load_image(text.encode() + b"\0", "ptx"), kernels.ptx_entries(text))
@@ -294,6 +307,11 @@ class CudaDevice(BackendDevice):
         return _Kernel(kernel.name, fn, kernel, None, "catalog")
 
     def _lookup(self, loaded: Loaded, name: str) -> _Kernel:
+        if loaded.format == "aten":
+            from .aten import AtenKernel
+            call = loaded.payload.call(name)
+            return _Kernel(call.name, AtenKernel(call, loaded.payload.place, self._cp), None,
+                           None, "aten")
         image: _Image = loaded.payload
         real, params = name, None
         if image.entries is not None:
@@ -314,6 +332,9 @@ class CudaDevice(BackendDevice):
     def _prepare(self, target: _Kernel, grid: tuple[int, int, int], block: tuple[int, int, int],
                  args: list) -> tuple[list, Any]:
         zero = None
+        if target.format == "aten":     # grid and block mean nothing to an operator
+            with self._card.use():
+                return target.fn.prepare(args, self._mem), None
         if target.catalog is not None:
             kargs, zero = self._catalog_args(target.catalog, args)
         else:
@@ -335,7 +356,10 @@ class CudaDevice(BackendDevice):
                 if zero is not None:     # reduce_sum: out[0] = 0, in stream order, then add
                     self._rt.memsetAsync(zero[0], 0, zero[1], state.stream.ptr)
                 timer = self._start_timer(state) if gate is not None else None
-                target.fn(grid, block, kargs, shared_mem, state.stream)
+                if target.format == "aten":
+                    target.fn.run(state, kargs)
+                else:
+                    target.fn(grid, block, kargs, shared_mem, state.stream)
                 if timer is not None:
                     self._stop_timer(timer, state)
             state.launched(seq, target.name)
@@ -496,7 +520,7 @@ class CudaDevice(BackendDevice):
                 # one retirement for all (each fence is recycled once, when it has passed)
                 owners = tuple([m.owner for m in self._buffers.values() if m.owner is not None]
                                + [x.payload.module for x in self._modules.values()
-                                  if x.payload is not None])
+                                  if type(x.payload) is _Image])
                 card.retire(owners or None, sum(m.size for m in self._buffers.values()),
                             fences)
             finally:

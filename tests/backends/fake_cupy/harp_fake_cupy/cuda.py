@@ -119,6 +119,14 @@ class MemoryPointer:
         weakref.finalize(self, _free_device, self.ptr, size)
 
 
+    def __add__(self, offset: int) -> "MemoryPointer":
+        """A pointer `offset` bytes further into the same allocation (as CuPy's)."""
+        view = object.__new__(MemoryPointer)
+        view.size, view.mem, view.ptr = self.size - offset, self.mem, self.ptr + offset
+        view.base = self            # the allocation stays alive while a view of it does
+        return view
+
+
 def _free_device(ptr: int, size: int) -> None:
     _device.remove(ptr)
     with _lock:
