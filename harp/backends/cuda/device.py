@@ -366,6 +366,11 @@ class CudaDevice(BackendDevice):
         finally:
             if gate is not None:
                 gate.exit(self._harvest_timers())
+                # The kernel is queued on the GPU: on the host the session holds nothing
+                # until its next launch, so a session waiting for the device gets it now
+                # (a holder that went quiet would otherwise keep it from every other
+                # tenant; its device time is still charged, from CUDA events).
+                gate.idle()
 
     # -- device time of gated launches (CUDA events) --------------------------
     def _start_timer(self, state: StreamState) -> Any:

@@ -654,6 +654,7 @@ class OpenclDevice(BackendDevice):
         finally:
             if gate is not None:
                 gate.exit(self._harvest())
+                gate.idle()      # queued: nothing held on the host until the next launch
         self._issued(stream, stream.launches, "launch", seq, ev)
         if gate is not None:
             self._timed.append(ev)
