@@ -52,6 +52,7 @@ def _device_time(pool, dev):
                 if s["session"] == dev.session_id)
 
 
+@pytest.mark.slow      # 10 s of two saturating sessions: in the serial step, not beside other tests
 def test_two_busy_sessions_get_device_time_by_their_shares(share_pool):
     """Shares 0.75 and 0.25, both saturating the device for 10 s: device time 3:1 (+-20%)."""
     a = share_pool.connect(client_name="share=0.75")
