@@ -56,6 +56,33 @@ POLL_S = 0.25
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
+def sealed_memfd(name: str, size: int) -> int:
+    """A memfd of `size` zero bytes, sealed at that size: whoever else maps it can rely on
+    every page staying there (a shrunk file faults its readers with SIGBUS)."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def require_sealed(fd: int, size: int, what: str) -> None:
+    """Raise `ProtocolError` unless memfd `fd`, made by another process, is sealed at
+    `size` bytes: one that could still shrink would let that process crash this one."""
+    try:
+        sealed = fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _SEALS == _SEALS
+        actual = os.fstat(fd).st_size
+    except OSError as exc:
+        raise ProtocolError(f"{what} is not a sealable memory file: {exc}") from None
+    if not sealed:
+        raise ProtocolError(f"{what} is not sealed at its size")
+    if actual != size:
+        raise ProtocolError(f"{what} is {actual} bytes, not {size}")
+
+
 def window_bytes(slot_size: int, slots: int) -> int:
     """The size of a window's memfd: the header and both rings."""
     return HEADER + 2 * slots * slot_size
@@ -97,10 +124,8 @@ class SharedWindow:
     @classmethod
     def create(cls, slot_size: int = SLOT_SIZE, slots: int = SLOTS) -> "SharedWindow":
         """A new window (the executor's side), its memfd sealed at its size."""
-        fd = os.memfd_create("harp-window", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        fd = sealed_memfd("harp-window", window_bytes(slot_size, slots))
         try:
-            os.ftruncate(fd, window_bytes(slot_size, slots))
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
             wake_client = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             wake_executor = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         except BaseException:
@@ -119,8 +144,8 @@ class SharedWindow:
                 os.close(fd)
             raise ProtocolError(f"a shared-memory window is 3 file descriptors, got {len(fds)}")
         try:
-            if client and fcntl.fcntl(fds[0], fcntl.F_GET_SEALS) & _SEALS != _SEALS:
-                raise ProtocolError("the shared-memory window is not sealed")
+            if client:
+                require_sealed(fds[0], window_bytes(slot_size, slots), "the shared-memory window")
             for fd in fds[1:]:
                 os.set_blocking(fd, False)
             return cls(fds[0], fds[1], fds[2], slot_size, slots, client=client)

@@ -1,6 +1,7 @@
 """Byte sizes as people write them: "4GiB", "512MiB", "1e6", 4096."""
 from __future__ import annotations
 
+import math
 import re
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
@@ -19,7 +20,12 @@ def parse_size(text: int | str) -> int:
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     if not m or m.group(2).lower() not in _UNITS:
         raise ValueError(f"not a size: {text!r} (examples: 4096, 512MiB, 4GiB, 1.5GB, 1Mi)")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
+    if not math.isfinite(value) or value >= 2**63:
+        raise ValueError(f"a size too large: {text!r}")
+    if 0 < value < 1:               # not rounded down to 0, which often means "no limit"
+        raise ValueError(f"a size of less than one byte: {text!r}")
+    return int(value)
 
 
 def format_size(nbytes: int) -> str:

@@ -21,12 +21,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from harp.errors import ERROR_CLASSES
+from harp.shm import sealed_memfd
 
 #: Every error code, in the order of their words in the block (after the fixed counts).
 CODES = tuple(sorted(ERROR_CLASSES))
 _FIXED = ("calls", "write_bytes", "read_bytes", "device_ns")
 _WORD = {code: len(_FIXED) + i for i, code in enumerate(CODES)}
 WORDS = len(_FIXED) + len(CODES)
+#: The block's size in bytes.
+SIZE = WORDS * 8
 
 
 @dataclass(frozen=True)
@@ -68,9 +71,7 @@ class SharedCounts:
     @classmethod
     def create(cls) -> "SharedCounts":
         """A new block, all zero (the worker makes it and passes its descriptor on)."""
-        fd = os.memfd_create("harp-counts", os.MFD_CLOEXEC)
-        os.ftruncate(fd, WORDS * 8)
-        return cls(fd)
+        return cls(sealed_memfd("harp-counts", SIZE))    # the server maps it too
 
     def publish(self, session: Any, device_ns: int) -> None:
         """Write a `Session`'s counts (once per frame: four stores, and the failures only

@@ -109,8 +109,10 @@ class DataListener:
                 return
             tls.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             tls.settimeout(IO_TIMEOUT_S)
-            given = attach(tls)
-            tls.sendall(ACK if given else NACK)
+            # The yes goes out before the session may use the socket (see attach_data).
+            given = attach(tls, lambda: tls.sendall(ACK))
+            if not given:
+                tls.sendall(NACK)
         except (OSError, ssl.SSLError, ValueError) as exc:
             log.debug("data connection refused: %s", exc)
         finally:

@@ -25,7 +25,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import msgpack
 
@@ -70,10 +70,16 @@ class SessionHost:
         #: The session's data channel (`harp.server.datachannel`), once its client opened it.
         self.data: Any = None
 
-    def attach_data(self, sock: Any) -> bool:
-        """Take the session's data channel (from the data listener); False if it is over."""
+    def attach_data(self, sock: Any, accept: Callable[[], None] | None = None) -> bool:
+        """Take the session's data channel (from the data listener); False if it is over.
+
+        `accept` (the listener's yes to the client) runs before the socket becomes the
+        session's: once it is, only the session's handler may touch it (two threads on one
+        TLS connection corrupt its records)."""
         if self.ended is not None or self.done or self.data is not None:
             return False
+        if accept is not None:
+            accept()
         self.data = sock
         return True
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import msgpack
 
+from harp.shm import sealed_memfd
+
 HEADER = struct.Struct("<IB")
 
 # data channel, server -> worker
@@ -154,8 +156,7 @@ class SlotRing:
 
     @classmethod
     def create(cls, name: str, slot_size: int, slots: int = SLOTS) -> "SlotRing":
-        fd = os.memfd_create(name, os.MFD_CLOEXEC)
-        os.ftruncate(fd, slot_size * slots)
+        fd = sealed_memfd(name, slot_size * slots)     # the server maps it too
         return cls(fd, slot_size, slots)
 
     def slot(self, index: int, nbytes: int | None = None) -> memoryview:

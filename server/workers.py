@@ -24,11 +24,12 @@ import time
 from collections import deque
 from typing import Callable
 
-from harp.errors import BackendError, HarpError
+from harp.errors import BackendError, HarpError, ProtocolError
 from harp.proto.codec import error_to_bytes
+from harp.shm import require_sealed
 from harp.tenancy import Ledger
 
-from . import ipc
+from . import counters, ipc
 from .counters import SharedCounts
 from .fairshare import DeviceArbiter
 from .forkserver import ForkServer
@@ -169,6 +170,19 @@ class WorkerPool:
             why = describe_exit(code) if code is not None else "did not start in time"
             raise BackendError(f"a session worker process {why}")
         chunk = self.spec["chunk_size"]
+        try:       # a worker that could shrink what we map could crash this process
+            for fd, size, what in ((fds[0], chunk * ipc.SLOTS, "its write ring"),
+                                   (fds[1], chunk * ipc.SLOTS, "its read ring"),
+                                   (fds[2], counters.SIZE, "its counts")):
+                require_sealed(fd, size, what)
+        except ProtocolError as exc:
+            for fd in fds:
+                os.close(fd)
+            os.kill(pid, signal.SIGKILL)
+            data.close()
+            ctl.close()
+            raise BackendError(f"a session worker process sent unusable shared memory: "
+                               f"{exc.message}") from None
         return WorkerProcess(self.forks, data, ctl, ipc.SlotRing(fds[0], chunk),
                              ipc.SlotRing(fds[1], chunk), pid, SharedCounts(fds[2]))
 

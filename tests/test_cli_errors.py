@@ -58,6 +58,12 @@ def test_an_unreachable_scheduler_database_is_one_line(tmp_path):
 def test_sizes_as_the_help_writes_them_are_accepted():
     from harp.units import parse_size
     assert parse_size("1Mi") == 1 << 20 and parse_size("4GiB") == 4 << 30
+    assert parse_size("0") == 0 and parse_size("1.5GB") == 1_500_000_000
+    # never a traceback, and never rounded down to 0 (which often means "no limit")
+    for bad, words in (("1e999", "too large"), ("1e400GiB", "too large"),
+                       ("0.5", "less than one byte"), ("0.9", "less than one byte")):
+        with pytest.raises(ValueError, match=words):
+            parse_size(bad)
     out = harp("demo", "--size", "1Ki", "--gemm", "16", "--local-only", "--json")
     assert out.returncode == 0 and json.loads(out.stdout)["size"] == 1024, out.stderr
 

@@ -1,0 +1,55 @@
+"""Memory a worker process shares with the pool server is sealed at its size, and the
+server maps none that is not: a worker able to shrink a file the server has mapped could
+kill the server (its next touch of a vanished page is SIGBUS), and every tenant with it."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from harp.errors import ProtocolError
+from harp.server import counters, ipc
+from harp.server.hosts import SessionHost
+from harp.shm import require_sealed, sealed_memfd
+
+
+def test_a_workers_rings_and_counts_cannot_be_shrunk_or_grown():
+    ring = ipc.SlotRing.create("harp-test", 1 << 16)
+    counts = counters.SharedCounts.create()
+    try:
+        for fd, size in ((ring.fd, (1 << 16) * ipc.SLOTS), (counts.fd, counters.SIZE)):
+            require_sealed(fd, size, "it")
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, 0)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, size * 2)
+    finally:
+        ring.close()
+        counts.close()
+
+
+def test_the_server_refuses_memory_that_is_not_sealed_or_not_its_size():
+    loose = os.memfd_create("harp-test", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(loose, 4096)
+        with pytest.raises(ProtocolError, match="not sealed"):
+            require_sealed(loose, 4096, "its counts")
+    finally:
+        os.close(loose)
+    small = sealed_memfd("harp-test", 4096)
+    try:
+        with pytest.raises(ProtocolError, match="4096 bytes, not 8192"):
+            require_sealed(small, 8192, "its write ring")
+    finally:
+        os.close(small)
+
+
+def test_the_data_listener_says_yes_before_the_session_may_use_the_socket():
+    """Two threads on one TLS connection corrupt its records: the listener's yes to the
+    client is sent before the socket becomes the session's, never beside its transfers."""
+    host = SessionHost("s1")
+    seen: list = []
+    assert host.attach_data("sock", lambda: seen.append(host.data))
+    assert seen == [None] and host.data == "sock"
+    assert not host.attach_data("another", lambda: seen.append("again"))   # has one
+    assert seen == [None]
