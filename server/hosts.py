@@ -69,6 +69,7 @@ class SessionHost:
         self.started = time.time()
         #: The session's data channel (`harp.server.datachannel`), once its client opened it.
         self.data: Any = None
+        self._attaching = threading.Lock()     # held while the data channel is handed over
 
     def attach_data(self, sock: Any, accept: Callable[[], None] | None = None) -> bool:
         """Take the session's data channel (from the data listener); False if it is over.
@@ -76,15 +77,22 @@ class SessionHost:
         `accept` (the listener's yes to the client) runs before the socket becomes the
         session's: once it is, only the session's handler may touch it (two threads on one
         TLS connection corrupt its records)."""
-        if self.ended is not None or self.done or self.data is not None:
-            return False
-        if accept is not None:
-            accept()
-        self.data = sock
-        return True
+        with self._attaching:
+            if self.ended is not None or self.done or self.data is not None:
+                return False
+            if accept is not None:
+                accept()
+            self.data = sock
+            return True
+
+    def _data_now(self) -> Any:
+        """The data channel, or None; an attach in progress is waited out (its yes may
+        have reached the client, which then sends on the channel at once)."""
+        with self._attaching:
+            return self.data
 
     def _require_data(self) -> None:
-        if self.data is None:
+        if self._data_now() is None:
             raise SessionEnded(ProtocolError("a data frame in a session without a data channel"))
 
     def _data_broken(self, exc: BaseException) -> SessionEnded:
@@ -203,6 +211,7 @@ class ThreadHost(SessionHost):
         if plan is None:
             return
         chunks = plan.chunks()
+        data = self._data_now()
         while True:
             with self.lock:                      # one chunk at a time: a slow reader holds
                 if self.ended is not None:       # no more than that
@@ -211,9 +220,9 @@ class ThreadHost(SessionHost):
             if chunk is None:
                 return
             self.bytes_out += len(chunk)
-            if self.data is not None:
+            if data is not None:
                 try:
-                    self.data.sendall(chunk)
+                    data.sendall(chunk)
                 except (OSError, ValueError) as exc:
                     raise self._data_broken(exc) from None
             else:
@@ -383,6 +392,7 @@ class WorkerHost(SessionHost):
     def _replies(self) -> Iterator[bytes]:
         """The worker's answer to a sync call: its reply, and a large read's payload."""
         data, reads = self.worker.data, self.worker.reads
+        channel = None
         while True:
             kind, body = self._next(data)
             if kind == ipc.REPLY_DRAINED:
@@ -396,13 +406,14 @@ class WorkerHost(SessionHost):
             if kind == ipc.REPLY_MORE:               # a read whose payload follows
                 self.replies += 1
                 self.bytes_out += len(body)
+                channel = self._data_now()
                 yield body
             elif kind == ipc.RCHUNK or kind == ipc.RCHUNK_LAST:
                 slot, n = ipc.unpack(body)
                 self.bytes_out += n
-                if self.data is not None:           # from the slot to the socket, no copy
+                if channel is not None:             # from the slot to the socket, no copy
                     try:
-                        self.data.sendall(reads.slot(slot, n))
+                        channel.sendall(reads.slot(slot, n))
                     except (OSError, ValueError) as exc:
                         raise self._data_broken(exc) from None
                     finally:

@@ -53,3 +53,30 @@ def test_the_data_listener_says_yes_before_the_session_may_use_the_socket():
     assert seen == [None] and host.data == "sock"
     assert not host.attach_data("another", lambda: seen.append("again"))   # has one
     assert seen == [None]
+
+
+def test_a_transfer_that_arrives_during_the_handover_waits_for_it():
+    """The client may send on the channel as soon as it has the yes: a data frame that
+    reaches the handler while the listener is still handing the socket over waits for it
+    (it was refused as 'a data frame in a session without a data channel')."""
+    import threading
+    host = SessionHost("s1")
+    yes_sent, go_on = threading.Event(), threading.Event()
+
+    def accept():
+        yes_sent.set()
+        go_on.wait(5)          # the listener, slow to finish the handover
+
+    listener = threading.Thread(target=host.attach_data, args=("sock", accept))
+    listener.start()
+    assert yes_sent.wait(5)
+    found: list = []
+    handler = threading.Thread(target=lambda: found.append(host._data_now()))
+    handler.start()
+    handler.join(0.2)
+    assert handler.is_alive()          # waiting out the handover, not deciding without it
+    go_on.set()
+    handler.join(5)
+    listener.join(5)
+    assert found == ["sock"]
+    host._require_data()               # and a data frame is accepted
