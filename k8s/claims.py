@@ -59,16 +59,23 @@ def plan(claim: Any, driver: str, kinds: dict[tuple[str, str], str]) -> list[Req
     if not results:
         raise ClaimError(f"its allocation has no device of driver {driver}")
     grouped: dict[str, list[tuple[str, str]]] = {}
+    #: The name each request was allocated under: itself, or one of its subrequests
+    #: ("gpu/small"), which config may name (Kubernetes' <request>/<subrequest> form).
+    allocated_as: dict[str, str] = {}
     for result in results:
-        request = (result.request or "").split("/", 1)[0]
+        full = result.request or ""
+        request = full.split("/", 1)[0]
         if not _REQUEST.fullmatch(request):
             raise ClaimError(f"bad request name {result.request!r} in its allocation")
+        if allocated_as.setdefault(request, full) != full:
+            raise ClaimError(f"request {request} is allocated as both "
+                             f"{allocated_as[request]} and {full}")
         grouped.setdefault(request, []).append((result.pool or "", result.device or ""))
     entries = _entries(allocation)
     plans = []
     for request, devices in grouped.items():
         try:
-            parameters = for_request(entries, driver, request)
+            parameters = for_request(entries, driver, allocated_as[request])
         except ParameterError as exc:
             raise ClaimError(f"request {request}: {exc}") from None
         kind = parameters.device_kind

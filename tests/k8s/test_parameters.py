@@ -44,3 +44,29 @@ def test_class_entries_apply_first_then_the_claims_in_order_for_their_requests()
     assert for_request([], "harp.dev", "a") == LeaseParameters()
     with pytest.raises(ParameterError, match="the device class's parameters for harp.dev"):
         for_request([ConfigEntry("FromClass", (), "harp.dev", params(share=3))], "harp.dev", "a")
+
+
+def test_config_for_a_subrequest_applies_to_the_request_allocated_under_it():
+    """Kubernetes names a request allocated through one of its subrequests (firstAvailable)
+    `<request>/<subrequest>`, and config may name it so: its memory and share must reach the
+    lease (they were dropped, and the lease took a whole device at share 1)."""
+    from types import SimpleNamespace as Obj
+
+    from harp.k8s.claims import ClaimError, plan
+
+    def claim(*requests):
+        results = [Obj(driver="harp.dev", request=r, pool="p", device=f"d{i}")
+                   for i, r in enumerate(requests)]
+        config = [Obj(source="FromClaim", requests=["gpu/small"],
+                      opaque=Obj(driver="harp.dev", parameters=params(memory="1GiB",
+                                                                        share=0.25)))]
+        return Obj(status=Obj(allocation=Obj(devices=Obj(results=results, config=config))))
+
+    kinds = {("p", "d0"): "gpu", ("p", "d1"): "gpu"}
+    (only,) = plan(claim("gpu/small"), "harp.dev", kinds)
+    assert only.request == "gpu" and only.parameters == LeaseParameters(memory=1 << 30,
+                                                                         share=0.25)
+    (other,) = plan(claim("gpu/large"), "harp.dev", kinds)
+    assert other.parameters == LeaseParameters()           # config for another subrequest
+    with pytest.raises(ClaimError, match="allocated as both gpu/small and gpu/large"):
+        plan(claim("gpu/small", "gpu/large"), "harp.dev", kinds)
