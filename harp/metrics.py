@@ -15,7 +15,8 @@ leases, so the endpoint is protected like every other HARP service:
   `--insecure`, or `--metrics-insecure`), and only on a loopback address.
 
 Each connection is handled in a thread of its own, at most `MAX_CONNECTIONS` at
-once, each bounded by `IO_TIMEOUT_S` (the TLS handshake included), so a peer that
+once, each read bounded by `IO_TIMEOUT_S` and the whole connection by
+`CONNECTION_DEADLINE_S` (the TLS handshake included), so a peer that
 connects and says nothing holds nothing for long.
 """
 from __future__ import annotations
@@ -37,6 +38,9 @@ log = logging.getLogger("harp.metrics")
 PATH = "/metrics"
 MAX_CONNECTIONS = 16
 IO_TIMEOUT_S = 10.0
+#: The most one connection may last, the TLS handshake included (one request each):
+#: a peer trickling bytes inside `IO_TIMEOUT_S` holds its slot no longer than this.
+CONNECTION_DEADLINE_S = 30.0
 
 
 def prometheus() -> Any:
@@ -110,6 +114,10 @@ class MetricsEndpoint:
 
     # -- one connection, in its own thread -------------------------------------------------
     def _connection(self, sock: socket.socket, peer: Any, http_server: "_HttpServer") -> None:
+        raw = sock
+        deadline = threading.Timer(CONNECTION_DEADLINE_S, _cut, args=(raw,))
+        deadline.daemon = True
+        deadline.start()
         try:
             sock.settimeout(IO_TIMEOUT_S)
             role = None
@@ -127,6 +135,7 @@ class MetricsEndpoint:
         except (OSError, ValueError):
             pass                                   # the peer went, or timed out
         finally:
+            deadline.cancel()
             try:
                 sock.close()
             except OSError:
@@ -136,6 +145,14 @@ class MetricsEndpoint:
     def render(self) -> bytes:
         """The registry's current figures in Prometheus's text format."""
         return self.exposition.generate_latest(self.registry)
+
+
+def _cut(sock: socket.socket) -> None:
+    """End a connection past its deadline: its thread's read or write returns at once."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class _HttpServer(http.server.HTTPServer):
