@@ -223,13 +223,16 @@ class SqlStore(Store):
                 raise LeaseError(f"lease {lease_id} is {lease.state}"
                                  + (f": {lease.reason}" if lease.reason else "")
                                  + "; attach a new one (harp attach)")
-            if lease.expires_at <= now:
+            expired = lease.expires_at <= now
+            if expired:         # recorded (committed) before the refusal, not rolled back
                 self._end(db, lease_id, "expired", "not renewed in time", now)
-                raise LeaseError(f"lease {lease_id} has expired")
-            lease.expires_at, lease.term = now + lease.ttl, db.term
-            db.execute("UPDATE leases SET expires_at=?, term=? WHERE id=?",
-                       (lease.expires_at, db.term, lease_id))
-            return lease
+            else:
+                lease.expires_at, lease.term = now + lease.ttl, db.term
+                db.execute("UPDATE leases SET expires_at=?, term=? WHERE id=?",
+                           (lease.expires_at, db.term, lease_id))
+        if expired:
+            raise LeaseError(f"lease {lease_id} has expired")
+        return lease
 
     @retried
     def detach(self, lease_id: str, now: float) -> LeaseRecord:

@@ -126,6 +126,19 @@ def test_leases_survive_reopening_the_database(open_store):
     assert again.renew(lease.id, 2.0).expires_at == 62.0
 
 
+def test_a_renewal_too_late_ends_the_lease_as_expired(open_store):
+    """The refusal is recorded, not rolled back with it: the lease is expired at once, not
+    left active until the reaper comes round."""
+    store = open_store()
+    _register(store, "a")
+    lease = store.attach(req(), 60, "t", 0.0)
+    with pytest.raises(harp.LeaseError, match="has expired"):
+        store.renew(lease.id, 61.0)
+    assert store.lease(lease.id).state == "expired"
+    with pytest.raises(harp.LeaseError, match="is expired"):
+        store.renew(lease.id, 62.0)
+
+
 def test_reaper_marks_silent_servers_down_and_loses_their_leases(open_store):
     store = open_store()
     _register(store, "a")
