@@ -265,12 +265,12 @@ def _rehearse(backend: Any, slot_size: int) -> None:
     """A throwaway session while warm: open device 0 on an account of the backend's own,
     answer a synchronize, close. The real session's open, first call and reply then run
     on pages this process has already touched (in a fork, a first touch is a
-    copy-on-write fault), which took connecting through a worker from about 1.3 ms of
-    the worker's CPU to 0.25 ms. Nothing of it is left, and it reaches no one: its
-    memory account and gate are its own, and the session it will serve is unknown yet."""
+    copy-on-write fault): the open then costs about a fifth of the CPU time it costs cold
+    (`benchmarks/worker_open.py`). Nothing of it is left, and it reaches no one: its
+    memory account is its own (and it runs no kernel, so it needs no compute gate), and
+    the session it will serve is unknown yet."""
     try:
-        gate = SessionGate(_Idle())
-        device = backend.open(0, tenancy=Tenancy(backend.local_memory(0, 0, None), gate))
+        device = backend.open(0, tenancy=Tenancy(backend.local_memory(0, 0, None)))
         session = Session(device, "rehearsal", slot_size)
         try:
             ipc.pack(device.info.to_dict())
@@ -283,22 +283,6 @@ def _rehearse(backend: Any, slot_size: int) -> None:
             session.close()
     except Exception as exc:           # only a lost head start: the real open will tell
         log.debug("the warm worker's rehearsal failed: %s", exc)
-
-
-class _Idle(GateLink):
-    """The rehearsal's compute gate: no one else to take turns with."""
-
-    def request(self) -> None:
-        pass
-
-    def release(self, used_ns: int, again: bool) -> None:
-        pass
-
-    def charge(self, used_ns: int) -> None:
-        pass
-
-    def leave(self) -> None:
-        pass
 
 
 def _copy_into(out: memoryview, data: bytes) -> int:
