@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Sequence
 
 import numpy as np
@@ -82,6 +83,13 @@ class Kernel:
 
     def param_dtype(self, p: Param) -> str | None:
         return self.dtype if p.dtype == "T" else p.dtype
+
+    @cached_property
+    def plan(self) -> tuple[tuple[str | None, bool], ...]:
+        """Per parameter: the scalar dtype (None for a buffer) and whether it counts
+        elements, worked out once so that a launch's fast path checks no `Param`s."""
+        return tuple((None, False) if p.kind == "buffer" else
+                     (self.param_dtype(p), p.name in SIZE_PARAMS) for p in self.op.params)
 
 
 def _instantiate() -> dict[str, Kernel]:

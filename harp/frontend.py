@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import ArgumentError, HarpError
-from .types import DEFAULT_STREAM, Buffer, Event, Function, Module, Stream, as_kernel_arg
+from .types import (DEFAULT_STREAM, ArrayArg, Buffer, BufferArg, Event, Function, Module, Scalar,
+                    Stream, as_kernel_arg)
 
 
 class HandleIds:
@@ -268,8 +269,14 @@ def out_view(out: Any, nbytes: int) -> memoryview:
 
 def normalize_args(args: Sequence[Any]) -> list:
     """Launch arguments as `BufferArg`/`ArrayArg`/`Scalar` (see `types.as_kernel_arg`)."""
-    if not args and type(args) in (list, tuple):
-        return []
+    t = type(args)
+    if t is list or t is tuple:
+        out = []
+        append = out.append
+        for a in args:              # the kinds already normal pass as they are (hot path)
+            k = type(a)
+            append(a if k is BufferArg or k is Scalar or k is ArrayArg else as_kernel_arg(a))
+        return out
     if isinstance(args, (str, bytes)) or not hasattr(args, "__iter__"):
         raise TypeError("launch args must be a sequence")
     return [as_kernel_arg(a) for a in args]

@@ -211,6 +211,9 @@ def _is_int(v: Any) -> bool:
     return type(v) is int
 
 
+_SCALAR_VALUES = frozenset((int, float, bool))
+
+
 def _check_kernel_args(args: list) -> None:
     if len(args) > MAX_KERNEL_ARGS:
         raise ProtocolError(f"a launch carries at most {MAX_KERNEL_ARGS} kernel arguments")
@@ -218,11 +221,11 @@ def _check_kernel_args(args: list) -> None:
         if type(a) is not list or not a:
             raise ProtocolError(f"a kernel argument is a tagged array, got {short(a)}")
         tag = a[0]
-        if tag == ARG_BUFFER and len(a) == 3 and _is_int(a[1]) and _is_int(a[2]):
-            continue
-        if tag == ARG_SCALAR and len(a) == 3 and type(a[2]) is str \
-                and type(a[1]) in (int, float, bool):
-            continue
+        if len(a) == 3:
+            if tag == ARG_BUFFER and type(a[1]) is int and type(a[2]) is int:
+                continue
+            if tag == ARG_SCALAR and type(a[2]) is str and type(a[1]) in _SCALAR_VALUES:
+                continue
         if tag == ARG_ARRAY and len(a) == 6 and _is_int(a[1]) and type(a[2]) is str \
                 and type(a[3]) is list and _is_int(a[4]) \
                 and (a[5] is None or type(a[5]) is list):

@@ -29,6 +29,9 @@ from .handles import HandleTable
 
 log = logging.getLogger("harp.server")
 
+#: Most kernel arguments a session keeps made (`Session._known_args`); past it, it starts over.
+_KNOWN_ARGS = 4096
+
 
 class SeqMap:
     """Backend call numbers -> client call numbers.
@@ -132,6 +135,11 @@ class Session:
         #: synchronize that succeeded, everything before it done and its errors taken.
         self.drained_seq = 0
         self._sink: ChunkSink | None = None
+        #: Kernel arguments already made from their wire form, by (type, value, value, tag)
+        #: of a buffer or scalar argument: launches in a loop pass the same ones, and making
+        #: a `BufferArg` or `Scalar` costs more than the rest of the argument's path. Buffer
+        #: entries go when any buffer is freed (an id can then name another buffer).
+        self._known_args: dict[tuple, Any] = {}
         self._ops = {c.op: getattr(self, "_" + c.key) for c in api.CALLS}
 
     # -- dispatch --------------------------------------------------------------
@@ -251,6 +259,7 @@ class Session:
         except HarpError as exc:
             self.errors.add(exc, "free", seq)
             return
+        self._known_args.clear()
         self._async(seq, "free", self.device.free, buf)
 
     def _lookup(self, seq: int, name: str, *wanted: tuple[type, int]) -> list | None:
@@ -402,7 +411,24 @@ class Session:
         try:
             function = self.handles.get(Function, fn)
             target = self.handles.get(Stream, stream)
-            kernel_args = [self._arg(a) for a in args]
+            if args:
+                known = self._known_args
+                kernel_args = []
+                for a in args:
+                    value = a[1]
+                    if a[0] == wire.ARG_ARRAY or (value == 0 and type(value) is float):
+                        kernel_args.append(self._arg(a))    # -0.0 == 0.0: not a key
+                        continue
+                    key = (type(value), value, a[2], a[0])
+                    arg = known.get(key)
+                    if arg is None:
+                        arg = self._arg(a)
+                        if len(known) >= _KNOWN_ARGS:
+                            known.clear()
+                        known[key] = arg
+                    kernel_args.append(arg)
+            else:
+                kernel_args = []
         except HarpError as exc:
             self.errors.add(exc, "launch", seq)
             return

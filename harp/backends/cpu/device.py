@@ -63,8 +63,41 @@ class CpuDevice(HostDevice):
         if kernel is not None:
             if type(kernel) is not catalog.Kernel:     # an aten call
                 return kernel.prepare([self._resolve(a) for a in args])
+            prepared = self._catalog_fast(kernel.plan, args)
+            if prepared is not None:
+                return prepared
             catalog.check_args(kernel, args)
         return [self._resolve(a) for a in args]
+
+    def _catalog_fast(self, plan: tuple, args: list) -> list | None:
+        """A catalog launch's arguments resolved in one pass when every one is of the plain
+        kind (a buffer in bounds, a scalar of the parameter's dtype that fits, a size not
+        negative); None sends anything else down the checked path, which says what is
+        wrong. Launches are the hot path: this is `check_args` and `_resolve` fused."""
+        if len(args) != len(plan):
+            return None
+        buffers = self._buffers
+        fast_scalar = catalog.fast_scalar
+        out: list = []
+        append = out.append
+        for (dtype, size), arg in zip(plan, args):
+            t = type(arg)
+            if dtype is None:
+                if t is not BufferArg:
+                    return None
+                mem = buffers.get(arg.buffer.id)
+                offset = arg.offset
+                if mem is None or type(offset) is not int or not 0 <= offset <= mem.size:
+                    return None
+                append((mem, offset))
+            else:
+                if t is not Scalar or arg.dtype != dtype:
+                    return None
+                value = fast_scalar(arg.value, dtype)
+                if value is None or (size and value < 0):
+                    return None
+                append(value)
+        return out
 
     def _resolve(self, arg: Any) -> Any:
         """A kernel argument as the cpu kernels take it: (memory, offset), an array view,
