@@ -63,6 +63,8 @@ class SessionsSection:
             for c in group:
                 c.send("run %.6f %.6f" % (start, stop))
             counts = [c.result(60 + window(k))["n"] for c in group]
+            if k >= 16:
+                log("    %d sessions, launches each (sorted): %s" % (k, sorted(counts)))
             for c in group:
                 c.send("close")
             for c in group:

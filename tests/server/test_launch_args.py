@@ -4,6 +4,7 @@ never change what a launch means."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 import harp
 from harp import wire
@@ -122,3 +123,27 @@ def test_a_session_keeps_a_bounded_number_of_arguments():
     c.sync()
     assert len(c.session._known_args) <= session_module._KNOWN_ARGS
     assert c.read(10, 4) == _f32([session_module._KNOWN_ARGS + 9])
+
+
+def test_a_local_device_given_the_same_scalars_again_computes_with_each():
+    """The cpu device keeps the NumPy value of each `Scalar` it was given; the same
+    objects again, and others equal to them, must give the same results as fresh ones."""
+    from harp.backends.cpu import device as cpu_device
+    dev = CpuBackend().open(0)
+    fn = dev.function(dev.load_module(harp.CATALOG_IMAGE, "catalog"), "fill_f32")
+    buf = dev.alloc(4 * 8)
+    scalars = [harp.Scalar(float(v), "float32") for v in range(cpu_device._KEPT_SCALARS + 5)]
+    n = harp.Scalar(8, "int64")
+    for round_ in range(2):
+        for s in scalars[::97] + [scalars[-1]]:
+            dev.launch(fn, 1, 1, [buf, s, n])
+            assert dev.read(buf, 0, 32) == _f32([s.value] * 8)
+    for s in scalars:
+        dev.launch(fn, 1, 1, [buf, s, n])
+    dev.synchronize()
+    assert len(dev._scalars) <= cpu_device._KEPT_SCALARS
+    assert dev.read(buf, 0, 32) == _f32([scalars[-1].value] * 8)
+    with pytest.raises(harp.ArgumentError, match="does not fit"):
+        dev.launch(fn, 1, 1, [buf, harp.Scalar(1e300, "float32"), n])
+        dev.synchronize()
+    dev.close()

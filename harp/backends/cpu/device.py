@@ -22,6 +22,10 @@ from .card import CpuCard
 from .kernels import catalog_runner, load_numba_source, numba_runner
 
 
+#: Most NumPy scalars a session keeps made (`CpuDevice._scalars`); past it, it starts over.
+_KEPT_SCALARS = 1024
+
+
 class CpuDevice(HostDevice):
     """A session on a `CpuCard`: its own handles, streams, quota and deferred errors."""
 
@@ -34,6 +38,10 @@ class CpuDevice(HostDevice):
                  compute: ComputeGate | None = None, trust_client_code: bool = False) -> None:
         super().__init__(info, memory, name=f"harp-cpu{card.index}", card=card,
                          compute=compute, trust_client_code=trust_client_code)
+        #: id(Scalar) -> (that Scalar, its NumPy value): a launch loop passes the same
+        #: `Scalar` objects again (a pool server keeps them), and making the NumPy scalar is
+        #: the dearest step of a scalar argument. Holding the `Scalar` keeps its id unique.
+        self._scalars: dict[int, tuple[Scalar, Any]] = {}
 
     # -- kernels -------------------------------------------------------------------------
     def _load(self, image: bytes | str, format: str) -> Any:
@@ -77,6 +85,7 @@ class CpuDevice(HostDevice):
         if len(args) != len(plan):
             return None
         buffers = self._buffers
+        scalars = self._scalars
         fast_scalar = catalog.fast_scalar
         out: list = []
         append = out.append
@@ -93,9 +102,16 @@ class CpuDevice(HostDevice):
             else:
                 if t is not Scalar or arg.dtype != dtype:
                     return None
+                made = scalars.get(id(arg))
+                if made is not None and made[0] is arg:     # the same Scalar as before
+                    append(made[1])
+                    continue
                 value = fast_scalar(arg.value, dtype)
                 if value is None or (size and value < 0):
                     return None
+                if len(scalars) >= _KEPT_SCALARS:
+                    scalars.clear()
+                scalars[id(arg)] = (arg, value)      # holds arg: its id is not reused
                 append(value)
         return out
 
