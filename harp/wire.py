@@ -190,8 +190,12 @@ def _check_launch(call: list) -> None:
     if type(fn) is not int or type(shared) is not int or type(stream) is not int \
             or type(grid) is not list or type(block) is not list or type(args) is not list:
         raise ProtocolError("launch record has an argument of the wrong type")
-    _check_dims(grid, "grid")
-    _check_dims(block, "block")
+    if len(grid) != 3 or type(grid[0]) is not int or type(grid[1]) is not int \
+            or type(grid[2]) is not int:
+        _check_dims(grid, "grid")
+    if len(block) != 3 or type(block[0]) is not int or type(block[1]) is not int \
+            or type(block[2]) is not int:
+        _check_dims(block, "block")
     if args:
         _check_kernel_args(args)
 

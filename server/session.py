@@ -432,8 +432,13 @@ class Session:
         except HarpError as exc:
             self.errors.add(exc, "launch", seq)
             return
-        self._async(seq, "launch", self.device.launch, function, tuple(grid), tuple(block),
-                    kernel_args, shared, target)
+        self.backend_calls += 1                     # `_async`, inline: launches are hot
+        self.seqmap.note(self.backend_calls, seq)
+        try:
+            self.device.launch(function, tuple(grid), tuple(block), kernel_args, shared,
+                               target)
+        except (HarpError, TypeError, ValueError, OverflowError) as exc:
+            self.errors.add(_as_harp(exc), "launch", seq)
 
     def _arg(self, a: list) -> Any:
         """A kernel argument whose shape `wire.check_record` has checked."""
