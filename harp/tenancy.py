@@ -52,6 +52,12 @@ class MemoryBroker(abc.ABC):
 class ComputeGate(abc.ABC):
     """One session's turn on a device that sessions share by compute share."""
 
+    #: The session has a process of its own (process isolation): a host device may then
+    #: charge a run of kernels no more than the CPU time the process used while it ran
+    #: (`harp.backends.hoststreams`), not the wall time during which a loaded host ran
+    #: something else.
+    own_process: bool = False
+
     @abc.abstractmethod
     def enter(self) -> None:
         """Block until the session may run a kernel."""

@@ -146,9 +146,11 @@ class SessionGate(ComputeGate):
     #: Charge device time to the arbiter at least this often while holding.
     CHARGE_NS = 50_000_000
 
-    def __init__(self, link: GateLink, slice_ns: int = SLICE_NS) -> None:
+    def __init__(self, link: GateLink, slice_ns: int = SLICE_NS, *,
+                 own_process: bool = False) -> None:
         self.link = link
         self.slice_ns = slice_ns
+        self.own_process = own_process
         self._cond = threading.Condition(threading.Lock())
         self._holding = False
         self._requested = False

@@ -126,7 +126,7 @@ class Worker:
                 window = SharedWindow.attach(fds, slot_size, slots, client=False)
             gate = None
             if request.get("gated", True):
-                gate = self.gate = SessionGate(_GateLink(self.ctl))
+                gate = self.gate = SessionGate(_GateLink(self.ctl), own_process=True)
             device = backend.open(request["device"], memory_quota=request.get("quota"),
                                   trust_client_code=bool(request.get("trust")),
                                   tenancy=Tenancy(self.broker, gate))

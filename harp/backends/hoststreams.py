@@ -241,12 +241,12 @@ class StreamQueue:
     def _run_burst(self) -> None:
         """Run up to BURST operations (in a pool thread), then park, requeue or stop."""
         gate = self.executor.gate
-        held = [0]                                   # when the gate was entered (ns), or 0
+        held = [0, 0]                 # when the gate was entered (ns; 0: not held), CPU then
         try:
             self._burst(gate, held)
         finally:
             if held[0]:
-                gate.exit(time.perf_counter_ns() - held[0])
+                gate.exit(_used(gate, held))
 
     def _burst(self, gate: Any, held: list) -> None:
         ex = self.executor
@@ -271,9 +271,11 @@ class StreamQueue:
                 if kernel and not held[0]:
                     gate.enter()
                     held[0] = time.perf_counter_ns()
+                    if gate.own_process:
+                        held[1] = time.process_time_ns()
                 elif held[0] and (not kernel or gate.wants_back(
                         time.perf_counter_ns() - held[0])):
-                    gate.exit(time.perf_counter_ns() - held[0])
+                    gate.exit(_used(gate, held))
                     held[0] = 0
                     continue                         # enter again for the kernel, in turn
             ops.popleft()
@@ -298,3 +300,16 @@ class StreamQueue:
         if self._completed == self._submitted and self._waiters:
             with self._drained:
                 self._drained.notify_all()
+
+
+def _used(gate: Any, held: list) -> int:
+    """The device time of a run of kernels that entered the gate at `held`: its wall time,
+    or, in a process of the session's own, no more than the CPU time the process used
+    meanwhile. A host device is the CPU: time the run spent descheduled on a loaded host
+    is not the session's use, and charged as such it would send the session to the back
+    of the line for work it never got to do (one run charged 300 µs per noop kernel left
+    a session 1/40 of its peers' launches with 64 sessions on 2 cores)."""
+    wall = time.perf_counter_ns() - held[0]
+    if gate.own_process:
+        return min(wall, time.process_time_ns() - held[1])
+    return wall
