@@ -84,6 +84,8 @@ class CpuDevice(HostDevice):
         wrong. Launches are the hot path: this is `check_args` and `_resolve` fused."""
         if len(args) != len(plan):
             return None
+        if not args:
+            return []
         buffers = self._buffers
         scalars = self._scalars
         fast_scalar = catalog.fast_scalar
