@@ -54,9 +54,10 @@ def _device_time(pool, dev):
 
 @pytest.mark.slow      # 10 s of two saturating sessions: in the serial step, not beside other tests
 # Process isolation, the default, only: with thread isolation the two sessions' kernels,
-# their clients and the server share one interpreter, and one CI run measured 16 s of
-# device time in 10 s (ratio 2.06), kernels overlapping or timed through waits for the
-# interpreter; thread isolation does not isolate tenants and is not what shares are for.
+# their clients and the server share one interpreter, kernels are charged wall time with
+# their waits for it, and one CI run measured a ratio of 2.06 (16 s of device time in 10 s:
+# each session's two streams run at once, each charged); thread isolation does not isolate
+# tenants and is not what shares are for.
 @pytest.mark.parametrize("share_pool", ["process"], indirect=True)
 def test_two_busy_sessions_get_device_time_by_their_shares(share_pool):
     """Shares 0.75 and 0.25, both saturating the device for 10 s: device time 3:1 (+-20%)."""
