@@ -30,7 +30,7 @@ REC64 = b"r" * 64
 #: Options of the bare gRPC channels and server (as in the transport-limits probe).
 GRPC_OPTS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
 
-LAUNCH_TARGET = 100_000.0
+LAUNCH_TARGET = 200_000.0
 
 
 def log(*a):
