@@ -91,6 +91,8 @@ def row_specs(per):
          "same unix socket, no shared memory", 0.9),
         ("sessions: aggregate launches, 64 vs peak", "sessions: aggregate at 64 / peak", 1.0,
          "the peak over 1-64 sessions", 0.8),
+        ("sessions: aggregate launches, 64 vs peak", "sessions: aggregate at 64 / peak",
+         "sessions: bare gRPC at 64 / its peak", "bare gRPC's own 64-vs-peak, same run", None),
         ("sessions: fairness at 64 (min/max)", "sessions: fairness min/max at 64", 1.0,
          "every session alike", 0.8),
         ("sessions: server memory after 64", "sessions: server RSS after / idle", 1.0,

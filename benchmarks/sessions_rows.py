@@ -98,16 +98,19 @@ class SessionsSection:
             idle = _rss_bytes(server_pid)
             for i in range(a.reps):
                 log("  sessions rep %d/%d" % (i + 1, a.reps))
-                curve = {}
+                curve, bare = {}, {}
                 for k in COUNTS:
                     rate, fair = harp_point(k)
                     curve[k] = rate
+                    bare[k] = grpc_point(k)
                     self.put(f"sessions: {k} x harp launches", rate, "launch/s")
-                    self.put(f"sessions: {k} x bare gRPC records", grpc_point(k), "rec/s")
+                    self.put(f"sessions: {k} x bare gRPC records", bare[k], "rec/s")
                     if k == COUNTS[-1]:
                         self.put("sessions: fairness min/max at 64", fair, "ratio")
                 self.put("sessions: aggregate at 64 / peak", curve[COUNTS[-1]] /
                          max(curve.values()), "ratio")
+                self.put("sessions: bare gRPC at 64 / its peak", bare[COUNTS[-1]] /
+                         max(bare.values()), "ratio")
                 time.sleep(1.0)                           # workers exit, memory is trimmed
                 self.put("sessions: server RSS after / idle", _rss_bytes(server_pid) / idle,
                          "ratio")
