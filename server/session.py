@@ -140,6 +140,11 @@ class Session:
         #: a `BufferArg` or `Scalar` costs more than the rest of the argument's path. Buffer
         #: entries go when any buffer is freed (an id can then name another buffer).
         self._known_args: dict[tuple, Any] = {}
+        #: Per function (client id): the wire arguments of its last launch and the kernel
+        #: arguments made of them, reused when the next launch's compare equal (one list
+        #: comparison), unless equal could mean different (`_same_means_equal`). Dropped,
+        #: like `_known_args`, when a buffer is freed.
+        self._last_args: dict[int, tuple[list, list]] = {}
         self._ops = {c.op: getattr(self, "_" + c.key) for c in api.CALLS}
 
     # -- dispatch --------------------------------------------------------------
@@ -260,6 +265,7 @@ class Session:
             self.errors.add(exc, "free", seq)
             return
         self._known_args.clear()
+        self._last_args.clear()
         self._async(seq, "free", self.device.free, buf)
 
     def _lookup(self, seq: int, name: str, *wanted: tuple[type, int]) -> list | None:
@@ -412,21 +418,15 @@ class Session:
             function = self.handles.get(Function, fn)
             target = self.handles.get(Stream, stream)
             if args:
-                known = self._known_args
-                kernel_args = []
-                for a in args:
-                    value = a[1]
-                    if a[0] == wire.ARG_ARRAY or (value == 0 and type(value) is float):
-                        kernel_args.append(self._arg(a))    # -0.0 == 0.0: not a key
-                        continue
-                    key = (type(value), value, a[2], a[0])
-                    arg = known.get(key)
-                    if arg is None:
-                        arg = self._arg(a)
-                        if len(known) >= _KNOWN_ARGS:
-                            known.clear()
-                        known[key] = arg
-                    kernel_args.append(arg)
+                last = self._last_args.get(fn)
+                if last is not None and last[0] == args:    # a launch loop: the same again
+                    kernel_args = last[1]
+                else:
+                    kernel_args = self._kernel_args(args)
+                    if _same_means_equal(kernel_args):
+                        self._last_args[fn] = (args, kernel_args)
+                    else:
+                        self._last_args.pop(fn, None)
             else:
                 kernel_args = []
         except HarpError as exc:
@@ -439,6 +439,26 @@ class Session:
                                target)
         except (HarpError, TypeError, ValueError, OverflowError) as exc:
             self.errors.add(_as_harp(exc), "launch", seq)
+
+    def _kernel_args(self, args: list) -> list:
+        """A launch's kernel arguments from their checked wire form, those made before
+        taken from `_known_args`."""
+        known = self._known_args
+        kernel_args = []
+        for a in args:
+            value = a[1]
+            if a[0] == wire.ARG_ARRAY or (value == 0 and type(value) is float):
+                kernel_args.append(self._arg(a))        # -0.0 == 0.0: not a key
+                continue
+            key = (type(value), value, a[2], a[0])
+            arg = known.get(key)
+            if arg is None:
+                arg = self._arg(a)
+                if len(known) >= _KNOWN_ARGS:
+                    known.clear()
+                known[key] = arg
+            kernel_args.append(arg)
+        return kernel_args
 
     def _arg(self, a: list) -> Any:
         """A kernel argument whose shape `wire.check_record` has checked."""
@@ -526,6 +546,17 @@ class Session:
                 log.exception("closing session %s", self.id)
             if self.window is not None:
                 self.window.closed = True        # a wait on the window ends; unmapped later
+
+
+def _same_means_equal(kernel_args: list) -> bool:
+    """Whether wire arguments equal to those these were made of must make the same kernel
+    arguments. Equal wire values of other types (1, 1.0, True) make the same scalar of a
+    dtype; a zero does not where the dtype is floating (0 == -0.0, whose sign a kernel
+    sees)."""
+    for arg in kernel_args:
+        if type(arg) is Scalar and arg.value == 0 and arg.dtype.startswith("float"):
+            return False
+    return True
 
 
 def _named(error: HarpError, call: str, seq: int) -> HarpError:

@@ -66,6 +66,32 @@ def test_a_buffer_id_freed_and_bound_again_names_the_new_buffer():
     assert c.read(10, 16) == _f32([2.5] * 4)
 
 
+def test_the_same_launch_after_a_buffer_id_is_bound_again_reaches_the_new_buffer():
+    c = _setup("fill_f32")
+    c.call(wire.ALLOC, 10, 16)
+    args = [[wire.ARG_BUFFER, 10, 0], [wire.ARG_SCALAR, 1.5, "float32"],
+            [wire.ARG_SCALAR, 4, "int64"]]
+    for _ in range(3):                  # a launch loop: the session reuses what it made
+        c.call(wire.LAUNCH, 2, [1, 1, 1], [1, 1, 1], 0, 0, [list(a) for a in args])
+    c.sync()
+    c.call(wire.FREE, 10)
+    c.call(wire.ALLOC, 10, 16)          # the same client id, a fresh (zeroed) buffer
+    c.call(wire.LAUNCH, 2, [1, 1, 1], [1, 1, 1], 0, 0, [list(a) for a in args])
+    c.sync()
+    assert c.read(10, 16) == _f32([1.5] * 4)
+
+
+def test_equal_arguments_of_other_types_make_the_same_scalars():
+    c = _setup("fill_f64")
+    c.call(wire.ALLOC, 10, 8)
+    for value in (1, 1.0, True, 1, -0.0, 0, -0.0, 0.0):
+        c.call(wire.LAUNCH, 2, [1, 1, 1], [1, 1, 1], 0, 0,
+               [[wire.ARG_BUFFER, 10, 0], [wire.ARG_SCALAR, value, "float64"],
+                [wire.ARG_SCALAR, 1, "int64"]])
+        c.sync()
+        assert c.read(10, 8) == np.float64(value).tobytes(), value
+
+
 def test_a_launch_on_a_freed_buffer_is_refused_even_after_the_same_launch_ran():
     c = _setup("fill_f32")
     c.call(wire.ALLOC, 10, 16)
