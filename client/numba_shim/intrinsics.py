@@ -38,7 +38,9 @@ KERNEL_UNSUPPORTED = {
           "launch does not make)",
 }
 _VECTOR = re.compile(r"^(u?(char|short|int|long|longlong)|float|double)[1-4]$|"
-                     r"^(u?int(8|16|32|64)|float(32|64))x[1-4]$")
+                     r"^(u?int(8|16|32|64)|float(16|32|64))x[1-4]$")
+#: numba's CUDA vector type names (cuda.float32x4, cuda.int2, ...).
+VECTOR_TYPE = _VECTOR
 #: Names whose attributes are namespaces of further intrinsics (cuda.atomic.add).
 _NAMESPACES = frozenset({"shared", "local", "const", "atomic", "fp16", "libdevice", "cg"})
 

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ... import catalog
-from ...errors import ArgumentError, DeviceError, UnsupportedError
+from ...errors import ArgumentError, DeviceError, UnsupportedError, kernel_raised
 
 Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
 
@@ -141,6 +141,12 @@ def load_numba_source(source: str) -> dict[str, Any]:
             if isinstance(obj, FakeCUDAKernel) and not obj._device}
 
 
+#: NumPy scalar types that are numba's types of Python's bool, int, float and complex: a
+#: kernel sees these as the Python values (as in the simulator, where `flag is True` holds
+#: and `math.ldexp` takes the int), a narrower dtype as the NumPy scalar it is.
+_PYTHON_SCALARS = frozenset({np.bool_, np.int64, np.float64, np.complex128})
+
+
 def numba_runner(kernel: Any) -> Runner:
     """A runner that launches a simulator kernel on resolved arguments."""
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
@@ -151,6 +157,8 @@ def numba_runner(kernel: Any) -> Runner:
             return FakeCUDAArray(mem[offset:])
         if isinstance(arg, np.ndarray):   # an ArrayArg view
             return FakeCUDAArray(arg)
+        if type(arg) in _PYTHON_SCALARS:  # the types numba gives Python values
+            return arg.item()
         return arg
 
     def run(grid: tuple, block: tuple, shared: int, args: list) -> None:
@@ -159,6 +167,5 @@ def numba_runner(kernel: Any) -> Runner:
             try:
                 kernel[grid, block, 0, shared](*sim_args)
             except Exception as exc:
-                raise DeviceError(f"kernel {kernel.fn.__name__} raised "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                raise kernel_raised(kernel.fn.__name__, exc) from exc
     return run
