@@ -25,6 +25,7 @@ import numpy as np
 
 from harp.types import Scalar
 
+from . import packing
 from .devicearray import DeviceNDArray, to_device
 from .functions import DeviceFunction, KernelFunction, ShimFunction
 from .errors import UnsupportedAttributeError, unsupported
@@ -119,9 +120,6 @@ def _scalar(value: Any, index: int, name: str) -> _Prepared:
         return _Prepared(Scalar(value, "float64"), ("scalar", "float64"), python=True)
     if isinstance(value, (np.integer, np.floating)):
         return _Prepared(Scalar(value.item(), value.dtype.name), ("scalar", value.dtype.name))
-    if isinstance(value, (complex, np.complexfloating)):
-        unsupported(f"a complex scalar kernel argument (kernel {name}, argument {index})",
-                    "pass it as two floats, or in an array")
     unsupported(f"a kernel argument of type {type(value).__name__} (kernel {name}, "
                 f"argument {index})", "kernel arguments are device arrays, NumPy arrays, "
                 "and int/float/bool or NumPy scalars")
@@ -172,27 +170,76 @@ class Dispatcher(KernelFunction):
         return list(self._seen)
 
     # -- arguments -----------------------------------------------------------------
-    def _prepare(self, session: Session, args: Sequence[Any], stream: Any) -> list[_Prepared]:
+    def _prepare(self, session: Session, args: Sequence[Any], stream: Any, fmt: str
+                 ) -> tuple[list[_Prepared], tuple]:
+        """The launch's arguments, and the layout that rebuilds the kernel's from them
+        (`packing`: complex, tuples, records and non-numeric arrays, numba-python only)."""
+        out: list[_Prepared] = []
+        layout = tuple(self._argument(value, i, session, stream, fmt, out)
+                       for i, value in enumerate(args))
+        return out, layout
+
+    def _argument(self, value: Any, index: int, session: Session, stream: Any, fmt: str,
+                  out: list[_Prepared]) -> tuple:
+        """Append `value`'s launch arguments to `out`; its layout spec (`packing.Spec`)."""
         name = self.py_func.__name__
-        out = []
-        for i, value in enumerate(args):
-            hint: _ArgHint | None = None
-            if isinstance(value, _ArgHint):
-                hint, value = value, value.value
+        hint: _ArgHint | None = None
+        if isinstance(value, _ArgHint):
+            hint, value = value, value.value
+        if packing.packable(value) or (isinstance(value, DeviceNDArray)
+                                       and packing.needs_packing(value.dtype)):
+            if fmt != "numba-python":
+                unsupported(f"a kernel argument of type {type(value).__name__} (kernel {name}, "
+                            f"argument {index}) on a CUDA device",
+                            "complex, tuple and record arguments and arrays of record, string "
+                            "or datetime dtypes reach cpu devices (numba-python) only")
+            return self._packed(value, hint, index, session, stream, fmt, out)
+        if isinstance(value, DeviceNDArray):
+            out.append(_Prepared(value.kernel_arg(session), _array_key(value), value))
+        elif isinstance(value, np.ndarray):
+            dev, back = self._host_array(value, hint, session, stream)
+            out.append(_Prepared(dev.kernel_arg(session), _array_key(dev), dev, back))
+        elif getattr(value, "__cuda_array_interface__", None) is not None:
+            unsupported(f"a foreign CUDA array as a kernel argument (kernel {name}, "
+                        f"argument {index})", "its memory is not on the HARP device")
+        else:
+            out.append(_scalar(value, index, name))
+            return ("py",) if out[-1].python else ("arg",)
+        return ("arg",)
+
+    @staticmethod
+    def _host_array(value: np.ndarray, hint: "_ArgHint | None", session: Session, stream: Any
+                    ) -> tuple[DeviceNDArray, np.ndarray | None]:
+        """numba copies a host array to the device for the launch, and back after it."""
+        copy_in = hint is None or hint.copy_in
+        dev = to_device(value, stream=stream, copy=copy_in, session=session)
+        return dev, (value if (hint is None or hint.copy_out) else None)
+
+    def _packed(self, value: Any, hint: "_ArgHint | None", index: int, session: Session,
+                stream: Any, fmt: str, out: list[_Prepared]) -> tuple:
+        if isinstance(value, (DeviceNDArray, np.ndarray)):
             if isinstance(value, DeviceNDArray):
-                out.append(_Prepared(value.kernel_arg(session), _array_key(value), value))
-            elif isinstance(value, np.ndarray):
-                # numba copies a host array to the device for the launch and back after it
-                copy_in = hint is None or hint.copy_in
-                dev = to_device(value, stream=stream, copy=copy_in, session=session)
-                back = value if (hint is None or hint.copy_out) else None
-                out.append(_Prepared(dev.kernel_arg(session), _array_key(dev), dev, back))
-            elif getattr(value, "__cuda_array_interface__", None) is not None:
-                unsupported(f"a foreign CUDA array as a kernel argument (kernel {name}, "
-                            f"argument {i})", "its memory is not on the HARP device")
+                dev, back = value, None
             else:
-                out.append(_scalar(value, i, name))
-        return out
+                dev, back = self._host_array(value, hint, session, stream)
+            arg, offset = dev.bytes_arg(session)
+            out.append(_Prepared(arg, ("bytes",), dev, back))
+            return ("array", packing.dtype_literal(dev.dtype), dev.shape, dev.strides, offset)
+        if isinstance(value, np.void):           # a record: its bytes, copied in
+            raw = np.frombuffer(value.tobytes(), np.uint8).copy()
+            dev = to_device(raw, stream=stream, session=session)
+            out.append(_Prepared(dev.kernel_arg(session), ("bytes",), dev))
+            return ("record", packing.dtype_literal(value.dtype))
+        if isinstance(value, (complex, np.complexfloating)):
+            part = "float32" if isinstance(value, np.complex64) else "float64"
+            for x in (value.real, value.imag):
+                out.append(_Prepared(Scalar(float(x), part), ("scalar", part)))
+            return ("complex", None if isinstance(value, complex) else np.dtype(type(value)).name)
+        fields = getattr(type(value), "_fields", None)
+        items = tuple(self._argument(v, index, session, stream, fmt, out) for v in value)
+        if fields is None:
+            return ("tuple", None, None, items)
+        return ("tuple", type(value).__name__, tuple(fields), items)
 
     def _extend(self, value: Any, stream: Any, retr: list) -> Any:
         """`value` as the kernel's extensions make it (numba's `_prepare_args` order)."""
@@ -247,7 +294,7 @@ class Dispatcher(KernelFunction):
         return out
 
     # -- compiling -----------------------------------------------------------------
-    def _function(self, session: Session, fmt: str, key: tuple) -> Any:
+    def _function(self, session: Session, fmt: str, key: tuple, layout: tuple = ()) -> Any:
         if self._print is None:
             self._print = self._prints()
         if self._print and session.remote:
@@ -259,6 +306,10 @@ class Dispatcher(KernelFunction):
                 if self._source is None:
                     from .source import kernel_source
                     self._source = kernel_source(self)
+            if layout:      # packed arguments: the module rebuilds them (packing)
+                return session.function(("numba-python", self._token, layout),
+                                        self._source + "\n" + packing.unpack_source(layout),
+                                        fmt, self.py_func.__name__)
             return session.function(("numba-python", self._token), self._source, fmt,
                                     self.py_func.__name__)
         cc = session.info.compute_capability or ptx_default_cc()
@@ -311,9 +362,11 @@ class Dispatcher(KernelFunction):
         retr: list[Callable[[], Any]] = []
         if self.extensions:
             args = [self._extend(value, stream, retr) for value in args]
-        prepared = self._apply_signature(self._prepare(session, args, stream), fmt)
+        prepared, layout = self._prepare(session, args, stream, fmt)
+        if packing.is_plain(layout):
+            prepared, layout = self._apply_signature(prepared, fmt), ()
         key = tuple(p.key for p in prepared)
-        fn = self._function(session, fmt, key)
+        fn = self._function(session, fmt, key, layout)
         with self._lock:
             if key not in self._seen:
                 self._seen.append(key)

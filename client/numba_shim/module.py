@@ -114,8 +114,8 @@ def missing(name: str) -> str:
             submodules.REFUSED_SUBMODULES[name]
     if submodules.exists(name):
         return (f"numba.cuda.{name} is not supported under HARP: HARP's numba.cuda does not "
-                "provide it (it is neither HARP's own API nor one of numba's device-free "
-                "parts that HARP passes through; see harp.client.numba_shim)")
+                "provide it, being neither HARP's own API nor one of numba's device-free "
+                "parts that HARP passes through")
     return f"module 'numba.cuda' has no attribute {name!r} (nor has numba's own numba.cuda)"
 
 
