@@ -87,6 +87,9 @@ class ShimFinder(importlib.abc.MetaPathFinder):
             with real_numba_cuda():
                 module = importlib.import_module(fullname)
             return importlib.util.spec_from_loader(fullname, _LoadedLoader(module))
+        if fullname == "numba.cuda.random":
+            from .numba_shim import rng
+            return importlib.util.spec_from_loader(fullname, _LoadedLoader(rng.module()))
         if submodules.pure(fullname):
             return importlib.util.spec_from_loader(
                 fullname, _LoadedLoader(submodules.import_real(fullname)))

@@ -94,12 +94,14 @@ _ARG_HINTS = {"In": In, "Out": Out, "InOut": InOut}
 
 
 class _Prepared:
-    __slots__ = ("arg", "key", "array", "writeback", "python")
+    __slots__ = ("arg", "key", "array", "writeback", "python", "after")
 
     def __init__(self, arg: Any, key: tuple, array: DeviceNDArray | None = None,
-                 writeback: np.ndarray | None = None, python: bool = False) -> None:
+                 writeback: np.ndarray | None = None, python: bool = False,
+                 after: Callable[[], None] | None = None) -> None:
         self.arg, self.key, self.array, self.writeback = arg, key, array, writeback
         self.python = python      # a Python bool/int/float (not a NumPy scalar)
+        self.after = after        # run once `writeback` holds what the kernel left
 
 
 def _scalar(value: Any, index: int, name: str) -> _Prepared:
@@ -225,10 +227,18 @@ class Dispatcher(KernelFunction):
             arg, offset = dev.bytes_arg(session)
             out.append(_Prepared(arg, ("bytes",), dev, back))
             return ("array", packing.dtype_literal(dev.dtype), dev.shape, dev.strides, offset)
-        if isinstance(value, np.void):           # a record: its bytes, copied in
+        if isinstance(value, (np.void, np.datetime64, np.timedelta64)):
+            # a record (or a datetime): its bytes; numba passes a record by reference, so
+            # what the kernel writes into it comes back into the program's record
             raw = np.frombuffer(value.tobytes(), np.uint8).copy()
             dev = to_device(raw, stream=stream, session=session)
-            out.append(_Prepared(dev.kernel_arg(session), ("bytes",), dev))
+            after = None
+            if isinstance(value, np.void) and value.dtype.names:
+                def after(record: np.void = value, raw: np.ndarray = raw) -> None:
+                    got = raw.view(record.dtype)[0]
+                    for field in record.dtype.names:
+                        record[field] = got[field]
+            out.append(_Prepared(dev.kernel_arg(session), ("bytes",), dev, raw, after=after))
             return ("record", packing.dtype_literal(value.dtype))
         if isinstance(value, (complex, np.complexfloating)):
             part = "float32" if isinstance(value, np.complex64) else "float64"
@@ -377,6 +387,8 @@ class Dispatcher(KernelFunction):
         for p in prepared:
             if p.writeback is not None and p.array is not None:
                 p.array.copy_to_host(p.writeback, stream=stream)
+                if p.after is not None:
+                    p.after()
         for writeback in retr:
             writeback()
         if self.targetoptions.get("debug"):

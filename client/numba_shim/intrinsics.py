@@ -34,8 +34,8 @@ PTX_ONLY_KERNEL_API = frozenset({
 })
 #: Kernel-side API that neither target supports, and why.
 KERNEL_UNSUPPORTED = {
-    "cg": "cooperative groups (a grid-wide sync needs a cooperative launch, which HARP's "
-          "launch does not make)",
+    "cg": "cooperative groups on a CUDA device (a grid-wide sync needs a cooperative launch, "
+          "which HARP's launch does not make; Numba's simulator on a cpu device runs them)",
 }
 _VECTOR = re.compile(r"^(u?(char|short|int|long|longlong)|float|double)[1-4]$|"
                      r"^(u?int(8|16|32|64)|float(16|32|64))x[1-4]$")
@@ -45,8 +45,15 @@ VECTOR_TYPE = _VECTOR
 _NAMESPACES = frozenset({"shared", "local", "const", "atomic", "fp16", "libdevice", "cg"})
 
 
+#: Only Numba's simulator runs these under HARP (it runs grid groups in one process; a GPU
+#: needs a cooperative launch).
+SIMULATOR_ONLY_KERNEL_API = frozenset({"cg"})
+
+
 def kernel_api(fmt: str) -> frozenset[str]:
-    return COMMON_KERNEL_API | PTX_ONLY_KERNEL_API if fmt == "ptx" else COMMON_KERNEL_API
+    if fmt == "ptx":
+        return COMMON_KERNEL_API | PTX_ONLY_KERNEL_API
+    return COMMON_KERNEL_API | SIMULATOR_ONLY_KERNEL_API
 
 
 class KernelOnly:
@@ -160,7 +167,7 @@ def check_kernel_code(fn: types.FunctionType, namespace: dict[str, Any], fmt: st
 
 
 def _check_api(api: str, allowed: frozenset[str], target: str, what: str) -> None:
-    if api in KERNEL_UNSUPPORTED:
+    if api in KERNEL_UNSUPPORTED and api not in allowed:
         raise UnsupportedError(f"{what} uses numba.cuda.{api}: {KERNEL_UNSUPPORTED[api]} is not "
                                f"supported under HARP ({HINT})")
     if api in allowed or _VECTOR.match(api):

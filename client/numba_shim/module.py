@@ -71,7 +71,6 @@ UNSUPPORTED = {
     "driver": "the CUDA driver of this process (there is none: the device is HARP's)",
     "runtime": "the CUDA runtime of this process (there is none: the device is HARP's)",
     "cudadrv": "the CUDA driver layer of this process (there is none: the device is HARP's)",
-    "random": "numba.cuda.random",
     "cg": "cooperative groups",
 }
 
@@ -90,6 +89,10 @@ class ShimModule(types.ModuleType):
                 return value
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(f"module 'numba.cuda' has no attribute {name!r}")
+        if name == "random":
+            from . import rng
+            value = self.__dict__["random"] = rng.module()
+            return value
         if name in submodules.PURE_ATTRIBUTES or name in submodules.PURE_SUBMODULES or \
                 VECTOR_TYPE.match(name):
             value = submodules.real_attribute(name)

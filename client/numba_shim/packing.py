@@ -33,19 +33,20 @@ _NP = "__harp_np__"
 Spec = tuple
 
 
-def dtype_literal(dt: np.dtype) -> str:
-    """Python source that rebuilds dtype `dt` (record, string, datetime, numeric)."""
+def dtype_literal(dt: np.dtype, numpy: str = _NP) -> str:
+    """Python source that rebuilds dtype `dt` (record, string, datetime, numeric), with NumPy
+    spelled `numpy`."""
     if dt.fields is not None:
         names = list(dt.names)
-        formats = [dtype_literal(dt.fields[n][0]) for n in names]
+        formats = [dtype_literal(dt.fields[n][0], numpy) for n in names]
         offsets = [dt.fields[n][1] for n in names]
-        return (f"{_NP}.dtype({{'names': {names!r}, 'formats': [{', '.join(formats)}], "
+        return (f"{numpy}.dtype({{'names': {names!r}, 'formats': [{', '.join(formats)}], "
                 f"'offsets': {offsets!r}, 'itemsize': {dt.itemsize}, "
                 f"'aligned': {bool(dt.isalignedstruct)}}})")
     if dt.subdtype is not None:
         base, shape = dt.subdtype
-        return f"{_NP}.dtype(({dtype_literal(base)}, {shape!r}))"
-    return f"{_NP}.dtype({dt.str!r})"
+        return f"{numpy}.dtype(({dtype_literal(base, numpy)}, {shape!r}))"
+    return f"{numpy}.dtype({dt.str!r})"
 
 
 def needs_packing(dt: np.dtype) -> bool:
@@ -55,7 +56,8 @@ def needs_packing(dt: np.dtype) -> bool:
 
 def packable(value: Any) -> bool:
     """Whether `value` is a kernel argument that only a packed launch carries."""
-    if isinstance(value, (complex, np.complexfloating, tuple, np.void)):
+    if isinstance(value, (complex, np.complexfloating, tuple, np.void, np.datetime64,
+                          np.timedelta64)):
         return True
     dtype = getattr(value, "dtype", None)
     return isinstance(dtype, np.dtype) and getattr(value, "ndim", 0) > 0 and \

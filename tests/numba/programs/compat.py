@@ -9,6 +9,7 @@ from numba import cuda, float32, float64, int32, void
 from numba.cuda import HAS_NUMBA, config                     # attributes, not submodules
 from numba.cuda.core import config as core_config            # numba's own, device-free
 from numba.cuda.core.errors import TypingError               # noqa: F401
+from numba.cuda.random import create_xoroshiro128p_states, xoroshiro128p_uniform_float32
 
 
 class UserError(Exception):
@@ -192,11 +193,21 @@ no_copy_back.extensions.append(DefaultIn())
 a = np.zeros(2)
 no_copy_back[1, 1](a, 1)
 show("extensions", a.tolist())
+@cuda.jit
+def uniform(states, out):
+    i = cuda.grid(1)
+    if i < out.size:
+        out[i] = xoroshiro128p_uniform_float32(states, i)
+
+
+numbers = np.zeros(4, np.float32)
+uniform[1, 4](create_xoroshiro128p_states(4, seed=1), numbers)
+show("numba.cuda.random", " ".join(f"{x:.6f}" for x in numbers))
 show("pinned and mapped arrays",
      f"{cuda.pinned_array_like(a).shape} {cuda.mapped_array((2,), np.int32).dtype}")
 
 if type(cuda).__name__ == "ShimModule":
-    for code in ("import numba.cuda.random", "from numba.cuda import no_such_name",
+    for code in ("numba.cuda.gpus[0]", "from numba.cuda import no_such_name",
                  "numba.cuda.devicearray"):
         try:
             exec(code, {"numba": __import__("numba")})
