@@ -18,7 +18,7 @@ tests (a cpu device is the simulator). Prints, per mode, how many of the denomin
 and the rest grouped by cause (exception type and first line); writes everything as JSON.
 
     .venv/bin/python scripts/numba_suite.py [--modes sim,local,remote] [-k EXPR]
-        [--json results/numba-suite.json] [--workers 2] [--timeout 120]
+        [--json results/numba-suite.json] [--workers 2] [--timeout 120] [--min-rate 0.9]
 """
 from __future__ import annotations
 
@@ -173,11 +173,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=int, default=120, help="seconds per test")
     parser.add_argument("--mode-timeout", type=int, default=1500, help="seconds per mode")
     parser.add_argument("--causes", type=int, default=40, help="causes to print per mode")
+    parser.add_argument("--min-rate", type=float, default=0.0,
+                        help="exit 1 if a mode's pass rate is below this (0..1)")
     args = parser.parse_args(argv)
     modes = [m for m in args.modes.split(",") if m]
     bad = [m for m in modes if m not in MODES]
-    if bad or args.workers < 1 or args.timeout < 1:
-        parser.error(f"modes are {', '.join(MODES)}; workers and timeout are positive")
+    if bad or args.workers < 1 or args.timeout < 1 or not 0 <= args.min_rate <= 1:
+        parser.error(f"modes are {', '.join(MODES)}; workers and timeout are positive; "
+                     "--min-rate is between 0 and 1")
     with tempfile.TemporaryDirectory(prefix="harp-numba-suite-") as tmp:
         workdir = Path(tmp)
         relocate(wheel_tests(), workdir)
@@ -215,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {entry['count']:4d}  {entry['cause'][:160]}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    low = [m for m, r in report["modes"].items() if r["rate"] < args.min_rate]
+    if low:
+        print(f"numba_suite: below {args.min_rate:.0%}: {', '.join(low)}")
+        return 1
     return 0
 
 

@@ -40,9 +40,12 @@ def dtype_literal(dt: np.dtype, numpy: str = _NP) -> str:
         names = list(dt.names)
         formats = [dtype_literal(dt.fields[n][0], numpy) for n in names]
         offsets = [dt.fields[n][1] for n in names]
-        return (f"{numpy}.dtype({{'names': {names!r}, 'formats': [{', '.join(formats)}], "
-                f"'offsets': {offsets!r}, 'itemsize': {dt.itemsize}, "
-                f"'aligned': {bool(dt.isalignedstruct)}}})")
+        fields = (f"{{'names': {names!r}, 'formats': [{', '.join(formats)}], "
+                  f"'offsets': {offsets!r}, 'itemsize': {dt.itemsize}, "
+                  f"'aligned': {bool(dt.isalignedstruct)}}}")
+        if dt.type is np.record:        # a recarray's: its elements are np.record
+            return f"{numpy}.dtype(({numpy}.record, {numpy}.dtype({fields})))"
+        return f"{numpy}.dtype({fields})"
     if dt.subdtype is not None:
         base, shape = dt.subdtype
         return f"{numpy}.dtype(({dtype_literal(base, numpy)}, {shape!r}))"
