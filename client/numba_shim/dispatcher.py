@@ -316,11 +316,12 @@ class Dispatcher(KernelFunction):
                 if self._source is None:
                     from .source import kernel_source
                     self._source = kernel_source(self)
+            source = self._source
             if layout:      # packed arguments: the module rebuilds them (packing)
-                return session.function(("numba-python", self._token, layout),
-                                        self._source + "\n" + packing.unpack_source(layout),
-                                        fmt, self.py_func.__name__)
-            return session.function(("numba-python", self._token), self._source, fmt,
+                source += "\n" + packing.unpack_source(layout)
+            # keyed by the module's text: kernels made again and again from one function
+            # (cuda.jit in a loop, per test) share one module (a session holds MAX_MODULES)
+            return session.function(("numba-python", source), source, fmt,
                                     self.py_func.__name__)
         cc = session.info.compute_capability or ptx_default_cc()
         ptx_text, entry = self.compile_ptx(key, cc)
