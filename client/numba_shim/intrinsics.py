@@ -177,8 +177,11 @@ def _check_api(api: str, allowed: frozenset[str], target: str, what: str) -> Non
                                f"(it needs a CUDA device) ({HINT})")
     if api in _TYPE_NAMES and target == "CUDA devices":
         return
+    why = ("Numba's simulator, which runs kernels there, does not provide it"
+           if target.startswith("a cpu device") else
+           "HARP compiles only the kernel APIs it has checked against its launches there")
     raise UnsupportedError(f"{what} uses numba.cuda.{api} inside the kernel, which is not a "
-                           f"kernel API that HARP runs on {target} ({HINT})")
+                           f"kernel API that HARP runs on {target}: {why} ({HINT})")
 
 
 #: numba type names that numba.cuda re-exports (cuda.float32, ...).

@@ -34,7 +34,8 @@ def exception_class(name: str) -> type[BaseException] | None:
     cls = _USER.get(name)
     if cls is None:
         cls = getattr(builtins, name, None)
-    return cls if isinstance(cls, type) and issubclass(cls, BaseException) else None
+    # Exception, not BaseException: a kernel does not end the program (SystemExit)
+    return cls if isinstance(cls, type) and issubclass(cls, Exception) else None
 
 
 def translate(error: HarpError) -> BaseException:

@@ -182,6 +182,8 @@ def numba_runner(kernel: Any, unpack: Callable[[list], list] | None = None) -> R
         else:
             try:
                 built = unpack(list(args))
+                if not isinstance(built, (list, tuple)):
+                    raise TypeError(f"{UNPACK} returned a {type(built).__name__}, not a list")
             except Exception as exc:
                 raise ArgumentError(f"kernel {kernel.fn.__name__}: its module could not "
                                     f"rebuild the launch's arguments: {type(exc).__name__}: "
