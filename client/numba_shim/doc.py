@@ -52,7 +52,8 @@ Supported
 - `cuda.Reduce`/`cuda.reduce` (one device thread folds the array in order),
   `numba.cuda.random` (numba's xoroshiro128+ generators, states on the device)
 - order: `cuda.stream()` (with numba's blocking-stream order against the legacy
-  default stream), `default_stream()`, `legacy_default_stream()`, `synchronize`,
+  default stream), `default_stream()`, `legacy_default_stream()`,
+  `per_thread_default_stream()` (a stream per host thread), `synchronize`,
   `auto_synchronize`; `cuda.event()` with record, wait, synchronize, query,
   elapsed_time; `cuda.event_elapsed_time`; `cuda.synchronize()`
 - device facts: `is_available`, `detect`, `get_current_device()` (name,
@@ -73,7 +74,7 @@ Not supported (each raises `harp.UnsupportedError` naming the API and why)
 - several devices: `cuda.gpus`, `select_device(n)` for n > 0
 - `link=`/`lto=`, `declare_device`, `vectorize`/`guvectorize`, the compile
   functions (`compile_ptx` & co; `kernel.inspect_asm()` gives PTX),
-  `per_thread_default_stream`, `Stream.add_callback`, memory managers,
+  `Stream.add_callback`, memory managers,
   `profile_start/stop`, `Dispatcher.overloads` and numba's other dispatcher
   internals, imports of the submodules that drive this process's own CUDA driver
   or numba's own launches (`numba.cuda.cudadrv`, `numba.cuda.dispatcher`,

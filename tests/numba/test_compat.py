@@ -56,6 +56,7 @@ def test_every_behaviour_prints_what_it_prints_in_the_simulator(compat_runs, mod
     ("kernel called from a kernel", "[0.0, 2.0, 4.0, 6.0]"),
     ("extensions", "[0.0, 0.0]"),
     ("numba.cuda.random", "0.133123 0.876349 0.871091 0.936481"),
+    ("per-thread default stream", "[0.0, 2.0, 4.0, 6.0]"),
     ("pinned and mapped arrays", "(2,) int32"),
 ])
 @pytest.mark.parametrize("mode", MODES)

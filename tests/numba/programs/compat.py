@@ -203,6 +203,11 @@ def uniform(states, out):
 numbers = np.zeros(4, np.float32)
 uniform[1, 4](create_xoroshiro128p_states(4, seed=1), numbers)
 show("numba.cuda.random", " ".join(f"{x:.6f}" for x in numbers))
+ptd = cuda.per_thread_default_stream()
+on_ptd = cuda.to_device(np.zeros(4), stream=ptd)
+caller[1, 4, ptd](on_ptd)
+ptd.synchronize()
+show("per-thread default stream", on_ptd.copy_to_host().tolist())
 show("pinned and mapped arrays",
      f"{cuda.pinned_array_like(a).shape} {cuda.mapped_array((2,), np.int32).dtype}")
 
