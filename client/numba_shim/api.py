@@ -35,10 +35,16 @@ def device_array(shape: Any, dtype: Any = np.float64, strides: Any = None, order
 
 
 def device_array_like(ary: Any, stream: Any = 0) -> DeviceNDArray:
-    """A device array with `ary`'s shape, dtype and layout order."""
-    f_only = getattr(ary, "flags", {}) and ary.flags["F_CONTIGUOUS"] and \
-        not ary.flags["C_CONTIGUOUS"]
-    return new_array(ary.shape, ary.dtype, order="F" if f_only else "C", stream=stream)
+    """A contiguous device array with `ary`'s shape and dtype, its axes in the order of
+    `ary`'s strides (NumPy's `empty_like`, as numba's simulator does: the F-order view of
+    an F-order array gives an F-order array)."""
+    shape, dtype = tuple(ary.shape), np.dtype(ary.dtype)
+    strides = getattr(ary, "strides", None)
+    if strides is None or not shape:
+        return new_array(shape, dtype, stream=stream)
+    # NumPy's layout rule, on a view that reads no memory (one element, any strides)
+    model = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, tuple(strides))
+    return new_array(shape, dtype, strides=np.empty_like(model).strides, stream=stream)
 
 
 # -- host memory -------------------------------------------------------------------

@@ -58,6 +58,7 @@ def test_every_behaviour_prints_what_it_prints_in_the_simulator(compat_runs, mod
     ("numba.cuda.random", "0.133123 0.876349 0.871091 0.936481"),
     ("per-thread default stream", "[0.0, 2.0, 4.0, 6.0]"),
     ("pinned and mapped arrays", "(2,) int32"),
+    ("device_array_like of a view", "(8, 40)"),
 ])
 @pytest.mark.parametrize("mode", MODES)
 def test_behaviour(compat_runs, mode, name, expected):

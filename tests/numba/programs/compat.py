@@ -220,3 +220,5 @@ if type(cuda).__name__ == "ShimModule":
             show(f"harp {code}", f"ImportError {e}")
         except Exception as e:
             show(f"harp {code}", f"{type(e).__name__} {e}")
+show("device_array_like of a view", cuda.device_array_like(
+    cuda.device_array((10, 12), order="F")[::2, ::2]).strides)
