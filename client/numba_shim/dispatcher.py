@@ -340,7 +340,7 @@ class Dispatcher(KernelFunction):
                 value = fn.__globals__.get(name)
                 if name == "print" and value is None:
                     return True
-                if isinstance(value, DeviceFunction):
+                if isinstance(value, (DeviceFunction, KernelFunction)):   # both run inside
                     todo.append(value.py_func)
         return False
 
