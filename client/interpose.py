@@ -6,8 +6,10 @@
 module, so `sys.modules["numba.cuda"]` and `numba.cuda` are the shim. The device
 is opened lazily, on the first call that needs it.
 
-Submodules (`numba.cuda.random`, `numba.cuda.cudadrv...`) imported by the
-program are refused with an `UnsupportedError` that names them. HARP's own code
+Submodules of numba.cuda that touch no device (`numba.cuda.core.config`,
+`numba.cuda.types`, ...) imported by the program are numba's own; the rest
+(`numba.cuda.cudadrv...`) are refused with an `UnsupportedError` that names them
+and says why (`numba_shim.submodules`). HARP's own code
 and numba's may still load numba's real submodules (the cpu backend runs
 kernels in `numba.cuda.simulator`; PTX compilation uses numba's compiler):
 those are loaded with numba's real `numba.cuda` in place for the duration.
@@ -24,6 +26,7 @@ from typing import Any
 
 from harp.errors import UnsupportedError
 
+from .numba_shim import submodules
 from .numba_shim.errors import HINT
 from .numba_shim.realcuda import bypassing, real_numba_cuda
 
@@ -84,8 +87,20 @@ class ShimFinder(importlib.abc.MetaPathFinder):
             with real_numba_cuda():
                 module = importlib.import_module(fullname)
             return importlib.util.spec_from_loader(fullname, _LoadedLoader(module))
-        raise UnsupportedError(f"import {fullname}: numba.cuda's submodules are not supported "
-                               f"under HARP; use the numba.cuda module itself ({HINT})")
+        if fullname == "numba.cuda.random":
+            from .numba_shim import rng
+            return importlib.util.spec_from_loader(fullname, _LoadedLoader(rng.module()))
+        if submodules.pure(fullname):
+            return importlib.util.spec_from_loader(
+                fullname, _LoadedLoader(submodules.import_real(fullname)))
+        head = fullname.split(".")[2]
+        if fullname.count(".") == 2 and head not in submodules.REFUSED_SUBMODULES:
+            # `from numba.cuda import X` looks for a submodule X once the attribute is missing
+            from .numba_shim.module import missing
+            if not submodules.exists(head):
+                return None     # numba has no such name either: Python's own ImportError
+            raise UnsupportedError(f"{missing(head)} ({HINT})")
+        raise UnsupportedError(f"{submodules.refusal(fullname)} ({HINT})")
 
 
 FINDER = ShimFinder()

@@ -7,6 +7,7 @@ asynchronous call also names that call: its API name and sequence number.
 """
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -133,3 +134,30 @@ def from_record(record: dict[str, Any]) -> HarpError:
     cls = ERROR_CLASSES.get(record.get("code", ""), InternalError)
     return cls(str(record.get("message", "")), call=record.get("call"),
                seq=record.get("seq"), detail=record.get("detail"))
+
+
+# -- exceptions raised by a kernel (numba-python kernels run Python) ------------------
+
+#: How a device words a Python exception its kernel raised: numba-python kernels (the cpu
+#: backend's simulator) raise real Python exceptions, which cross the wire as a
+#: `DeviceError` with this message, so a client can raise the same type again
+#: (`kernel_exception`).
+_KERNEL_RAISED = re.compile(r"kernel (?P<kernel>[\w.<>]+) raised (?P<type>[A-Za-z_][\w.]*): "
+                            r"(?P<message>.*?)"
+                            r"( \(\d+ (later|more) asynchronous failure.*\))?\Z", re.S)
+
+
+def kernel_raised(kernel: str, exc: BaseException) -> DeviceError:
+    """The `DeviceError` for a Python exception raised by kernel `kernel` on the device."""
+    return DeviceError(f"kernel {kernel} raised {type(exc).__name__}: {exc}")
+
+
+def kernel_exception(error: HarpError) -> tuple[str, str, str] | None:
+    """(kernel, exception type name, its message) if `error` is a kernel's own exception
+    (`kernel_raised`), else None."""
+    if not isinstance(error, DeviceError):
+        return None
+    found = _KERNEL_RAISED.match(error.message)
+    if found is None:
+        return None
+    return found["kernel"], found["type"], found["message"]

@@ -1,10 +1,11 @@
 """The host-side API of HARP's numba.cuda: memory, devices, synchronization."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from collections import namedtuple
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -34,10 +35,53 @@ def device_array(shape: Any, dtype: Any = np.float64, strides: Any = None, order
 
 
 def device_array_like(ary: Any, stream: Any = 0) -> DeviceNDArray:
-    """A device array with `ary`'s shape, dtype and layout order."""
-    f_only = getattr(ary, "flags", {}) and ary.flags["F_CONTIGUOUS"] and \
-        not ary.flags["C_CONTIGUOUS"]
-    return new_array(ary.shape, ary.dtype, order="F" if f_only else "C", stream=stream)
+    """A contiguous device array with `ary`'s shape and dtype, its axes in the order of
+    `ary`'s strides (NumPy's `empty_like`, as numba's simulator does: the F-order view of
+    an F-order array gives an F-order array)."""
+    shape, dtype = tuple(ary.shape), np.dtype(ary.dtype)
+    strides = getattr(ary, "strides", None)
+    if strides is None or not shape:
+        return new_array(shape, dtype, stream=stream)
+    # NumPy's layout rule, on a view that reads no memory (one element, any strides)
+    model = np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, tuple(strides))
+    return new_array(shape, dtype, strides=np.empty_like(model).strides, stream=stream)
+
+
+# -- host memory -------------------------------------------------------------------
+# Page-locked (pinned) and mapped host memory are ways a local GPU reaches host memory
+# faster or directly. A HARP device is reached through its session: these give plain
+# NumPy arrays, which behave as numba's do for a program (a kernel launched with a host
+# array copies it to the device and back, as numba does with mapped memory's contents).
+
+def pinned_array(shape: Any, dtype: Any = np.float64, strides: Any = None,
+                 order: str = "C") -> np.ndarray:
+    """numba's `cuda.pinned_array`: a host array (HARP has no page-locked memory to give)."""
+    return np.ndarray(shape, dtype, strides=strides, order=order)
+
+
+def pinned_array_like(ary: Any) -> np.ndarray:
+    """numba's `cuda.pinned_array_like`: a host array shaped as `ary`."""
+    return np.empty_like(np.asarray(ary))
+
+
+@contextlib.contextmanager
+def pinned(*arylist: Any) -> Iterator[None]:
+    """numba's `with cuda.pinned(ary, ...)`: page-locks nothing (see above); the arrays are
+    used as they are."""
+    yield
+
+
+def mapped_array(shape: Any, dtype: Any = np.float64, strides: Any = None, order: str = "C",
+                 stream: Any = 0, portable: bool = False, wc: bool = False) -> np.ndarray:
+    """numba's `cuda.mapped_array`: a host array; a kernel launched with it gets it copied
+    in and back, so the host sees what the kernel wrote once the launch returns."""
+    return np.ndarray(shape, dtype, strides=strides, order=order)
+
+
+def mapped_array_like(ary: Any, stream: Any = 0, portable: bool = False,
+                      wc: bool = False) -> np.ndarray:
+    """numba's `cuda.mapped_array_like`: a host array shaped as `ary` (see `mapped_array`)."""
+    return np.empty_like(np.asarray(ary))
 
 
 def is_cuda_array(obj: Any) -> bool:

@@ -23,10 +23,12 @@ _CONTIGUOUS_MSG = ("Array contains non-contiguous buffer and cannot be transferr
 
 
 def check_dtype(dtype: Any, api: str) -> np.dtype:
+    """`dtype` if device memory can hold it: anything but Python objects (numeric, record,
+    fixed-size string and datetime dtypes are plain bytes)."""
     dt = np.dtype(dtype)
-    if dt.kind not in "biufc" or dt.fields is not None or dt.subdtype is not None:
-        unsupported(f"{api} with dtype {dt}", "device arrays hold numeric dtypes (bool, int, "
-                    "uint, float, complex); object, string, datetime and record dtypes are not")
+    if dt.hasobject:
+        unsupported(f"{api} with dtype {dt}", "device memory holds values, not references to "
+                    "Python objects")
     return dt
 
 
@@ -183,6 +185,13 @@ class DeviceNDArray:
         self._check_session(session)
         return ArrayArg(self.buffer, self.dtype, self.shape, offset=self._offset,
                         strides=self.strides)
+
+    def bytes_arg(self, session: Session) -> tuple[ArrayArg, int]:
+        """The memory under this array as a `uint8` kernel argument, and element 0's offset
+        in it (for arrays whose dtype a launch does not carry: `packing`)."""
+        self._check_session(session)
+        lo, hi = self._extent
+        return ArrayArg(self.buffer, "uint8", (hi - lo,), offset=lo), self._offset - lo
 
     def pointer_arg(self, session: Session) -> BufferArg:
         """This array as a pointer kernel argument (CUDA C kernels): element 0's address."""

@@ -28,7 +28,10 @@ class ShimFunction:
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(name)
         raise UnsupportedAttributeError(
-            f"{type(self).__name__}.{name} of numba's dispatcher is not supported under HARP")
+            f"{type(self).__name__}.{name} of numba's dispatcher is not supported under HARP: "
+            "HARP compiles a kernel for the device it launches on (PTX for a CUDA device, "
+            "its source for a cpu device), so numba's compiled overloads and the rest of "
+            "its dispatcher's internals do not exist here")
 
 
 class DeviceFunction(ShimFunction):

@@ -34,17 +34,26 @@ PTX_ONLY_KERNEL_API = frozenset({
 })
 #: Kernel-side API that neither target supports, and why.
 KERNEL_UNSUPPORTED = {
-    "cg": "cooperative groups (a grid-wide sync needs a cooperative launch, which HARP's "
-          "launch does not make)",
+    "cg": "cooperative groups on a CUDA device (a grid-wide sync needs a cooperative launch, "
+          "which HARP's launch does not make; Numba's simulator on a cpu device runs them)",
 }
 _VECTOR = re.compile(r"^(u?(char|short|int|long|longlong)|float|double)[1-4]$|"
-                     r"^(u?int(8|16|32|64)|float(32|64))x[1-4]$")
+                     r"^(u?int(8|16|32|64)|float(16|32|64))x[1-4]$")
+#: numba's CUDA vector type names (cuda.float32x4, cuda.int2, ...).
+VECTOR_TYPE = _VECTOR
 #: Names whose attributes are namespaces of further intrinsics (cuda.atomic.add).
 _NAMESPACES = frozenset({"shared", "local", "const", "atomic", "fp16", "libdevice", "cg"})
 
 
+#: Only Numba's simulator runs these under HARP (it runs grid groups in one process; a GPU
+#: needs a cooperative launch).
+SIMULATOR_ONLY_KERNEL_API = frozenset({"cg"})
+
+
 def kernel_api(fmt: str) -> frozenset[str]:
-    return COMMON_KERNEL_API | PTX_ONLY_KERNEL_API if fmt == "ptx" else COMMON_KERNEL_API
+    if fmt == "ptx":
+        return COMMON_KERNEL_API | PTX_ONLY_KERNEL_API
+    return COMMON_KERNEL_API | SIMULATOR_ONLY_KERNEL_API
 
 
 class KernelOnly:
@@ -158,7 +167,7 @@ def check_kernel_code(fn: types.FunctionType, namespace: dict[str, Any], fmt: st
 
 
 def _check_api(api: str, allowed: frozenset[str], target: str, what: str) -> None:
-    if api in KERNEL_UNSUPPORTED:
+    if api in KERNEL_UNSUPPORTED and api not in allowed:
         raise UnsupportedError(f"{what} uses numba.cuda.{api}: {KERNEL_UNSUPPORTED[api]} is not "
                                f"supported under HARP ({HINT})")
     if api in allowed or _VECTOR.match(api):
@@ -168,8 +177,11 @@ def _check_api(api: str, allowed: frozenset[str], target: str, what: str) -> Non
                                f"(it needs a CUDA device) ({HINT})")
     if api in _TYPE_NAMES and target == "CUDA devices":
         return
+    why = ("Numba's simulator, which runs kernels there, does not provide it"
+           if target.startswith("a cpu device") else
+           "HARP compiles only the kernel APIs it has checked against its launches there")
     raise UnsupportedError(f"{what} uses numba.cuda.{api} inside the kernel, which is not a "
-                           f"kernel API that HARP runs on {target} ({HINT})")
+                           f"kernel API that HARP runs on {target}: {why} ({HINT})")
 
 
 #: numba type names that numba.cuda re-exports (cuda.float32, ...).

@@ -5,11 +5,12 @@ import threading
 import types
 from typing import Any
 
-from . import api, streams
+from . import api, streams, submodules
 from .devicearray import DeviceNDArray
 from .dispatcher import In, InOut, Out, jit
 from .errors import Unsupported, UnsupportedAttributeError
-from .intrinsics import TYPE_NAMES, KernelOnly, intrinsic_names
+from .reduction import Reduce
+from .intrinsics import TYPE_NAMES, VECTOR_TYPE, KernelOnly, intrinsic_names
 
 #: Host API the shim provides.
 SUPPORTED = {
@@ -18,11 +19,19 @@ SUPPORTED = {
     "device_array": api.device_array,
     "device_array_like": api.device_array_like,
     "is_cuda_array": api.is_cuda_array,
+    "Reduce": Reduce,
+    "reduce": Reduce,
+    "pinned": api.pinned,
+    "pinned_array": api.pinned_array,
+    "pinned_array_like": api.pinned_array_like,
+    "mapped_array": api.mapped_array,
+    "mapped_array_like": api.mapped_array_like,
     "DeviceNDArray": DeviceNDArray,
     "In": In, "Out": Out, "InOut": InOut,
     "stream": streams.stream,
     "default_stream": streams.default_stream,
     "legacy_default_stream": streams.legacy_default_stream,
+    "per_thread_default_stream": streams.per_thread_default_stream,
     "event": streams.event,
     "event_elapsed_time": streams.event_elapsed_time,
     "synchronize": api.synchronize,
@@ -37,21 +46,13 @@ SUPPORTED = {
 
 #: numba.cuda APIs that HARP does not provide, and why (each raises UnsupportedError when used).
 UNSUPPORTED = {
-    "pinned": "page-locked host memory is a local-GPU optimisation",
-    "pinned_array": "page-locked host memory is a local-GPU optimisation; use numpy arrays",
-    "pinned_array_like": "page-locked host memory is a local-GPU optimisation; use numpy arrays",
     "mapped": "mapped host memory would have kernels read this host's memory",
-    "mapped_array": "mapped host memory would have kernels read this host's memory",
-    "mapped_array_like": "mapped host memory would have kernels read this host's memory",
     "managed_array": "managed (unified) memory would have kernels read this host's memory",
     "gpus": "a process has one HARP device (use cuda.get_current_device())",
     "external_stream": "a raw CUDA stream of this process means nothing to a HARP device",
-    "per_thread_default_stream": "HARP has one default stream per session",
     "as_cuda_array": "foreign CUDA arrays are not on the HARP device",
     "from_cuda_array_interface": "foreign CUDA arrays are not on the HARP device",
     "open_ipc_array": "CUDA IPC needs a local GPU",
-    "reduce": "cuda.reduce (write the reduction as a kernel)",
-    "Reduce": "cuda.Reduce (write the reduction as a kernel)",
     "vectorize": "cuda.vectorize (write the ufunc as a kernel)",
     "guvectorize": "cuda.guvectorize (write the gufunc as a kernel)",
     "declare_device": "declaring external device functions needs linking (link=)",
@@ -70,7 +71,6 @@ UNSUPPORTED = {
     "driver": "the CUDA driver of this process (there is none: the device is HARP's)",
     "runtime": "the CUDA runtime of this process (there is none: the device is HARP's)",
     "cudadrv": "the CUDA driver layer of this process (there is none: the device is HARP's)",
-    "random": "numba.cuda.random",
     "cg": "cooperative groups",
 }
 
@@ -89,9 +89,18 @@ class ShimModule(types.ModuleType):
                 return value
         if name.startswith("__") and name.endswith("__"):
             raise AttributeError(f"module 'numba.cuda' has no attribute {name!r}")
-        raise UnsupportedAttributeError(
-            f"numba.cuda.{name} is not supported under HARP (see harp.client.numba_shim for "
-            "what HARP's numba.cuda supports)")
+        if name == "random":
+            from . import rng
+            value = self.__dict__["random"] = rng.module()
+            return value
+        if name in submodules.PURE_ATTRIBUTES or name in submodules.PURE_SUBMODULES or \
+                VECTOR_TYPE.match(name):
+            value = submodules.real_attribute(name)
+            self.__dict__[name] = value
+            return value
+        if name in submodules.REFUSED_SUBMODULES or submodules.exists(name):
+            raise UnsupportedAttributeError(missing(name))
+        raise AttributeError(missing(name))
 
     def __setattr__(self, name: str, value: Any) -> None:
         # The import system records each real numba.cuda submodule that HARP itself loads
@@ -99,6 +108,18 @@ class ShimModule(types.ModuleType):
         if isinstance(value, types.ModuleType) and value.__name__.startswith("numba.cuda."):
             return
         super().__setattr__(name, value)
+
+
+def missing(name: str) -> str:
+    """Why numba.cuda.`name` is not there under HARP: not provided, or not numba's at all."""
+    if name in submodules.REFUSED_SUBMODULES:
+        return f"numba.cuda.{name} is not supported under HARP: " + \
+            submodules.REFUSED_SUBMODULES[name]
+    if submodules.exists(name):
+        return (f"numba.cuda.{name} is not supported under HARP: HARP's numba.cuda does not "
+                "provide it, being neither HARP's own API nor one of numba's device-free "
+                "parts that HARP passes through")
+    return f"module 'numba.cuda' has no attribute {name!r} (nor has numba's own numba.cuda)"
 
 
 _MODULE: list[ShimModule] = []

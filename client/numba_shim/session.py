@@ -21,6 +21,8 @@ from harp.runenv import open_from_env
 from harp.errors import HarpError, UnsupportedError
 from harp.types import DEFAULT_STREAM, Buffer, Event, Function, Stream
 
+from .kernelerrors import KernelErrors
+
 #: Image formats the shim can produce for a numba kernel, best first.
 KERNEL_FORMATS = ("ptx", "numba-python")
 
@@ -29,7 +31,7 @@ class Session:
     """A `Device` plus what the shim keeps per session: loaded kernels, stream order, frees."""
 
     def __init__(self, device: Device, *, owned: bool = True, target: str | None = None) -> None:
-        self.device = device
+        self.device = KernelErrors(device)     # kernels' exceptions as their own type
         self.info = device.info
         self.owned = owned
         self.target = target

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Any, Iterator
 
 from harp.types import DEFAULT_STREAM, Event as HarpEvent, Stream as HarpStream
@@ -136,6 +137,19 @@ def default_stream() -> Stream:
 
 
 legacy_default_stream = default_stream
+
+_PER_THREAD = threading.local()
+
+
+def per_thread_default_stream() -> Stream:
+    """numba's `cuda.per_thread_default_stream()`: one stream per host thread (made on its
+    first use in the thread), ordered against the legacy default stream as CUDA orders a
+    per-thread default stream."""
+    session = current()
+    mine = getattr(_PER_THREAD, "stream", None)
+    if mine is None or mine.session is not session:
+        mine = _PER_THREAD.stream = stream()
+    return mine
 
 
 def event(timing: bool = True) -> Event:

@@ -202,3 +202,52 @@ def test_array_that_does_not_fit_its_buffer_is_deferred(numba_device):
         device.synchronize()
     assert ei.value.call == "launch"
     device.synchronize()
+
+
+RAISES = '''
+from numba import cuda
+
+@cuda.jit
+def raises(out):
+    if cuda.grid(1) == 0:
+        raise ValueError("bad value")
+'''
+
+PACKED = '''
+from numba import cuda
+
+@cuda.jit
+def modulus(out, z):
+    out[0] = abs(z)
+
+def __harp_args__(args):
+    return [args[0], complex(args[1], args[2])]
+'''
+
+
+def test_a_kernels_exception_is_worded_for_its_type(numba_device):
+    """The shim raises the kernel's own exception type again (harp.errors.kernel_exception)."""
+    device = numba_device
+    buf = device.alloc(8)
+    device.launch(_kernel(device, RAISES, "raises"), 1, 2,
+                  [harp.ArrayArg(buf, "float64", (1,))])
+    with pytest.raises(harp.DeviceError) as ei:
+        device.synchronize()
+    kernel, name, message = harp.errors.kernel_exception(ei.value)
+    assert (kernel, name) == ("raises", "ValueError") and message.endswith("bad value")
+    device.synchronize()
+
+
+def test_a_modules_harp_args_rebuild_the_launchs_arguments(numba_device):
+    device = numba_device
+    buf = device.alloc(8)
+    out = harp.ArrayArg(buf, "float64", (1,))
+    device.launch(_kernel(device, PACKED, "modulus"), 1, 1,
+                  [out, np.float64(3.0), np.float64(4.0)])
+    assert np.frombuffer(device.read(buf, 0, 8), np.float64)[0] == 5.0
+    # a rebuild that fails is the launch's deferred error, named
+    broken = PACKED.replace("return [args[0], complex(args[1], args[2])]", "return 42")
+    device.launch(_kernel(device, broken, "modulus"), 1, 1, [out, np.float64(3.0)])
+    with pytest.raises(harp.ArgumentError, match="could not rebuild the launch's arguments"):
+        device.synchronize()
+    device.synchronize()

@@ -85,22 +85,26 @@ def test_hook_imports_no_harp_or_numpy_at_start_up_even_with_the_variable(hook_i
     assert out.stdout.strip() == "[]"
 
 
-def test_program_submodule_imports_are_refused_by_name(tmp_path):
-    code = "import numba.cuda.random"
+def test_program_submodule_imports_are_refused_saying_why(tmp_path):
+    code = "import numba.cuda.kernels.transpose"
     out = run([HARP, "run", "--device", "local:cpu", "--", "python", "-c", code], base_env(),
               tmp_path)
     assert out.returncode != 0
-    assert "UnsupportedError" in out.stderr and "numba.cuda.random" in out.stderr
+    # the import system asks for the package first
+    assert "UnsupportedError: import numba.cuda.kernels is not supported under HARP: numba's " \
+        "ready-made kernels" in out.stderr
 
 
-def test_kernels_need_their_source_on_a_cpu_device(tmp_path):
+@pytest.mark.parametrize("remote", [False, True])
+def test_kernels_defined_in_python_c_run(tmp_path, pool_server, remote):
+    """No source file: the kernel travels as its code object."""
     code = ("import numpy as np\nfrom numba import cuda\n"
-            "@cuda.jit\ndef k(x):\n    x[0] = 1\n"
-            "k[1, 1](cuda.device_array(1))\n")
-    out = run([HARP, "run", "--device", "local:cpu", "--", "python", "-c", code], base_env(),
-              tmp_path)
-    assert out.returncode != 0
-    assert "UnsupportedError" in out.stderr and "source of kernel k is not available" in out.stderr
+            "@cuda.jit\ndef k(x):\n    x[cuda.grid(1)] = 7\n"
+            "d = cuda.device_array(2)\nk[1, 2](d)\nprint(d.copy_to_host().tolist())\n")
+    options = remote_options(pool_server) if remote else ["--device", "local:cpu"]
+    out = run([HARP, "run", *options, "--", "python", "-c", code], base_env(), tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[7.0, 7.0]"
 
 
 def test_harp_run_says_what_it_needs(tmp_path):

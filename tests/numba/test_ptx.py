@@ -115,8 +115,18 @@ def test_warp_intrinsics_compile_for_cuda_devices(ptx_device, ptxas, tmp_path):
 
 
 def test_cooperative_groups_are_refused_for_cuda_devices_too(ptx_device):
-    with pytest.raises(harp.UnsupportedError, match="numba.cuda.cg: cooperative groups"):
+    with pytest.raises(harp.UnsupportedError, match="numba.cuda.cg: cooperative groups on a "
+                       "CUDA device"):
         grid_sync[1, 1](cuda.device_array(1))
+    assert ptx_device.modules == []
+
+
+def test_packed_arguments_are_refused_for_cuda_devices_saying_why(ptx_device):
+    """Complex, tuple and record arguments reach numba-python devices only (packing.py)."""
+    for value in (1j, (1, 2), np.zeros(1, [("a", np.int32)])):
+        with pytest.raises(harp.UnsupportedError, match="on a CUDA device is not supported "
+                           "under HARP: complex, tuple and record arguments"):
+            grid_sync[1, 1](value)
     assert ptx_device.modules == []
 
 

@@ -63,7 +63,7 @@ class CpuDevice(HostDevice):
         if kernel is None:
             raise ArgumentError(f"module has no kernel {name!r}; it has "
                                 f"{', '.join(sorted(loaded.payload)) or 'none'}")
-        return HostKernel(None, numba_runner(kernel), name)
+        return HostKernel(None, numba_runner(kernel, loaded.payload.unpack), name)
 
     def _prepare(self, target: HostKernel, grid: tuple[int, int, int],
                  block: tuple[int, int, int], args: list) -> list:

@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ... import catalog
-from ...errors import ArgumentError, DeviceError, UnsupportedError
+from ...errors import ArgumentError, DeviceError, UnsupportedError, kernel_raised
 
 Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
 
@@ -137,12 +137,33 @@ def load_numba_source(source: str) -> dict[str, Any]:
         if obj is sim:
             namespace[name] = real_cuda
     from numba.cuda.simulator.kernel import FakeCUDAKernel
-    return {name: obj for name, obj in namespace.items()
-            if isinstance(obj, FakeCUDAKernel) and not obj._device}
+    module = NumbaModule({name: obj for name, obj in namespace.items()
+                          if isinstance(obj, FakeCUDAKernel) and not obj._device})
+    unpack = namespace.get(UNPACK)
+    module.unpack = unpack if callable(unpack) else None
+    return module
 
 
-def numba_runner(kernel: Any) -> Runner:
-    """A runner that launches a simulator kernel on resolved arguments."""
+#: The function a numba-python module may define to rebuild its kernels' arguments (complex
+#: values, tuples, records, arrays of record/string/datetime dtypes) from the launch's.
+UNPACK = "__harp_args__"
+
+
+class NumbaModule(dict):
+    """A loaded numba-python module: its kernels by name, and its `__harp_args__` if any."""
+
+    unpack: Callable[[list], list] | None = None
+
+
+#: NumPy scalar types that are numba's types of Python's bool, int, float and complex: a
+#: kernel sees these as the Python values (as in the simulator, where `flag is True` holds
+#: and `math.ldexp` takes the int), a narrower dtype as the NumPy scalar it is.
+_PYTHON_SCALARS = frozenset({np.bool_, np.int64, np.float64, np.complex128})
+
+
+def numba_runner(kernel: Any, unpack: Callable[[list], list] | None = None) -> Runner:
+    """A runner that launches a simulator kernel on resolved arguments (rebuilt by the
+    module's `unpack` first, if it has one)."""
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
 
     def as_sim_arg(arg: Any) -> Any:
@@ -151,14 +172,27 @@ def numba_runner(kernel: Any) -> Runner:
             return FakeCUDAArray(mem[offset:])
         if isinstance(arg, np.ndarray):   # an ArrayArg view
             return FakeCUDAArray(arg)
+        if type(arg) in _PYTHON_SCALARS:  # the types numba gives Python values
+            return arg.item()
         return arg
 
     def run(grid: tuple, block: tuple, shared: int, args: list) -> None:
-        sim_args = [as_sim_arg(a) for a in args]
+        if unpack is None:
+            sim_args = [as_sim_arg(a) for a in args]
+        else:
+            try:
+                built = unpack(list(args))
+                if not isinstance(built, (list, tuple)):
+                    raise TypeError(f"{UNPACK} returned a {type(built).__name__}, not a list")
+            except Exception as exc:
+                raise ArgumentError(f"kernel {kernel.fn.__name__}: its module could not "
+                                    f"rebuild the launch's arguments: {type(exc).__name__}: "
+                                    f"{exc}") from exc
+            sim_args = [FakeCUDAArray(a) if isinstance(a, np.ndarray) else
+                        a.item() if type(a) in _PYTHON_SCALARS else a for a in built]
         with _SIMULATOR_LOCK:
             try:
                 kernel[grid, block, 0, shared](*sim_args)
             except Exception as exc:
-                raise DeviceError(f"kernel {kernel.fn.__name__} raised "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                raise kernel_raised(kernel.fn.__name__, exc) from exc
     return run
