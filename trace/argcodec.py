@@ -120,7 +120,7 @@ class BlockValues:
             if encoded is None:
                 encoded = self._memo[key] = encode_args(value)
             return encoded
-        if kind is Stream:
+        if isinstance(value, Stream):
             return value.id
         return fmt._default(value)
 
