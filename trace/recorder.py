@@ -6,9 +6,10 @@ programs make most, is a closure of its own per recorder (`hotpath.py`) that
 stores its arguments as passed, encoded only when their block is packed
 (`argcodec.py`). Encoding (msgpack),
 compression (zstandard) and the write happen in batches: at every sync call,
-before it returns, in the caller's thread; between sync calls every
-`FLUSH_INTERVAL` seconds in one background thread shared by all recorders
-(zstandard and the write release the GIL); and on close. Each batch is one
+before it returns, in the caller's thread; when a launch finds `BLOCK_FIELDS`
+fields queued, in its thread; between those every `FLUSH_INTERVAL` seconds in
+one background thread shared by all recorders (zstandard and the write release
+the GIL); and on close. Each batch is one
 framed block, so a crash loses at most the calls of the last `FLUSH_INTERVAL`
 since the last sync call, plus a block torn mid-write (see docs/trace-format.md).
 A failing trace file (a full disk) is logged and recording stops; the program's
@@ -46,6 +47,10 @@ log = logging.getLogger("harp.trace")
 
 #: Seconds between background writes of the calls queued since the last sync call.
 FLUSH_INTERVAL = 0.05
+#: Queued record fields (about a thousand launches) at which a launch writes the block
+#: itself, in the caller's thread, rather than leave 50 ms worth to the background thread:
+#: measured cheaper on 2 cores (docs/trace-overhead.md).
+BLOCK_FIELDS = 11 * 1024
 #: File suffix of traces.
 SUFFIX = ".harptrace"
 
@@ -278,7 +283,8 @@ class TraceRecorder(Device):
         self._extend = self._writer.calls.extend
         self._count = itertools.count(1)
         self._closed = False
-        self.launch = recorded_launch(device.launch, self._extend, self._count, self._failed)
+        self.launch = recorded_launch(device.launch, self._writer.calls, self._count,
+                                      self._failed, self._writer.flush, BLOCK_FIELDS)
         self._finalizer = weakref.finalize(self, _finish_abandoned, self._writer, self._count)
 
     # -- recording machinery -------------------------------------------------------
@@ -560,4 +566,4 @@ class SessionTracer:
 
 __all__ = ["TraceRecorder", "TraceWriter", "record_to", "session_recorder", "SessionTracer",
            "claim_path",
-           "error_record", "FLUSH_INTERVAL", "SUFFIX"]
+           "error_record", "FLUSH_INTERVAL", "BLOCK_FIELDS", "SUFFIX"]

@@ -9,6 +9,7 @@ import pytest
 
 import harp
 from harp.trace import TraceRecorder, open_trace
+from harp.trace import recorder
 
 LAUNCHES = 400        # per thread: enough for many interleavings and several blocks
 
@@ -37,7 +38,8 @@ def _arg(value):
     return [1, value.item(), value.dtype.name]
 
 
-def test_two_threads_launching_while_blocks_are_written(session, tmp_path):
+def test_two_threads_launching_while_blocks_are_written(session, tmp_path, monkeypatch):
+    monkeypatch.setattr(recorder, "BLOCK_FIELDS", 11 * 16)    # launches write blocks too
     path = tmp_path / "threads.harptrace"
     rec = TraceRecorder(session, path)
     lib = rec.load_module(harp.CATALOG_IMAGE, "catalog")
@@ -87,6 +89,26 @@ def test_two_threads_launching_while_blocks_are_written(session, tmp_path):
         assert got == made[name]                      # each thread's calls, in its order
         mine = [c for c in launches if c["function"] == fn.id]
         assert all(a.seq < b.seq for a, b in zip(mine, mine[1:]))
+
+
+def test_a_launch_that_fills_the_queue_writes_the_block(tmp_path, monkeypatch):
+    monkeypatch.setattr(recorder, "BLOCK_FIELDS", 11 * 5)
+    path = tmp_path / "blocks.harptrace"
+    rec = TraceRecorder(harp.connect("local:cpu", trace=False), path)
+    lib = rec.load_module(harp.CATALOG_IMAGE, "catalog")
+    noop = rec.function(lib, "noop")
+    for _ in range(60):
+        rec.launch(noop, 1, 1, [])
+    with open_trace(path, warn=False) as t:        # read while recording: no sync call yet
+        written = t.read_all()
+        blocks = t.call_blocks
+    assert blocks >= 10
+    assert [c.seq for c in written] == list(range(1, len(written) + 1))
+    assert len(written) >= 2 + 55 and {c.api for c in written[2:]} == {"launch"}
+    rec.close()
+    with open_trace(path) as t:
+        assert [c.api for c in t.calls()] == ["load_module", "function"] + ["launch"] * 60 \
+            + ["close"]
 
 
 def test_one_shot_and_failing_arguments(tmp_path):
