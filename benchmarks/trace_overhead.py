@@ -42,6 +42,7 @@ import numpy as np
 import harp
 from harp.trace import TraceRecorder, open_trace
 from harp.trace import format as fmt
+from harp.trace.hotpath import recorded_launch
 
 TARGET = 0.10
 
@@ -143,25 +144,26 @@ def breakdown(kernel: str, calls: int = 2000) -> dict:
         with tempfile.TemporaryDirectory(prefix="harp-trace-bench-") as tmp:
             rec = TraceRecorder(device, os.path.join(tmp, "b.harptrace"))
             row["recorder_ns"] = timed(rec.launch, rec.synchronize)
-            writer = rec._writer
-            with writer._lock:       # the flusher must not take the block meanwhile
-                for _ in range(calls):
-                    rec.launch(fn, 1, 1, args)
-                block = list(writer.calls)
-                writer.calls.clear()
-                device.synchronize()     # the launches' stream thread idle (not recorded)
-                packer, values = writer._calls_encoder, writer._values
+            rec.synchronize()
+            # the records `calls` launches queue, made by the recorder's own launch path on a
+            # queue of our own (the writer is idle: its encoder is ours to time)
+            queue: list = []
+            launch = recorded_launch(device.launch, queue, itertools.count(1), rec._failed,
+                                     lambda: None, sys.maxsize)
+            for _ in range(calls):
+                launch(fn, 1, 1, args)
+            device.synchronize()         # the launches' stream thread idle (not recorded)
+            encoder, values = rec._writer._calls_encoder, rec._writer._values
 
-                def pack() -> None:
-                    packer._packer.pack(block)
-                    values.reset()
+            def pack() -> None:
+                encoder._packer.pack(queue)
+                values.reset()
 
-                def pack_compress() -> None:
-                    packer.packed(fmt.CALLS, block)
-                    values.reset()
-                records = calls
-                row["pack_ns"] = _best_ns(pack, records, 30)
-                row["compress_ns"] = _best_ns(pack_compress, records, 30) - row["pack_ns"]
+            def pack_compress() -> None:
+                encoder.packed(fmt.CALLS, queue)
+                values.reset()
+            row["pack_ns"] = _best_ns(pack, calls, 30)
+            row["compress_ns"] = _best_ns(pack_compress, calls, 30) - row["pack_ns"]
             rec.close()
             device = None
     finally:
