@@ -5,9 +5,10 @@ other iterable is frozen into a tuple first): handles and NumPy scalars are
 immutable, so the tuple still says what was launched when its block is packed,
 up to `FLUSH_INTERVAL` later, in the flusher thread or at the next sync call.
 `BlockValues.default` is the msgpack fallback of a CALLS block: it turns each
-such tuple into the tagged list of docs/trace-format.md, once per distinct
-tuple object in the block (a program that launches with the same argument
-tuple in a loop pays for one encoding per block, not one per launch).
+such tuple into the tagged list of docs/trace-format.md, and encodes a tuple
+once for a run of records that carry it (a program that launches with the
+same argument tuple in a loop pays for one encoding per block, not one per
+launch).
 """
 from __future__ import annotations
 
@@ -105,24 +106,25 @@ class BlockValues:
 
     A tuple is a launch's arguments (the only tuples a record holds: grid and block dims
     are stored as ints or lists); a `Stream` is its id; anything else goes to the format's
-    own fallback. `reset()` after each block: the memo is keyed by object identity, which
-    holds only while the block's records keep those objects alive.
+    own fallback. `reset()` after each block: the last tuple is known by identity, which
+    holds only while the block's records keep it alive.
     """
 
     def __init__(self) -> None:
-        self._memo: dict[int, list] = {}
+        self._last: Any = None           # the last tuple encoded, and its encoding
+        self._encoded: list = []
 
     def default(self, value: Any) -> Any:
         kind = type(value)
         if kind is tuple:
-            key = id(value)
-            encoded = self._memo.get(key)
-            if encoded is None:
-                encoded = self._memo[key] = encode_args(value)
-            return encoded
+            # one entry, not a memo of the block's every tuple: their encodings would live
+            # until the block is packed, thousands of lists for the garbage collector to walk
+            if value is not self._last:
+                self._last, self._encoded = value, encode_args(value)
+            return self._encoded
         if isinstance(value, Stream):
             return value.id
         return fmt._default(value)
 
     def reset(self) -> None:
-        self._memo.clear()
+        self._last, self._encoded = None, []

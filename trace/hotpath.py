@@ -48,8 +48,8 @@ def recorded_launch(inner_launch: Callable[..., None], queue: list, count: Any,
 
     def launch(fn: Any, grid: Any, block: Any, args: Any, shared_mem: int = 0,
                stream: Any = None) -> None:
-        if type(args) is not tuple:
-            args = frozen_args(args)     # the program may change its list after the call
+        if type(args) is not tuple:      # the program may change its list after the call
+            args = tuple(args) if type(args) is list else frozen_args(args)
         seq, t0 = next(count), _now()
         try:
             inner_launch(fn, grid, block, args, shared_mem, stream)
