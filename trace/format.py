@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import msgpack
 import zstandard
@@ -138,10 +138,12 @@ def block(kind: int, body: bytes | memoryview, codec: int = RAW) -> bytes:
 class Encoder:
     """Encodes blocks: msgpack for structure, zstandard for bodies worth compressing."""
 
-    def __init__(self, level: int = 1) -> None:
+    def __init__(self, level: int = 1, default: Callable[[Any], Any] | None = None) -> None:
         # strict types: a subclass of a msgpack type (np.float64 is a float, an IntEnum an
-        # int, a launch's `LaunchArgs` a tuple) goes to `default`, which knows what it is
-        self._packer = msgpack.Packer(use_bin_type=True, strict_types=True, default=_default)
+        # int) and every tuple go to `default`, which knows what they are (a recorder's
+        # CALLS blocks pass one that also encodes the launch arguments it stored raw)
+        self._packer = msgpack.Packer(use_bin_type=True, strict_types=True,
+                                      default=default or _default)
         self._zstd = zstandard.ZstdCompressor(level=level)
 
     def packed(self, kind: int, obj: Any, compress: bool = True) -> bytes:
@@ -161,21 +163,9 @@ class Encoder:
             yield block(BLOB, BLOB_PREFIX.pack(blob_id, pos) + stored, codec)
 
 
-#: type -> encoder, for types the recorder puts in records unencoded (its launch arguments,
-#: registered by recorder.py) so the hot path stays cheap and encoding happens in the batch.
-_hooks: dict[type, Any] = {}
-
-
-def register_encoder(kind: type, encode: Any) -> None:
-    _hooks[kind] = encode
-
-
 def _default(value: Any) -> Any:
-    """msgpack fallback: registered types, tuples as arrays, NumPy numbers and subclasses of
-    built-in types as the built-in value, anything else as unrecordable."""
-    hook = _hooks.get(type(value))
-    if hook is not None:
-        return hook(value)
+    """msgpack fallback: tuples as arrays, NumPy numbers and subclasses of built-in types as
+    the built-in value, anything else as unrecordable."""
     if isinstance(value, tuple):
         return list(value)
     import numpy as np

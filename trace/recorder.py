@@ -1,11 +1,15 @@
 """`TraceRecorder`: a `Device` that passes every call to another one and records it.
 
 The hot path (an asynchronous call such as `launch`) takes two clock readings
-and adds one record's fields to a queue, nothing more. Encoding (msgpack),
+and adds one record's fields to a queue, nothing more; `launch`, the call
+programs make most, is a closure of its own per recorder (`hotpath.py`) that
+stores its arguments as passed, encoded only when their block is packed
+(`argcodec.py`). Encoding (msgpack),
 compression (zstandard) and the write happen in batches: at every sync call,
-before it returns, in the caller's thread; between sync calls every
-`FLUSH_INTERVAL` seconds in one background thread shared by all recorders
-(zstandard and the write release the GIL); and on close. Each batch is one
+before it returns, in the caller's thread; when a launch finds `BLOCK_FIELDS`
+fields queued, in its thread; between those every `FLUSH_INTERVAL` seconds in
+one background thread shared by all recorders (zstandard and the write release
+the GIL); and on close. Each batch is one
 framed block, so a crash loses at most the calls of the last `FLUSH_INTERVAL`
 since the last sync call, plus a block torn mid-write (see docs/trace-format.md).
 A failing trace file (a full disk) is logged and recording stops; the program's
@@ -29,25 +33,28 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import msgpack
-import numpy as np
 
 from harp.device import Device, Dims
-from harp.types import (ArrayArg, Buffer, BufferArg, DeviceInfo, Event, Function, MemInfo,
-                        Module, Scalar, Stream)
+from harp.types import Buffer, DeviceInfo, Event, Function, MemInfo, Module, Stream
 
 from . import format as fmt
-from .format import (ALLOC, CLOSE, COPY, ELAPSED, EVENT, FILL, FREE, FUNCTION, LAUNCH,
+from .argcodec import BlockValues, handle_id as _hid
+from .hotpath import recorded_launch
+from .format import (ALLOC, CLOSE, COPY, ELAPSED, EVENT, FILL, FREE, FUNCTION,
                      LOAD_MODULE, MEM_INFO, READ, RECORD, STREAM, SYNCHRONIZE, WAIT, WRITE)
 
 log = logging.getLogger("harp.trace")
 
 #: Seconds between background writes of the calls queued since the last sync call.
 FLUSH_INTERVAL = 0.05
+#: Queued record fields (about a thousand launches) at which a launch writes the block
+#: itself, in the caller's thread, rather than leave 50 ms worth to the background thread:
+#: measured cheaper on 2 cores (docs/trace-overhead.md).
+BLOCK_FIELDS = 11 * 1024
 #: File suffix of traces.
 SUFFIX = ".harptrace"
 
 _now = time.monotonic_ns
-_HANDLES = (Buffer, Module, Function, Stream, Event)
 
 
 class TraceWriter:
@@ -55,7 +62,9 @@ class TraceWriter:
 
     Records are queued *flat*: each call extends one list with its fields (one C call, atomic
     under the GIL), and a block is that list's prefix packed as one msgpack array (a quarter
-    faster to pack than an array of small arrays, and no container object per call).
+    faster to pack than an array of small arrays, and no container object per call). A
+    launch's fields are stored as passed (its argument tuple, a `Stream`), and encoded by
+    the CALLS blocks' msgpack fallback (`argcodec.BlockValues`) when the block is packed.
     """
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
@@ -63,6 +72,8 @@ class TraceWriter:
         self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._lock = threading.Lock()
         self._encoder = fmt.Encoder()
+        self._values = BlockValues()
+        self._calls_encoder = fmt.Encoder(default=self._values.default)
         self.calls: list = []
         self.closed = False
         self._blob_ids: dict[bytes, int] = {}
@@ -119,9 +130,14 @@ class TraceWriter:
         batch = queue[:n]
         del queue[:n]          # records added meanwhile by other threads stay, after n
         try:
-            block = self._encoder.packed(fmt.CALLS, batch)
-        except Exception:      # a value msgpack refuses (an int past 64 bits): mark it
-            block = self._encoder.packed(fmt.CALLS, [_packable(v) for v in batch])
+            try:
+                block = self._calls_encoder.packed(fmt.CALLS, batch)
+            except Exception:  # a value msgpack refuses (an int past 64 bits): mark it
+                default = self._values.default
+                block = self._calls_encoder.packed(fmt.CALLS,
+                                                   [_packable(v, default) for v in batch])
+        finally:
+            self._values.reset()
         self._write(block)
 
     def finish(self, calls: int, clean: bool = True) -> None:
@@ -170,71 +186,12 @@ class _Flusher:
 _flusher = _Flusher()
 
 
-def _packable(value: Any) -> Any:
+def _packable(value: Any, default: Any) -> Any:
     try:
-        msgpack.packb(value, use_bin_type=True, strict_types=True, default=fmt._default)
+        msgpack.packb(value, use_bin_type=True, strict_types=True, default=default)
         return value
     except Exception:
         return {fmt.UNRECORDABLE: fmt._short_repr(value)}
-
-
-#: NumPy scalar type -> (dtype name, Python conversion): `dtype.name` costs over a
-#: microsecond per call, a dict lookup on the type a few dozen nanoseconds.
-_NP_SCALARS: dict[type, tuple[str, Any]] = {}
-
-
-def _np_scalar(kind: type, arg: Any) -> tuple[str, Any] | None:
-    if not (isinstance(arg, np.generic) and arg.dtype.kind in "biuf"):
-        return None
-    spec = _NP_SCALARS[kind] = (arg.dtype.name, {"b": bool, "f": float}.get(arg.dtype.kind, int))
-    return spec
-
-
-class LaunchArgs(tuple):
-    """A launch's arguments as passed, kept in the record until its block is packed, where
-    `format` encodes them (see `_encode_args`): encoding a handful of arguments costs
-    microseconds inside the hot path, far less in one batch."""
-    __slots__ = ()
-
-
-#: Launch records without arguments share this (never mutated) empty list.
-_NO_ARGS: list = []
-
-
-def _encode_args(args: LaunchArgs) -> list:
-    out = []
-    for arg in args:                     # the two common kinds inline, the rest in _encode_arg
-        kind = type(arg)
-        if kind is Buffer:
-            out.append([fmt.ARG_BUFFER, arg.id, arg.nbytes, 0])
-            continue
-        spec = _NP_SCALARS.get(kind)
-        out.append([fmt.ARG_SCALAR, spec[1](arg), spec[0]] if spec is not None
-                   else _encode_arg(arg))
-    return out
-
-
-fmt.register_encoder(LaunchArgs, _encode_args)
-
-
-def _encode_arg(arg: Any) -> Any:
-    """One launch argument as its tagged list (see docs/trace-format.md)."""
-    kind = type(arg)
-    if kind is Buffer:
-        return [fmt.ARG_BUFFER, arg.id, arg.nbytes, 0]
-    spec = _NP_SCALARS.get(kind) or _np_scalar(kind, arg)
-    if spec is not None:
-        return [fmt.ARG_SCALAR, spec[1](arg), spec[0]]
-    if kind is BufferArg and type(arg.buffer) is Buffer:
-        return [fmt.ARG_BUFFER, arg.buffer.id, arg.buffer.nbytes, arg.offset]
-    if kind is Scalar:
-        return [fmt.ARG_SCALAR, arg.value, arg.dtype]
-    if kind is ArrayArg and type(arg.buffer) is Buffer:
-        return [fmt.ARG_ARRAY, arg.buffer.id, arg.buffer.nbytes, arg.dtype, list(arg.shape),
-                arg.offset, list(arg.strides) if arg.strides is not None else None]
-    if isinstance(arg, (bool, int, float, str, type(None))):
-        return arg           # a bare value: the call failed at once on it, and will again
-    return {fmt.UNRECORDABLE: fmt._short_repr(arg)}
 
 
 def error_record(exc: BaseException) -> list:
@@ -244,13 +201,6 @@ def error_record(exc: BaseException) -> list:
         message = str(exc)
     return [type(exc).__name__, getattr(exc, "code", None), message,
             getattr(exc, "call", None), getattr(exc, "seq", None)]
-
-
-def _hid(value: Any) -> Any:
-    """A handle's id; anything else marked unrecordable (only in calls that failed)."""
-    if isinstance(value, _HANDLES):
-        return value.id
-    return {fmt.UNRECORDABLE: fmt._short_repr(value)}
 
 
 def _sid(stream: Any) -> Any:
@@ -333,6 +283,8 @@ class TraceRecorder(Device):
         self._extend = self._writer.calls.extend
         self._count = itertools.count(1)
         self._closed = False
+        self.launch = recorded_launch(device.launch, self._writer.calls, self._count,
+                                      self._failed, self._writer.flush, BLOCK_FIELDS)
         self._finalizer = weakref.finalize(self, _finish_abandoned, self._writer, self._count)
 
     # -- recording machinery -------------------------------------------------------
@@ -483,22 +435,9 @@ class TraceRecorder(Device):
 
     def launch(self, fn: Function, grid: Dims, block: Dims, args: Sequence[Any],
                shared_mem: int = 0, stream: Stream | None = None) -> None:
-        seq, t0 = next(self._count), _now()
-        kind = type(args)
-        if kind is not tuple and kind is not list and \
-                not isinstance(args, (str, bytes)) and hasattr(args, "__iter__"):
-            args = list(args)        # a one-shot iterable: the inner device would consume it
-        try:
-            self._inner.launch(fn, grid, block, args, shared_mem, stream)
-        except Exception as exc:
-            self._failed(LAUNCH, seq, t0, exc, _hid(fn), _dims(grid), _dims(block), shared_mem,
-                         _sid(stream), _safe_args(args))
-            raise
-        self._extend((LAUNCH, seq, t0, _now(), None, fn.id,
-                      grid if type(grid) is int else list(grid),
-                      block if type(block) is int else list(block), shared_mem,
-                      None if stream is None else stream.id,
-                      LaunchArgs(args) if args else _NO_ARGS))
+        # Only reached through the class (TraceRecorder.launch(rec, ...)): each instance has
+        # its own `launch`, the closure `recorded_launch` made in __init__.
+        self.__dict__["launch"](fn, grid, block, args, shared_mem, stream)
 
     # -- order ---------------------------------------------------------------------
     def stream(self) -> Stream:
@@ -586,20 +525,6 @@ def _finish_abandoned(writer: TraceWriter, count: Any) -> None:
     writer.finish(next(count) - 1, clean=False)
 
 
-def _dims(dims: Any) -> Any:
-    if isinstance(dims, (list, tuple)):
-        return [d if isinstance(d, (int, float, np.integer)) else fmt._short_repr(d)
-                for d in dims]
-    return dims
-
-
-def _safe_args(args: Any) -> Any:
-    try:
-        return [_encode_arg(a) for a in args]
-    except TypeError:
-        return {fmt.UNRECORDABLE: fmt._short_repr(args)}
-
-
 def record_to(device: Device, path: str | os.PathLike, *, payloads: bool | None = None,
               read_digests: bool = True, meta: dict[str, Any] | None = None) -> TraceRecorder:
     """Wrap `device` in a recorder writing `path` (see `claim_path` for repeated paths).
@@ -641,4 +566,4 @@ class SessionTracer:
 
 __all__ = ["TraceRecorder", "TraceWriter", "record_to", "session_recorder", "SessionTracer",
            "claim_path",
-           "error_record", "FLUSH_INTERVAL", "SUFFIX"]
+           "error_record", "FLUSH_INTERVAL", "BLOCK_FIELDS", "SUFFIX"]
