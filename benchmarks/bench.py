@@ -21,7 +21,7 @@ Measurements (the client is this process unless said otherwise):
      gRPC bidi ping-pong of 64-byte messages.
   3. async launches: N x launch(noop) + synchronize(), vs N 64-byte records sent
      wire.BATCH_CALLS per message over a bare gRPC stream with one ack at the end,
-     vs the target of 100,000/s, and vs
+     vs the target of 200,000/s, and vs
   4. the naive design: one unary gRPC call per launch.
   5. the local path: harp.connect("local:cpu") vs CpuBackend().open(0) directly
      (in-process): noop launches/s and 1 MiB write+synchronize/s.
@@ -31,8 +31,9 @@ Measurements (the client is this process unless said otherwise):
   7. same host: a pool server on a unix socket, sessions with a shared-memory window
      beside sessions that move bulk data over the stream, interleaved: 256 MiB write
      and read vs memcpy of the same bytes, synchronize() and 64-byte reads.
-  8. many sessions: aggregate noop launches and fairness for 1, 2, 4, ... 64 sessions
-     beside as many bare gRPC streams of records, and the server's memory after.
+  8. many sessions: aggregate noop launches and 1 MiB writes, and fairness, for 1, 2, 4,
+     ... 64 sessions beside as many bare gRPC streams (a connection each) of records and
+     of 1 MiB messages, and the server's memory after.
 See benchmarks/README.md for what each row compares and how to read it. The
 sections live beside this file, one module per kind of measurement
 (remote_rows, isolation_rows, samehost_rows, sessions_rows, local_rows), on a common harness
@@ -59,7 +60,7 @@ import tempfile
 import time
 
 from harness import (GRPC_OPTS, PLACEMENT, MiB, Watchdog, grpc_cipher_probe, log, machine_meta,
-                     start_harp_server, start_role, suite_conf, tls_paths)
+                     settle, start_harp_server, start_role, suite_conf, tls_paths)
 from isolation_rows import IsolationSection
 from limits import role_grpc_server, role_raw_client, role_raw_server
 from local_rows import LocalSection
@@ -83,12 +84,15 @@ class Bench(RemoteSections, IsolationSection, SameHostSection, SessionsSection, 
         self.series.setdefault(name, {"unit": unit, "vals": []})["vals"].append(val)
 
     # -- bare gRPC helpers ---------------------------------------------------
-    def grpc_channel(self, port):
+    def grpc_channel(self, port, own_connection=False):
+        """A bare gRPC channel to the bench server; `own_connection`: not sharing a TCP+TLS
+        connection with this process's other channels to it (gRPC's default)."""
         import grpc
         from harp.security import channel_credentials
         _, cli = tls_paths(self.a.cert_dir)
+        options = GRPC_OPTS + ([("grpc.use_local_subchannel_pool", 1)] if own_connection else [])
         ch = grpc.secure_channel("127.0.0.1:%s" % port, channel_credentials(cli),
-                                 options=GRPC_OPTS)
+                                 options=options)
         grpc.channel_ready_future(ch).result(timeout=20)
         return ch
 
@@ -158,10 +162,14 @@ class Bench(RemoteSections, IsolationSection, SameHostSection, SessionsSection, 
                        "isolation": 90 + 2 * a.reps * (30 * a.bulk / (256 * MiB) + 4 * a.dur
                                                          + 2 * a.launch_s),
                        "samehost": 60 + 2 * a.reps * (10 * a.bulk / (256 * MiB) + 2 * a.dur),
-                       "sessions": 180 + a.reps * 7 * 2 * (max(a.dur, 0.5) + 6),
+                       "sessions": 180 + a.reps * 7 * 4 * (max(a.dur, 1.0) + 6),
                        "local": 40 + 20 * a.reps * a.local_s}
             for s in sections:
-                log("[%s] ..." % s)
+                waited, idle = settle()
+                log("[%s] ... (machine %.0f%% idle%s)" % (
+                    s, 100 * idle, ", after %.0f s of waiting for it to settle" % waited
+                    if waited >= 1 else ""))
+                self.meta["section_idle_" + s] = round(idle, 2)
                 t0 = time.time()
                 self.dog.arm(budgets[s], "section " + s)
                 try:

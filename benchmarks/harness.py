@@ -316,6 +316,32 @@ def timed_rate(fn, dur, per=1, batch=32):
             return cnt * per / (now - t0)
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(all CPU ticks, idle ticks) of the machine so far (/proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return sum(v), v[3] + v[4]
+
+
+def idle_fraction(seconds: float = 0.5) -> float:
+    """The share of the machine's CPU time that was idle over the next `seconds`."""
+    (t0, i0) = machine_ticks()
+    time.sleep(seconds)
+    (t1, i1) = machine_ticks()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def settle(max_wait: float = 30.0, idle: float = 0.9) -> tuple[float, float]:
+    """Wait (at most `max_wait` s) until the machine is at least `idle` idle: what an earlier
+    section or run left behind (a hundred exiting session processes) must not be measured
+    as the next section's noise. Returns (seconds waited, the idle share last seen)."""
+    t0 = time.time()
+    seen = idle_fraction()
+    while seen < idle and time.time() - t0 < max_wait:
+        seen = idle_fraction()
+    return time.time() - t0, seen
+
+
 def machine_meta(a):
     import grpc
     import msgpack

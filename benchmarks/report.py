@@ -93,6 +93,13 @@ def row_specs(per):
          "the peak over 1-64 sessions", 0.8),
         ("sessions: aggregate launches, 64 vs peak", "sessions: aggregate at 64 / peak",
          "sessions: bare gRPC at 64 / its peak", "bare gRPC's own 64-vs-peak, same run", None),
+        ("sessions: aggregate bulk, 64 vs peak", "sessions: bulk at 64 / peak", 1.0,
+         "the peak over 1-64 sessions", 0.8),
+        ("sessions: aggregate bulk, 64 vs peak", "sessions: bulk at 64 / peak",
+         "sessions: bare gRPC bulk at 64 / its peak", "bare gRPC's own 64-vs-peak, same run",
+         None),
+        ("sessions: bulk fairness at 64 (min/max)", "sessions: bulk fairness min/max at 64",
+         1.0, "every session alike", None),
         ("sessions: fairness at 64 (min/max)", "sessions: fairness min/max at 64", 1.0,
          "every session alike", 0.8),
         ("sessions: server memory after 64", "sessions: server RSS after / idle", 1.0,
@@ -166,6 +173,11 @@ def print_report(R):
              meta.get("git_head", "?"),
              " (+ uncommitted changes in %s)" % ", ".join(meta["git_modified"])
              if meta.get("git_modified") else "", meta["date"]))
+    idle = ", ".join("%s %.0f%%" % (k[len("section_idle_"):], 100 * v)
+                     for k, v in meta.items() if k.startswith("section_idle_"))
+    if idle:
+        print("machine idle at each section's start (after waiting up to 30 s for 90%%): %s"
+              % idle)
     print("TLS: gRPC suite %s; raw TLS suite %s | bulk %d MiB | launch N=%s"
           % (meta.get("grpc_tls_cipher"), meta.get("raw_tls_cipher"),
              meta["bulk_bytes"] // MiB, meta.get("launch_n")))

@@ -1,14 +1,27 @@
-"""Many sessions: aggregate launch throughput and fairness over 1, 2, 4, ... 64 sessions.
+"""Many sessions: aggregate launch and bulk throughput, and fairness, over 1, 2, 4, ... 64 sessions.
 
 For each count k, k sessions on the default pool server (a worker process
-each) launch noop kernels flat out for one window (longer for more sessions),
-with a synchronize every 128 launches, each from a client process of its own
-(`--role sessions-client`: so that no client's GIL decides who gets to
-launch); the aggregate is all their launches over the window, the fairness
-the fewest one session got over the most. Beside it, in the same rep, k bare
-gRPC streams from one process carry batches of 64-byte records for the same
-window (the transport's own curve). The pool server's memory is read
+each), each from a client process of its own (`--role sessions-client`: so
+that no client's GIL decides who gets to launch), run two workloads flat out
+for one window each (longer for more sessions):
+
+- launches: noop kernels, a synchronize every 128; the aggregate is all their
+  launches over the window, the fairness the fewest one session got over the most;
+- bulk: 1 MiB writes into a buffer of the session's, a synchronize every 8;
+  the aggregate is the bytes all of them wrote over the window.
+
+Beside each, in the same rep, k bare gRPC streams from one process, each on a
+channel (TCP and TLS connection) of its own as each session has, carry the same
+for the same window: batches of 64-byte records, and 1 MiB messages (the
+transport's own curves). The curve is the median over reps of each count's
+aggregate, and "64 vs peak" is the 64-session median over the highest median of
+the curve: a per-rep peak would be the highest of seven noisy points, which
+measures the noise more than the curve. The pool server's memory is read
 before the first count and after the last session of the rep has closed.
+
+For each point, the log says where the machine's CPU went (the client
+processes, the pool server's own process, the rest: its workers) and how much
+of it was idle: which side of the run a curve that falls is bounded by.
 """
 from __future__ import annotations
 
@@ -17,12 +30,45 @@ import sys
 import threading
 import time
 
-from harness import HERE, REC64, Child, emit, log, tls_paths
+from harness import HERE, REC64, Child, emit, log, machine_ticks, tls_paths
 
 #: Launches between a session's synchronize() calls.
 UNIT = 128
+#: A bulk session's write size, and writes between its synchronize() calls.
+CHUNK, CHUNKS_PER_SYNC = 1 << 20, 8
 
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def _cpu_ticks(pid: int) -> int:
+    """User + system CPU time of one process, in clock ticks (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+class _CpuWindow:
+    """Where the machine's CPU went between `__init__` and `text()`, by role."""
+
+    def __init__(self, clients: list, server_pid: int) -> None:
+        self.clients, self.server_pid = clients, server_pid
+        self.start = self._now()
+
+    def _now(self):
+        return (machine_ticks(), sum(_cpu_ticks(c.child.proc.pid) for c in self.clients),
+                _cpu_ticks(self.server_pid))
+
+    def text(self) -> str:
+        (t1, i1), c1, s1 = self._now()
+        (t0, i0), c0, s0 = self.start
+        total = max(1, t1 - t0)
+        clients, server, idle = c1 - c0, s1 - s0, i1 - i0
+        rest = total - idle - clients - server
+        return "cpu: clients %2.0f%%, pool server %2.0f%%, workers and rest %2.0f%%, idle %2.0f%%" % (
+            100 * clients / total, 100 * server / total, 100 * rest / total, 100 * idle / total)
 
 
 def _rss_bytes(pid: int) -> int:
@@ -35,6 +81,7 @@ def _rss_bytes(pid: int) -> int:
 
 class SessionsSection:
     def sec_sessions(self):
+        import statistics
         from harp import wire
         a = self.a
         per = wire.BATCH_CALLS
@@ -43,16 +90,20 @@ class SessionsSection:
         clients = [_Client(self.a, self.url, self.children) for _ in range(COUNTS[-1])]
         for c in clients:
             c.ready()
-        ch = self.grpc_channel(self.grpc_port)
-        count_rpc = ch.stream_stream("/bench.B/Count")
+        # one channel (TCP + TLS connection) per bare stream, as each session has its own
+        channels = [self.grpc_channel(self.grpc_port, own_connection=True)
+                    for _ in range(COUNTS[-1])]
+        count_rpcs = [ch.stream_stream("/bench.B/Count") for ch in channels]
+        up_rpcs = [ch.stream_unary("/bench.B/Up") for ch in channels]
         batch = REC64 * per
+        chunk = bytes(CHUNK)
 
         def window(k):
             # long enough that every one of k sessions gets tens of units: fairness is then
             # not a matter of counting in whole units
-            return max(a.dur, 0.5, 0.04 * k)
+            return max(a.dur, 1.0, 0.04 * k)
 
-        def harp_point(k):
+        def harp_point(k, what):
             group = clients[:k]
             for c in group:
                 c.send("open")
@@ -61,9 +112,14 @@ class SessionsSection:
             start = time.time() + 0.5
             stop = start + window(k)
             for c in group:
-                c.send("run %.6f %.6f" % (start, stop))
+                c.send("%s %.6f %.6f" % (what, start, stop))
+            time.sleep(max(0.0, start - time.time()))
+            cpu = _CpuWindow(group, server_pid)
+            time.sleep(window(k))
+            used = cpu.text()
             counts = [c.result(60 + window(k))["n"] for c in group]
-            if k >= 16:
+            log("    %2d sessions, %-6s %s" % (k, what, used))
+            if k >= 16 and what == "run":
                 log("    %d sessions, launches each (sorted): %s" % (k, sorted(counts)))
             for c in group:
                 c.send("close")
@@ -71,7 +127,7 @@ class SessionsSection:
                 c.result(60)
             return sum(counts) / (stop - start), min(counts) / max(counts) if max(counts) else 0.0
 
-        def grpc_point(k):
+        def grpc_point(k, rpcs, message, n_per_message, drain):
             totals = [0] * k
             stop = time.perf_counter() + window(k)
 
@@ -81,10 +137,9 @@ class SessionsSection:
                 def gen():
                     while time.perf_counter() < stop:
                         sent[0] += 1
-                        yield batch
-                for _ in count_rpc(gen(), timeout=60):
-                    pass
-                totals[i] = sent[0] * per
+                        yield message
+                drain(rpcs[i](gen(), timeout=60))
+                totals[i] = sent[0] * n_per_message
             t0 = time.perf_counter()
             threads = [threading.Thread(target=run, args=(i,)) for i in range(k)]
             for t in threads:
@@ -93,31 +148,51 @@ class SessionsSection:
                 t.join()
             return sum(totals) / (time.perf_counter() - t0)
 
+        def drain_stream(replies):
+            for _ in replies:
+                pass
+
+        curves = {name: {k: [] for k in COUNTS} for name in
+                  ("launches", "bare launches", "bulk", "bare bulk")}
         try:
-            harp_point(2)                                 # warm the server and its pool
+            harp_point(2, "run")                          # warm the server and its pool
             idle = _rss_bytes(server_pid)
             for i in range(a.reps):
                 log("  sessions rep %d/%d" % (i + 1, a.reps))
-                curve, bare = {}, {}
                 for k in COUNTS:
-                    rate, fair = harp_point(k)
-                    curve[k] = rate
-                    bare[k] = grpc_point(k)
+                    rate, fair = harp_point(k, "run")
+                    bare = grpc_point(k, count_rpcs, batch, per, drain_stream)
+                    nbytes, bulk_fair = harp_point(k, "bulk")
+                    bare_bytes = grpc_point(k, up_rpcs, chunk, CHUNK, lambda r: None)
+                    for name, v in (("launches", rate), ("bare launches", bare),
+                                    ("bulk", nbytes / 1e9), ("bare bulk", bare_bytes / 1e9)):
+                        curves[name][k].append(v)
                     self.put(f"sessions: {k} x harp launches", rate, "launch/s")
-                    self.put(f"sessions: {k} x bare gRPC records", bare[k], "rec/s")
+                    self.put(f"sessions: {k} x bare gRPC records", bare, "rec/s")
+                    self.put(f"sessions: {k} x harp bulk write", nbytes / 1e9, "GB/s")
+                    self.put(f"sessions: {k} x bare gRPC 1MiB msgs", bare_bytes / 1e9, "GB/s")
                     if k == COUNTS[-1]:
                         self.put("sessions: fairness min/max at 64", fair, "ratio")
-                self.put("sessions: aggregate at 64 / peak", curve[COUNTS[-1]] /
-                         max(curve.values()), "ratio")
-                self.put("sessions: bare gRPC at 64 / its peak", bare[COUNTS[-1]] /
-                         max(bare.values()), "ratio")
+                        self.put("sessions: bulk fairness min/max at 64", bulk_fair, "ratio")
                 time.sleep(1.0)                           # workers exit, memory is trimmed
                 self.put("sessions: server RSS after / idle", _rss_bytes(server_pid) / idle,
                          "ratio")
         finally:
-            ch.close()
+            for ch in channels:
+                ch.close()
             for c in clients:
                 c.stop()
+
+        def at_64_over_peak(name):
+            medians = {k: statistics.median(v) for k, v in curves[name].items()}
+            return medians[COUNTS[-1]] / max(medians.values())
+        # one figure each, from the median curve (see the module's docstring)
+        self.put("sessions: aggregate at 64 / peak", at_64_over_peak("launches"), "ratio")
+        self.put("sessions: bare gRPC at 64 / its peak", at_64_over_peak("bare launches"),
+                 "ratio")
+        self.put("sessions: bulk at 64 / peak", at_64_over_peak("bulk"), "ratio")
+        self.put("sessions: bare gRPC bulk at 64 / its peak", at_64_over_peak("bare bulk"),
+                 "ratio")
 
 
 class _Client:
@@ -159,8 +234,9 @@ def role_sessions_client(a):
     """A child that holds at most one session and launches on command (see `_Client`)."""
     import harp
     _, cli = tls_paths(a.cert_dir)
+    chunk = bytes(range(256)) * (CHUNK // 256)
     print("READY", flush=True)
-    dev = fn = None
+    dev = fn = buf = None
     for line in sys.stdin:
         cmd = line.split()
         if not cmd or cmd[0] == "quit":
@@ -168,6 +244,7 @@ def role_sessions_client(a):
         if cmd[0] == "open":
             dev = harp.connect(a.url, tls=cli)
             fn = dev.function(dev.load_module(harp.CATALOG_IMAGE, "catalog"), "noop")
+            buf = dev.alloc(CHUNK)
             dev.synchronize()
             emit({"ok": True})
         elif cmd[0] == "run":
@@ -179,6 +256,20 @@ def role_sessions_client(a):
                     launch(fn, 1, 1, [])
                 dev.synchronize()
                 n += UNIT
+            emit({"n": n})
+        elif cmd[0] == "bulk":
+            start, stop = float(cmd[1]), float(cmd[2])
+            time.sleep(max(0.0, start - time.time()))
+            n, write = 0, dev.write
+            while True:
+                for _ in range(CHUNKS_PER_SYNC):   # counted write by write: a session gets
+                    write(buf, 0, chunk)           # only a few units in a window at 64
+                    n += CHUNK
+                    if time.time() >= stop:
+                        break
+                dev.synchronize()
+                if time.time() >= stop:
+                    break
             emit({"n": n})
         elif cmd[0] == "close":
             dev.close()
