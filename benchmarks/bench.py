@@ -97,9 +97,16 @@ class Bench(RemoteSections, IsolationSection, SameHostSection, SessionsSection, 
         return ch
 
     def connect_harp(self, **options):
+        """A session on the HARP server; one whose frames are to move to its data channel
+        (the default) is returned once they have (its open runs in the background)."""
         import harp
         _, cli = tls_paths(self.a.cert_dir)
-        return harp.connect(self.url, tls=cli, **options)
+        dev = harp.connect(self.url, tls=cli, **options)
+        deadline = time.time() + 10
+        while dev.data_channel and options.get("frames_on_data", True) and \
+                not dev.frames_on_data and time.time() < deadline:
+            dev.synchronize()
+        return dev
 
     def bulk_pass(self, dev, mode, data, out):
         """One timed write and read of `data`, after an untimed write and read that fault

@@ -111,6 +111,7 @@ class RemoteSections:
     def sec_sync(self):
         a = self.a
         dev = self.connect_harp()
+        on_stream = self.connect_harp(frames_on_data=False)   # the same, frames on gRPC
         ch = self.grpc_channel(self.grpc_port)
         echo = ch.stream_stream("/bench.B/Echo")
         try:
@@ -158,8 +159,11 @@ class RemoteSections:
                 self.put("harp synchronize()", harp_sync(), "rt/s")
                 self.put("bare gRPC bidi ping-pong 64B", pingpong(a.dur), "rt/s")
                 self.put("harp read 64B", harp_read64(), "rt/s")
+                self.put("harp synchronize(), frames on the stream",
+                         timed_rate(on_stream.synchronize, a.dur), "rt/s")
         finally:
             dev.close()
+            on_stream.close()
             ch.close()
 
     # -- 3./4. async launches -------------------------------------------------------
@@ -171,6 +175,7 @@ class RemoteSections:
         from harp import wire
         a = self.a
         dev = self.connect_harp()
+        on_stream = self.connect_harp(frames_on_data=False)   # the same, frames on gRPC
         ch = self.grpc_channel(self.grpc_port)
         count = ch.stream_stream("/bench.B/Count")
         naive = ch.unary_unary("/bench.B/Naive")
@@ -179,12 +184,18 @@ class RemoteSections:
             noop = dev.function(mod, "noop")
             launch, sync = dev.launch, dev.synchronize
 
-            def harp_launches(n):
+            def harp_launches(n, launch=launch, sync=sync, noop=noop):
                 t0 = time.perf_counter()
                 for _ in range(n):
                     launch(noop, 1, 1, [])
                 sync()
                 return n / (time.perf_counter() - t0)
+
+            stream_noop = on_stream.function(on_stream.load_module(harp.CATALOG_IMAGE,
+                                                                   "catalog"), "noop")
+
+            def harp_launches_on_stream(n):
+                return harp_launches(n, on_stream.launch, on_stream.synchronize, stream_noop)
 
             per = wire.BATCH_CALLS
             batch = REC64 * per
@@ -255,6 +266,8 @@ class RemoteSections:
             for i in range(a.reps):
                 log("  launch rep %d/%d (N=%d)" % (i + 1, a.reps, n))
                 self.put("harp async launches", harp_launches(n), "launch/s")
+                self.put("harp async launches, frames on the stream",
+                         harp_launches_on_stream(n), "launch/s")
                 self.put("bare gRPC pipelined 64B records, %d/msg" % per, pipelined(n),
                          "rec/s")
                 self.put("naive unary gRPC call per launch", naive_rate(a.dur), "launch/s")
@@ -269,4 +282,5 @@ class RemoteSections:
                          "us")
         finally:
             dev.close()
+            on_stream.close()
             ch.close()

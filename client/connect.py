@@ -84,7 +84,7 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
                    keepalive_s: float = KEEPALIVE_S,
                    keepalive_timeout_s: float = KEEPALIVE_TIMEOUT_S,
                    shared_memory: bool | None = None, data_channel: bool | None = None,
-                   **unknown: Any) -> RemoteDevice:
+                   frames_on_data: bool | None = None, **unknown: Any) -> RemoteDevice:
     """Open a session on device `device_index` of the pool server at `target`.
 
     `connect_timeout` bounds the handshake (30 s: as long as a pool server may take to
@@ -94,7 +94,10 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
     moves bulk data through shared memory with the server (`shared_memory`, default: yes
     unless `HARP_SHARED_MEMORY=0`); over TCP with TLS through a data channel beside the
     stream (`data_channel`, default: yes unless `HARP_DATA_CHANNEL=0`); else, and when the
-    server offers neither, over the stream."""
+    server offers neither, over the stream. A data channel opens at once, in the
+    background, and the session's calls and replies move onto it once it is open
+    (`frames_on_data`, default: yes unless `HARP_FRAMES_ON_DATA=0`): one socket, without
+    gRPC's hand-offs between threads on each frame."""
     if unknown:
         raise TypeError(f"unknown option(s) for a remote device: {', '.join(sorted(unknown))}")
     address, secure = parse_address(target)
@@ -117,11 +120,13 @@ def connect_remote(target: str, *, tls: TlsFiles | None = None, cert_dir: str | 
         data_channel = os.environ.get("HARP_DATA_CHANNEL", "1") != "0"
     data = opener(address, files, name) if data_channel and files is not None and \
         not address.startswith("unix:") else None
+    if frames_on_data is None:
+        frames_on_data = os.environ.get("HARP_FRAMES_ON_DATA", "1") != "0"
     try:
         return RemoteDevice(channel, device_index=device_index, token=token,
                             client_name=client_name, connect_timeout=connect_timeout,
                             target=target, shared_memory=shared_memory,
-                            open_data_channel=data)
+                            open_data_channel=data, frames_on_data=bool(frames_on_data))
     except TransportError as exc:
         channel.close()
         raise _explain_connect_failure(exc, target, address, files, name) from None

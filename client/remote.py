@@ -35,6 +35,7 @@ from harp.frontend import (HandleIds, as_bytes_view, check_buffer, check_copy, c
                            check_stream, normalize_args, out_view)
 from harp.proto import session_pb2 as pb
 from harp.proto.codec import error_from_bytes, error_from_message, facts_from_proto
+from harp.dataframes import FrameChannel, shut
 from harp.protocol import ClientProtocol, Payload, Reply
 from harp.shm import SharedWindow, pick_up
 from harp.transport import error_from_rpc, recv_into_exactly
@@ -44,6 +45,9 @@ log = logging.getLogger("harp.client")
 
 #: Asked, on the session's channel, why the server cancelled a session's call.
 WHY_METHOD = "/harp.v1.Session/Why"
+#: How long a session whose frames are on the data channel waits, once the channel failed,
+#: for the server's reason to arrive as the end of the session's call.
+END_WAIT_S = 5.0
 
 
 class _BulkJob:
@@ -84,7 +88,7 @@ class RemoteDevice(Device):
     def __init__(self, channel: grpc.Channel, *, device_index: int = 0, token: str = "",
                  client_name: str = "", connect_timeout: float = 30.0,
                  target: str = "", shared_memory: bool = False,
-                 open_data_channel: Any = None) -> None:
+                 open_data_channel: Any = None, frames_on_data: bool = True) -> None:
         self._channel = channel
         self._target = target
         self._ids = HandleIds()
@@ -99,6 +103,11 @@ class RemoteDevice(Device):
         self._data: Any = None                  # the data channel's socket, when open
         self._data_offer: Any = None
         self._open_data: Any = None
+        #: The session's frames, once they travel on the data channel (see `_adopt_data`).
+        self._frames_on_data: FrameChannel | None = None
+        self._data_opening: threading.Event | None = None   # a background open in flight
+        self._data_opened: Any = None                       # its socket, not yet adopted
+        self._data_lock = threading.Lock()                  # the hand-over of that socket
         self.session_id = ""
         #: Hooks run at close, and a way to explain a broken session (set by lease connects).
         self.on_close: list[Any] = []
@@ -136,25 +145,79 @@ class RemoteDevice(Device):
         self._info = facts_from_proto(reply.device)
         if reply.HasField("shared_memory"):
             self._window = _take_window(reply.shared_memory)
-        # The data channel opens with the first large transfer, not here: a session that
-        # moves no bulk data pays no second TLS handshake for it.
         self._data_offer = reply.data_channel if reply.HasField("data_channel") else None
         self._open_data = open_data_channel
+        if self._data_offer is not None and open_data_channel is not None and frames_on_data \
+                and reply.version >= wire.FRAMES_ON_DATA_SINCE:
+            # Opened in the background: the connect does not wait for a second TLS
+            # handshake, and the frames move over when it is done (`_send`).
+            self._open_data_in_background()
+        # Else the data channel opens with the first large transfer, not here: a session
+        # that moves no bulk data pays no second TLS handshake for it.
 
     @property
     def data_channel(self) -> bool:
         """Whether bulk data moves over a data channel beside the stream (TCP, with TLS):
-        open, or offered and to be opened by the first large transfer."""
-        return self._data is not None or (self._data_offer is not None and
-                                           self._open_data is not None)
+        open, being opened, or offered and to be opened by the first large transfer."""
+        return self._data is not None or self._data_opening is not None or (
+            self._data_offer is not None and self._open_data is not None)
+
+    @property
+    def frames_on_data(self) -> bool:
+        """Whether the session's calls and replies travel on its data channel by now."""
+        return self._frames_on_data is not None
 
     def _data_socket(self) -> Any:
-        """The data channel, opened now if it was offered and is not yet; None (the stream
-        carries the bytes) when there is none or it cannot be opened."""
-        if self._data is None and self._data_offer is not None and self._open_data is not None:
+        """The data channel, opened now if it was offered and is not yet (waited for if it
+        is being opened); None (the stream carries the bytes) when there is none or it
+        cannot be opened."""
+        if self._data_opening is not None:
+            self._data_opening.wait()
+            self._adopt_data()
+        elif self._data is None and self._data_offer is not None and \
+                self._open_data is not None:
             offer, self._data_offer = self._data_offer, None
             self._data = self._open_data(offer)
         return self._data
+
+    def _open_data_in_background(self) -> None:
+        offer, self._data_offer = self._data_offer, None
+        opening = self._data_opening = threading.Event()
+        open_data = self._open_data
+
+        def run() -> None:
+            sock = open_data(offer)
+            with self._data_lock:
+                if self._closed:                   # the device is gone meanwhile
+                    if sock is not None:
+                        sock.close()
+                else:
+                    self._data_opened = sock
+            opening.set()
+        threading.Thread(target=run, name="harp-data-open", daemon=True).start()
+
+    def _adopt_data(self) -> None:
+        """Take the socket the background open made (with `_lock` held, between frames):
+        the session's frames move onto it. The stream is told first
+        (`FRAMES_ON_DATA`, after every frame it carried), then every frame and reply goes
+        on the channel, in order with the bulk data already there; the stream stays open
+        for the session's end. When the session's call ends (the server ended it, or
+        keepalive found the link dead), the channel is shut, which wakes a wait on it."""
+        with self._data_lock:
+            sock, self._data_opened = self._data_opened, None
+        self._data_opening = None
+        if sock is None:
+            return
+        self._data = sock
+        self._requests.put(wire.FRAMES_ON_DATA_TAG)
+        self._frames_on_data = FrameChannel(sock)
+        if not self._call.add_callback(self._call_ended):
+            shut(sock)                             # over already
+
+    def _call_ended(self) -> None:
+        sock = self._data
+        if sock is not None:
+            shut(sock)
 
     @property
     def shared_memory(self) -> bool:
@@ -189,6 +252,19 @@ class RemoteDevice(Device):
         self._call.cancel()
 
     def _next_frame(self, what: str) -> bytes:
+        channel = self._frames_on_data
+        if channel is not None:
+            try:
+                frame = channel.recv()
+                if frame is not None:
+                    return frame
+                error: BaseException = ConnectionError("the server closed it")
+            except (OSError, ProtocolError) as exc:
+                error = exc
+            self._data_broken(what, error)
+            if self.explain is not None:
+                self._broken = self.explain(self._broken)
+            raise self._broken  # type: ignore[misc]
         try:
             return next(self._responses)
         except StopIteration:
@@ -229,7 +305,21 @@ class RemoteDevice(Device):
     def _send(self, frame: bytes) -> None:
         if self._broken is not None:
             raise self._broken
-        self._requests.put(frame)
+        channel = self._frames_on_data
+        if channel is None:
+            opening = self._data_opening
+            if opening is None or not opening.is_set():
+                self._requests.put(frame)
+                return
+            self._adopt_data()
+            channel = self._frames_on_data
+            if channel is None:
+                self._requests.put(frame)
+                return
+        try:
+            channel.send(frame)
+        except OSError as exc:
+            raise self._data_broken("send", exc) from None
 
     def _send_bulk(self, view: memoryview) -> None:
         """Send a write's payload as chunks; return once every chunk has been copied out."""
@@ -384,8 +474,19 @@ class RemoteDevice(Device):
 
     def _data_broken(self, what: str, exc: BaseException) -> HarpError:
         """The session after its data channel failed: the server's reason, if it ended
-        the session, else a `TransportError` naming the failure."""
-        reason = self._reason(what) if not self._call.is_active() else None
+        the session, else a `TransportError` naming the failure. With the session's frames
+        on the channel, a server that ends the session shuts the channel and then ends the
+        call with the reason: the call's end is waited for (a few seconds at most)."""
+        if self._frames_on_data is not None:
+            if not self._closed:
+                over = threading.Event()
+                if self._call.add_callback(over.set):
+                    over.wait(END_WAIT_S)
+            # ended as a stream's call ends: the reason, or what gRPC saw (a ping timeout)
+            reason = self._ended(self._call, what) if not self._call.is_active() and \
+                self._call.code() != grpc.StatusCode.OK else None
+        else:
+            reason = self._reason(what) if not self._call.is_active() else None
         self._broken = reason or TransportError(f"{what}: the data channel failed: {exc}")
         return self._broken
 
@@ -523,13 +624,18 @@ class RemoteDevice(Device):
                     hook()
 
     def _shutdown(self) -> None:
+        with self._data_lock:                      # a background open's socket, unadopted
+            opened, self._data_opened = self._data_opened, None
+            self._closed = True
+        if opened is not None:
+            opened.close()
+        if self._data is not None:               # first: a server reading frames on it
+            try:                                 # sees their end before the call's
+                self._data.close()
+            except OSError:
+                pass
         self._requests.put(None)
         self._call.cancel()
         self._channel.close()
         if self._window is not None:
             self._window.close()
-        if self._data is not None:
-            try:
-                self._data.close()
-            except OSError:
-                pass

@@ -15,6 +15,10 @@ A session is one gRPC bidirectional stream of raw byte frames:
      write in progress follow on the session's data channel (a mutual-TLS
      socket beside the stream, `harp/datachannel.py`), as they are. A session
      with a data channel also gets a large read's payload on it, not in frames.
+   - `FRAMES_ON_DATA`, alone (protocol 3): the client's next frames, and the
+     server's replies to them, travel on the session's data channel, each
+     as a little-endian u32 length and its bytes (`harp.dataframes`); the
+     stream stays open and carries nothing more but its end.
    A session that took a shared-memory window (`harp.shm`: same host, unix
    socket) moves large payloads through it instead: `WRITE_SHM` ends its batch
    and its bytes follow through the window's write ring; `READ_SHM` is a sync
@@ -54,9 +58,10 @@ from . import api
 from .errors import ProtocolError, VersionMismatchError
 from .types import ArrayArg, Buffer, BufferArg, Scalar, as_kernel_arg
 
-#: Protocol versions this build speaks (inclusive). Version 2: frame kinds, ABORTED ends.
+#: Protocol versions this build speaks (inclusive). Version 2: frame kinds, ABORTED ends;
+#: version 3: a session's frames may move to its data channel (`FRAMES_ON_DATA`).
 PROTOCOL_MIN = 2
-PROTOCOL_MAX = 2
+PROTOCOL_MAX = 3
 
 METHOD = "/harp.v1.Session/Open"
 HEALTH_SERVICE = "harp.v1.Session"
@@ -83,8 +88,11 @@ MAX_KERNEL_ARGS = 1024
 MAX_ARRAY_DIMS = 32
 
 # Client frame kinds (the first byte of every client frame after the handshake).
-BATCH, BATCH_SYNC, PAYLOAD, DATA = 1, 2, 3, 4
+BATCH, BATCH_SYNC, PAYLOAD, DATA, FRAMES_ON_DATA = 1, 2, 3, 4, 5
 BATCH_TAG, BATCH_SYNC_TAG, PAYLOAD_TAG = bytes((BATCH,)), bytes((BATCH_SYNC,)), bytes((PAYLOAD,))
+FRAMES_ON_DATA_TAG = bytes((FRAMES_ON_DATA,))
+#: The first protocol version in which a session's frames may move to its data channel.
+FRAMES_ON_DATA_SINCE = 3
 _U64 = struct.Struct("<Q")
 
 

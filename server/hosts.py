@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterator
 import msgpack
 
 from harp import wire
+from harp.dataframes import FrameChannel
 from harp.errors import DeviceError, HarpError, ProtocolError, TransportError
 from harp.proto.codec import error_from_bytes, error_to_bytes
 from harp.protocol import External, ServerProtocol
@@ -69,6 +70,8 @@ class SessionHost:
         self.started = time.time()
         #: The session's data channel (`harp.server.datachannel`), once its client opened it.
         self.data: Any = None
+        #: Whether the client's frames come on the data channel (`move_frames_to_data`).
+        self.frames_on_data = False
         self._attaching = threading.Lock()     # held while the data channel is handed over
 
     def attach_data(self, sock: Any, accept: Callable[[], None] | None = None) -> bool:
@@ -90,6 +93,19 @@ class SessionHost:
         have reached the client, which then sends on the channel at once)."""
         with self._attaching:
             return self.data
+
+    def move_frames_to_data(self) -> FrameChannel:
+        """The client's frames, and the replies to them, travel on the data channel from
+        now on (`wire.FRAMES_ON_DATA`); `ProtocolError` if the session has none."""
+        sock = self._data_now()
+        if sock is None:
+            raise ProtocolError("FRAMES_ON_DATA in a session without a data channel")
+        self.frames_on_data = True
+        return FrameChannel(sock)
+
+    def stop_waiting(self) -> None:
+        """Wake the handler if it waits for the client's next frame on the data channel."""
+        self._interrupt_data()
 
     def _require_data(self) -> None:
         if self._data_now() is None:

@@ -432,6 +432,9 @@ class PoolServer:
             for frame in frames:
                 if not frame:
                     raise ProtocolError("an empty frame")
+                if frame[0] == wire.FRAMES_ON_DATA:
+                    self._serve_on_data(host, frame)
+                    return
                 yield from host.handle(frame)
                 if host.done:
                     return
@@ -467,10 +470,53 @@ class PoolServer:
                 self.ledger.close(record.id)
                 self._ended += 1
 
+    def _serve_on_data(self, host: SessionHost, frame: bytes) -> None:
+        """The rest of a session whose client moved its frames to the data channel
+        (`wire.FRAMES_ON_DATA`): frames in, replies out, on that socket, in this thread.
+        Returns when the client closed the session or went away; raises `SessionEnded` or
+        `ProtocolError` as the stream's loop does (the call then ends with the reason,
+        which is where the client looks for it once its channel is shut)."""
+        if len(frame) != 1:
+            raise ProtocolError("a FRAMES_ON_DATA frame carries nothing")
+        channel = host.move_frames_to_data()
+        while True:
+            try:
+                frame = channel.recv()
+            except OSError:                      # reset, or shut down by `end`
+                if host.ended is not None:
+                    raise SessionEnded(host.ended) from None
+                return                           # the client went away
+            if frame is None:                    # the client closed its side
+                host.finish()
+                return
+            if not frame:
+                raise ProtocolError("an empty frame")
+            if frame[0] == wire.FRAMES_ON_DATA:
+                raise ProtocolError("the session's frames are on its data channel already")
+            try:
+                for reply in host.handle(frame):
+                    channel.send(reply)
+            except OSError:
+                if host.ended is not None:
+                    raise SessionEnded(host.ended) from None
+                return
+            if host.done:
+                return
+            if host.ended is not None:           # ended while this frame ran
+                raise SessionEnded(host.ended)
+
     def _rpc_over(self, record: SessionRecord) -> None:
+        """The session's call ended (the client cancelled it or went away, or it was
+        cancelled here). A host in a call is ended; a handler waiting for the client's next
+        frame on the data channel, which only a shut-down wakes, is woken (it then sees the
+        channel end, and returns)."""
         host = record.host
-        if host is not None and host.busy and host.ended is None and not host.done:
+        if host is None or host.ended is not None or host.done:
+            return
+        if host.busy:
             host.end(TransportError("the client went away during a call"))
+        elif host.frames_on_data:
+            host.stop_waiting()
 
     def _identity(self, context: grpc.ServicerContext) -> Identity:
         if self.insecure:

@@ -64,22 +64,30 @@ class BlackHoleProxy:
             s.close()
 
 
+def sync_fails_once_keepalive_finds_the_link_dead(dev, dead: threading.Event) -> None:
+    """Cut the link (`dead`); the next `synchronize()` must fail with gRPC's ping timeout
+    within the keepalive bound the device was opened with (1 s + 1 s), with room."""
+    dead.set()                                            # the link goes silent
+    t0 = time.monotonic()
+    with pytest.raises(harp.TransportError, match="ping timeout"):
+        dev.synchronize()
+    took = time.monotonic() - t0
+    print(f"dead link noticed after {took:.2f} s (keepalive 1 s + 1 s)")
+    assert took < 8
+    dev.close()
+
+
 def test_a_dead_link_fails_a_sync_call_within_the_keepalive_bound(fresh_pool):
+    """The frames on the stream (the stream's own keepalive; with the frames on the data
+    channel: test_frames_on_data.py)."""
     proxy = BlackHoleProxy(fresh_pool.address)
     try:
         dev = harp.connect(f"harp://{proxy.address}", tls=fresh_pool.client_tls,
-                           keepalive_s=1, keepalive_timeout_s=1)
+                           keepalive_s=1, keepalive_timeout_s=1, frames_on_data=False)
         buf = dev.alloc(1024)
         dev.write(buf, 0, b"x" * 1024)
         dev.synchronize()
-        proxy.dead.set()                                  # the link goes silent
-        t0 = time.monotonic()
-        with pytest.raises(harp.TransportError, match="ping timeout"):
-            dev.synchronize()
-        took = time.monotonic() - t0
-        print(f"dead link noticed after {took:.2f} s (keepalive 1 s + 1 s)")
-        assert took < 8
-        dev.close()
+        sync_fails_once_keepalive_finds_the_link_dead(dev, proxy.dead)
     finally:
         proxy.close()
 
