@@ -186,14 +186,19 @@ class RemoteDevice(Device):
         open_data = self._open_data
 
         def run() -> None:
-            sock = open_data(offer)
-            with self._data_lock:
-                if self._closed:                   # the device is gone meanwhile
-                    if sock is not None:
-                        sock.close()
-                else:
-                    self._data_opened = sock
-            opening.set()
+            sock = None
+            try:
+                sock = open_data(offer)
+            except Exception:  # the opener says why it could not; the stream goes on
+                log.exception("opening the data channel failed")
+            finally:
+                with self._data_lock:
+                    if self._closed:               # the device is gone meanwhile
+                        if sock is not None:
+                            sock.close()
+                    else:
+                        self._data_opened = sock
+                opening.set()
         threading.Thread(target=run, name="harp-data-open", daemon=True).start()
 
     def _adopt_data(self) -> None:
@@ -202,12 +207,16 @@ class RemoteDevice(Device):
         (`FRAMES_ON_DATA`, after every frame it carried), then every frame and reply goes
         on the channel, in order with the bulk data already there; the stream stays open
         for the session's end. When the session's call ends (the server ended it, or
-        keepalive found the link dead), the channel is shut, which wakes a wait on it."""
+        keepalive found the link dead), the channel is shut, which wakes a wait on it: so
+        the socket has no timeout from here on, and a server that stops reading while
+        its queue is full (back-pressure, behind long kernels) holds a send as long as
+        gRPC's flow control would have."""
         with self._data_lock:
             sock, self._data_opened = self._data_opened, None
         self._data_opening = None
         if sock is None:
             return
+        sock.settimeout(None)
         self._data = sock
         self._requests.put(wire.FRAMES_ON_DATA_TAG)
         self._frames_on_data = FrameChannel(sock)

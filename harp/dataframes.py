@@ -16,33 +16,42 @@ Waiting for a frame blocks without a timeout (a sync may wait on a long kernel,
 a session may sit idle): a channel is woken by being shut down, which the
 session's owner does when the session's gRPC call ends (a dead peer is noticed
 there by keepalive) or when the server ends the session. Once a frame has
-started, the rest of it, and any payload after it, must come within the
-socket's own timeout.
+started, the rest of it must come within `FRAME_DEADLINE_S` (plus a second per
+MiB), each read within the socket's own timeout, and its buffer grows only as
+its bytes come.
 """
 from __future__ import annotations
 
 import select
 import socket
 import struct
+import time
 from typing import Any
 
 from .errors import ProtocolError
-from .transport import recv_into_exactly
 from .wire import MAX_FRAME
 
 HEADER = struct.Struct("<I")
 #: Frames up to this size go out in one `sendall` with their header (one TLS record
 #: or a few); larger ones (a full batch) are not copied to prepend it.
 _JOIN_BELOW = 64 << 10
+#: A frame's buffer grows by at most this much ahead of the bytes that came: a length
+#: claimed is not memory held until its bytes arrive.
+_GROW = 1 << 20
+#: A started frame must be whole within this long, plus a second per MiB of it: a
+#: client that trickles a byte now and then cannot hold a handler (or its buffer).
+FRAME_DEADLINE_S = 30.0
 
 
 class FrameChannel:
     """Frames over one connected socket (a data channel): `send` and `recv`, each from one
     thread at a time."""
 
-    def __init__(self, sock: Any, limit: int = MAX_FRAME) -> None:
+    def __init__(self, sock: Any, limit: int = MAX_FRAME,
+                 deadline_s: float = FRAME_DEADLINE_S) -> None:
         self.sock = sock
         self.limit = limit
+        self.deadline_s = deadline_s
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN | select.POLLPRI)
 
@@ -55,10 +64,11 @@ class FrameChannel:
             self.sock.sendall(HEADER.pack(n))
             self.sock.sendall(frame)
 
-    def recv(self) -> bytes | None:
+    def recv(self) -> bytes | bytearray | None:
         """The next frame, waiting for it as long as it takes; None if the peer closed the
         channel between frames. `ProtocolError` for a frame over the limit (nothing of it
-        is read), `OSError` for a channel that broke or was shut down mid-frame."""
+        is read), `OSError` for a channel that broke or was shut down mid-frame, and
+        `TimeoutError` for a frame not whole by its deadline."""
         while True:
             self._wait()
             try:
@@ -68,17 +78,20 @@ class FrameChannel:
             break
         if not first:
             return None
-        header = first if len(first) == HEADER.size else self._rest(first, HEADER.size)
+        deadline = time.monotonic() + self.deadline_s
+        header = first if len(first) == HEADER.size else \
+            bytes(self._rest(first, HEADER.size, deadline))
         (n,) = HEADER.unpack(header)
         if n > self.limit:
             raise ProtocolError(f"a frame of {n} bytes on the data channel "
                                 f"(at most {self.limit})")
         if n == 0:
             return b""
-        body = self.sock.recv(n)
+        body = self.sock.recv(min(n, _GROW))
         if not body:
             raise ConnectionError("the data channel closed in the middle of a frame")
-        return body if len(body) == n else self._rest(body, n)
+        return body if len(body) == n else \
+            self._rest(body, n, deadline + n / (1 << 20))
 
     def _wait(self) -> None:
         """Block until the socket has something to read: bytes TLS has already decrypted
@@ -89,12 +102,30 @@ class FrameChannel:
         while not self._poll.poll():
             pass
 
-    def _rest(self, first: bytes, n: int) -> bytes:
-        """`first` and the rest of its `n` bytes (`ConnectionError` if they stop short)."""
-        buf = bytearray(n)
-        buf[:len(first)] = first
-        recv_into_exactly(self.sock, memoryview(buf)[len(first):])
-        return bytes(buf)
+    def _rest(self, first: bytes, n: int, deadline: float) -> bytearray:
+        """`first` and the rest of its `n` bytes, the buffer grown as they come
+        (`ConnectionError` if they stop short, `TimeoutError` past `deadline`)."""
+        buf = bytearray(first)
+        while len(buf) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"a frame of {n} bytes on the data channel was not whole "
+                                   f"in time ({len(buf)} came)")
+            got = len(buf)
+            buf.extend(bytes(min(n - got, _GROW)))
+            view = memoryview(buf)
+            try:
+                while got < len(buf):
+                    k = self.sock.recv_into(view[got:])
+                    if k == 0:
+                        raise ConnectionError("the data channel closed in the middle of a "
+                                              f"frame ({got} of {n} bytes)")
+                    got += k
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"a frame of {n} bytes on the data channel was "
+                                           f"not whole in time ({got} came)")
+            finally:
+                view.release()
+        return buf
 
 
 def shut(sock: Any) -> None:

@@ -98,6 +98,8 @@ class SessionHost:
         """The client's frames, and the replies to them, travel on the data channel from
         now on (`wire.FRAMES_ON_DATA`); `ProtocolError` if the session has none."""
         sock = self._data_now()
+        if self.ended is not None:
+            raise SessionEnded(self.ended)
         if sock is None:
             raise ProtocolError("FRAMES_ON_DATA in a session without a data channel")
         self.frames_on_data = True
@@ -117,8 +119,11 @@ class SessionHost:
         return SessionEnded(self.ended)
 
     def _interrupt_data(self) -> None:
-        """Wake a transfer blocked on the data channel (the handler closes it later)."""
-        sock = self.data
+        """Wake a transfer blocked on the data channel (the handler closes it later). An
+        attach in progress is waited out: one that lands after `ended` was set would
+        otherwise leave a channel nobody shuts."""
+        with self._attaching:
+            sock = self.data
         if sock is not None:
             try:
                 sock.shutdown(socket.SHUT_RDWR)

@@ -96,6 +96,7 @@ class SessionRecord:
     context: Any = None
     data_ticket: bytes = b""
     window_ticket: bytes = b""
+    version: int = wire.PROTOCOL_MIN            # the protocol version the handshake chose
     admitted: float = field(default_factory=time.time)
 
 
@@ -433,7 +434,7 @@ class PoolServer:
                 if not frame:
                     raise ProtocolError("an empty frame")
                 if frame[0] == wire.FRAMES_ON_DATA:
-                    self._serve_on_data(host, frame)
+                    self._serve_on_data(record, frame)
                     return
                 yield from host.handle(frame)
                 if host.done:
@@ -470,15 +471,20 @@ class PoolServer:
                 self.ledger.close(record.id)
                 self._ended += 1
 
-    def _serve_on_data(self, host: SessionHost, frame: bytes) -> None:
+    def _serve_on_data(self, record: SessionRecord, frame: bytes) -> None:
         """The rest of a session whose client moved its frames to the data channel
         (`wire.FRAMES_ON_DATA`): frames in, replies out, on that socket, in this thread.
         Returns when the client closed the session or went away; raises `SessionEnded` or
         `ProtocolError` as the stream's loop does (the call then ends with the reason,
         which is where the client looks for it once its channel is shut)."""
-        if len(frame) != 1:
-            raise ProtocolError("a FRAMES_ON_DATA frame carries nothing")
+        if len(frame) != 1 or record.version < wire.FRAMES_ON_DATA_SINCE:
+            raise ProtocolError(f"FRAMES_ON_DATA at protocol {record.version}" if len(frame) == 1
+                                else "a FRAMES_ON_DATA frame carries nothing")
+        host = record.host
+        assert host is not None
         channel = host.move_frames_to_data()
+        if not record.context.is_active():       # the call ended before `_rpc_over` could
+            return                               # see the switch: nobody is there
         while True:
             try:
                 frame = channel.recv()
@@ -511,11 +517,11 @@ class PoolServer:
         frame on the data channel, which only a shut-down wakes, is woken (it then sees the
         channel end, and returns)."""
         host = record.host
-        if host is None or host.ended is not None or host.done:
+        if host is None or host.done:
             return
-        if host.busy:
+        if host.busy and host.ended is None:
             host.end(TransportError("the client went away during a call"))
-        elif host.frames_on_data:
+        elif host.frames_on_data:                # ended or not: nothing else would wake it
             host.stop_waiting()
 
     def _identity(self, context: grpc.ServicerContext) -> Identity:
@@ -561,7 +567,7 @@ class PoolServer:
                                    identity=identity, device=grant.device_index,
                                    share=grant.share, lease_id=grant.lease_id,
                                    expires_at=grant.expires_at, client_name=client,
-                                   context=context)
+                                   context=context, version=version)
             self._admit(record)
             window = self._window_for(request, context)
             try:

@@ -30,7 +30,7 @@ from harp.client.remote import ended_error
 from harp.dataframes import HEADER, FrameChannel
 from harp.errors import LeaseError, ProtocolError, TransportError
 from harp.proto import session_pb2 as pb
-from tests.conftest import pattern, wait_until
+from tests.conftest import Pool, pattern, wait_until
 
 MiB = 1 << 20
 
@@ -259,3 +259,34 @@ def test_frames_survive_interleaving_with_payloads_and_threads(tcp_pool):
         assert dev.frames_on_data
     finally:
         dev.close()
+
+
+def test_back_pressure_longer_than_the_io_timeout_does_not_break_the_session(tmp_path,
+                                                                              monkeypatch):
+    """Kernels queued for seconds, then more inline writes than the server queues
+    (`MAX_QUEUED_BYTES`): the server stops reading the channel meanwhile, longer than the
+    channel's IO timeout (lowered to 1 s here), and the client's sends wait, as they would
+    on gRPC's flow control, instead of failing."""
+    monkeypatch.setattr(datachannel, "IO_TIMEOUT_S", 1.0)
+    pool = Pool(tmp_path, isolation="thread", warm_workers=1)
+    dev = pool.connect()
+    try:
+        _on_data(dev)
+        assert dev._data.gettimeout() is None
+        lib = dev.load_module(harp.CATALOG_IMAGE, "catalog")
+        axpy = dev.function(lib, "axpy_f32")
+        n = 16 << 20
+        x, y, small = dev.alloc(4 * n), dev.alloc(4 * n), dev.alloc(64 << 10)
+        dev.synchronize()
+        t0 = time.monotonic()
+        for _ in range(200):                         # seconds of queued kernels
+            dev.launch(axpy, 1, 1, [y, x, np.float32(1.0), np.int64(n)])
+        blob = b"\x07" * (64 << 10)
+        for _ in range(1400):                        # > 64 MiB of queued inline writes
+            dev.write(small, 0, blob)
+        dev.synchronize()
+        print(f"back-pressure held the sends for up to {time.monotonic() - t0:.1f} s")
+        assert dev.read(small, 0, 8) == b"\x07" * 8
+    finally:
+        dev.close()
+        pool.stop()
