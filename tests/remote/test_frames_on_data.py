@@ -156,17 +156,23 @@ def test_a_hostile_frame_on_the_data_channel_ends_only_its_own_session(fresh_poo
     bystander.close()
 
 
-def test_frames_on_data_in_a_session_without_a_data_channel_are_refused(fresh_pool):
-    handshake = pb.HandshakeRequest(versions=pb.VersionRange(
-        min=wire.PROTOCOL_MIN, max=wire.PROTOCOL_MAX)).SerializeToString()
-    creds = security.channel_credentials(fresh_pool.client_tls)
-    with grpc.secure_channel(fresh_pool.address, creds) as channel:
-        call = channel.stream_stream(wire.METHOD)(iter([handshake, wire.FRAMES_ON_DATA_TAG]),
-                                                  timeout=10)
+def _switch_refused(pool, handshake: pb.HandshakeRequest) -> ProtocolError:
+    """A raw session that says `handshake`, then `FRAMES_ON_DATA`: the error it ends with."""
+    creds = security.channel_credentials(pool.client_tls)
+    with grpc.secure_channel(pool.address, creds) as channel:
+        frames = iter([handshake.SerializeToString(), wire.FRAMES_ON_DATA_TAG])
+        call = channel.stream_stream(wire.METHOD)(frames, timeout=10)
         with pytest.raises(grpc.RpcError) as info:
             for _ in call:
                 pass
-    assert isinstance(ended_error(info.value, "test"), ProtocolError)
+    error = ended_error(info.value, "test")
+    assert isinstance(error, ProtocolError), error
+    return error
+
+
+def test_frames_on_data_in_a_session_without_a_data_channel_are_refused(fresh_pool):
+    _switch_refused(fresh_pool, pb.HandshakeRequest(versions=pb.VersionRange(
+        min=wire.PROTOCOL_MIN, max=wire.PROTOCOL_MAX)))
     with fresh_pool.connect() as dev:
         dev.synchronize()
 
@@ -290,3 +296,27 @@ def test_back_pressure_longer_than_the_io_timeout_does_not_break_the_session(tmp
     finally:
         dev.close()
         pool.stop()
+
+
+def test_a_protocol_2_session_may_not_move_its_frames(fresh_pool):
+    error = _switch_refused(fresh_pool, pb.HandshakeRequest(
+        versions=pb.VersionRange(min=2, max=2), data_channel=True))
+    assert "protocol 2" in str(error)
+
+
+def test_an_opener_that_raises_leaves_the_session_on_the_stream(fresh_pool, monkeypatch):
+    """The background open must always finish: a device waiting on it holds its lock."""
+    def broken(*args, **kwargs):
+        def open_channel(offer):
+            raise RuntimeError("a bug in the opener")
+        return open_channel
+    monkeypatch.setattr("harp.client.connect.opener", broken)
+    dev = fresh_pool.connect()
+    try:
+        buf = dev.alloc(2 * MiB)
+        data = pattern(2 * MiB, seed=5)
+        dev.write(buf, 0, data)                        # waits for the open, which failed
+        assert not dev.data_channel and not dev.frames_on_data
+        assert dev.read(buf, 0, 2 * MiB) == data.tobytes()
+    finally:
+        dev.close()
