@@ -316,6 +316,16 @@ def timed_rate(fn, dur, per=1, batch=32):
             return cnt * per / (now - t0)
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds one process has used (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine_ticks() -> tuple[int, int]:
     """(all CPU ticks, idle ticks) of the machine so far (/proc/stat)."""
     with open("/proc/stat") as f:

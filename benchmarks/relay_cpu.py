@@ -19,16 +19,7 @@ import sys
 import tempfile
 import time
 
-from harness import start_harp_server, tls_paths
-
-
-def _cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+from harness import process_cpu_s as _cpu_s, start_harp_server, tls_paths
 
 
 def _tree(pid: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Many sessions: aggregate launch and bulk throughput, and fairness, over 1, 2, 4, ... 64 sessions.
+"""Many sessions: aggregate launch and bulk throughput, and fairness, at 1, 2, 4, ... 64.
 
 For each count k, k sessions on the default pool server (a worker process
 each), each from a client process of its own (`--role sessions-client`: so
@@ -26,11 +26,12 @@ of it was idle: which side of the run a curve that falls is bounded by.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 import time
 
-from harness import HERE, REC64, Child, emit, log, machine_ticks, tls_paths
+from harness import HERE, REC64, Child, emit, log, machine_ticks, process_cpu_s, tls_paths
 
 #: Launches between a session's synchronize() calls.
 UNIT = 128
@@ -38,16 +39,6 @@ UNIT = 128
 CHUNK, CHUNKS_PER_SYNC = 1 << 20, 8
 
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
-
-
-def _cpu_ticks(pid: int) -> int:
-    """User + system CPU time of one process, in clock ticks (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return int(fields[11]) + int(fields[12])
-    except (OSError, IndexError, ValueError):
-        return 0
 
 
 class _CpuWindow:
@@ -58,8 +49,10 @@ class _CpuWindow:
         self.start = self._now()
 
     def _now(self):
-        return (machine_ticks(), sum(_cpu_ticks(c.child.proc.pid) for c in self.clients),
-                _cpu_ticks(self.server_pid))
+        tick = os.sysconf("SC_CLK_TCK")
+        return (machine_ticks(), tick * sum(process_cpu_s(c.child.proc.pid)
+                                            for c in self.clients),
+                tick * process_cpu_s(self.server_pid))
 
     def text(self) -> str:
         (t1, i1), c1, s1 = self._now()
@@ -67,8 +60,9 @@ class _CpuWindow:
         total = max(1, t1 - t0)
         clients, server, idle = c1 - c0, s1 - s0, i1 - i0
         rest = total - idle - clients - server
-        return "cpu: clients %2.0f%%, pool server %2.0f%%, workers and rest %2.0f%%, idle %2.0f%%" % (
-            100 * clients / total, 100 * server / total, 100 * rest / total, 100 * idle / total)
+        shares = tuple(100 * x / total for x in (clients, server, rest, idle))
+        return ("cpu: clients %2.0f%%, pool server %2.0f%%, workers and rest %2.0f%%, "
+                "idle %2.0f%%" % shares)
 
 
 def _rss_bytes(pid: int) -> int:

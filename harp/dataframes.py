@@ -35,8 +35,8 @@ HEADER = struct.Struct("<I")
 #: Frames up to this size go out in one `sendall` with their header (one TLS record
 #: or a few); larger ones (a full batch) are not copied to prepend it.
 _JOIN_BELOW = 64 << 10
-#: A frame's buffer grows by at most this much ahead of the bytes that came: a length
-#: claimed is not memory held until its bytes arrive.
+#: The most one read of a frame's body asks for: the buffer grows by what came, so a
+#: length claimed is not memory held until its bytes arrive.
 _GROW = 1 << 20
 #: A started frame must be whole within this long, plus a second per MiB of it: a
 #: client that trickles a byte now and then cannot hold a handler (or its buffer).
@@ -97,10 +97,8 @@ class FrameChannel:
         """Block until the socket has something to read: bytes TLS has already decrypted
         count (select cannot see those), and so does a shut-down or reset channel."""
         pending = getattr(self.sock, "pending", None)
-        if pending is not None and pending():
-            return
-        while not self._poll.poll():
-            pass
+        if pending is None or not pending():
+            self._poll.poll()             # no timeout: returns only with something to say
 
     def _rest(self, first: bytes, n: int, deadline: float) -> bytearray:
         """`first` and the rest of its `n` bytes, the buffer grown as they come
@@ -110,21 +108,11 @@ class FrameChannel:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"a frame of {n} bytes on the data channel was not whole "
                                    f"in time ({len(buf)} came)")
-            got = len(buf)
-            buf.extend(bytes(min(n - got, _GROW)))
-            view = memoryview(buf)
-            try:
-                while got < len(buf):
-                    k = self.sock.recv_into(view[got:])
-                    if k == 0:
-                        raise ConnectionError("the data channel closed in the middle of a "
-                                              f"frame ({got} of {n} bytes)")
-                    got += k
-                    if time.monotonic() > deadline:
-                        raise TimeoutError(f"a frame of {n} bytes on the data channel was "
-                                           f"not whole in time ({got} came)")
-            finally:
-                view.release()
+            chunk = self.sock.recv(min(n - len(buf), _GROW))
+            if not chunk:
+                raise ConnectionError("the data channel closed in the middle of a frame "
+                                      f"({len(buf)} of {n} bytes)")
+            buf += chunk
         return buf
 
 

@@ -22,7 +22,6 @@ error (see `PoolServer.end_session`).
 from __future__ import annotations
 
 import select
-import socket
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -30,7 +29,7 @@ from typing import Any, Callable, Iterator
 import msgpack
 
 from harp import wire
-from harp.dataframes import FrameChannel
+from harp.dataframes import FrameChannel, shut
 from harp.errors import DeviceError, HarpError, ProtocolError, TransportError
 from harp.proto.codec import error_from_bytes, error_to_bytes
 from harp.protocol import External, ServerProtocol
@@ -125,10 +124,7 @@ class SessionHost:
         with self._attaching:
             sock = self.data
         if sock is not None:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+            shut(sock)
 
     def _close_data(self) -> None:
         sock, self.data = self.data, None

@@ -320,3 +320,28 @@ def test_an_opener_that_raises_leaves_the_session_on_the_stream(fresh_pool, monk
         assert dev.read(buf, 0, 2 * MiB) == data.tobytes()
     finally:
         dev.close()
+
+
+def test_a_session_on_the_data_channel_cannot_name_another_sessions_handles(tcp_pool):
+    """The frames moved, not the checks: session B forging session A's buffer id on its
+    data channel is refused, and A's bytes stay as they were."""
+    a, b = tcp_pool.connect(), tcp_pool.connect()
+    try:
+        _on_data(a)
+        _on_data(b)
+        mine = a.alloc(2 * MiB)
+        data = pattern(2 * MiB, seed=9)
+        a.write(mine, 0, data)
+        b.write(mine, 0, b"\xff" * 64)                 # inline, and on the channel
+        b.write(mine, 0, b"\xff" * (2 * MiB))
+        with pytest.raises(harp.InvalidHandleError):
+            b.synchronize()
+        with pytest.raises(harp.InvalidHandleError):
+            b.read(mine, 0, 2 * MiB)
+        assert a.read(mine, 0, 2 * MiB) == data.tobytes()
+        own = b.alloc(8)                                  # and B goes on
+        b.write(own, 0, b"12345678")
+        assert b.read(own, 0, 8) == b"12345678"
+    finally:
+        a.close()
+        b.close()
