@@ -16,7 +16,9 @@ for the same window: batches of 64-byte records, and 1 MiB messages (the
 transport's own curves). The curve is the median over reps of each count's
 aggregate, and "64 vs peak" is the 64-session median over the highest median of
 the curve: a per-rep peak would be the highest of seven noisy points, which
-measures the noise more than the curve. The pool server's memory is read
+measures the noise more than the curve. Every other rep runs the counts in
+reverse order, so that a machine that slows down (or speeds up) within a rep
+does not tilt the curve. The pool server's memory is read
 before the first count and after the last session of the rep has closed.
 
 For each point, the log says where the machine's CPU went (the client
@@ -153,7 +155,9 @@ class SessionsSection:
             idle = _rss_bytes(server_pid)
             for i in range(a.reps):
                 log("  sessions rep %d/%d" % (i + 1, a.reps))
-                for k in COUNTS:
+                # every other rep runs the counts from the top down: a machine whose speed
+                # drifts during a rep then favours neither end of the curve
+                for k in (COUNTS if i % 2 == 0 else COUNTS[::-1]):
                     rate, fair = harp_point(k, "run")
                     bare = grpc_point(k, count_rpcs, batch, per, drain_stream)
                     nbytes, bulk_fair = harp_point(k, "bulk")

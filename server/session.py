@@ -146,6 +146,8 @@ class Session:
         #: like `_known_args`, when a buffer is freed.
         self._last_args: dict[int, tuple[list, list]] = {}
         self._ops = {c.op: getattr(self, "_" + c.key) for c in api.CALLS}
+        settle = getattr(device, "settle", None)      # a wrapped device may not have it
+        self._settle = settle if callable(settle) else _nothing
 
     # -- dispatch --------------------------------------------------------------
     def handle(self, event: Calls | Chunk) -> Reply | None:
@@ -162,6 +164,7 @@ class Session:
         execute = self.execute
         for record in event.records:
             reply = execute(record)
+        self._settle()                  # the batch is issued: see `BackendDevice.settle`
         if type(reply) is ChunkSink:
             self._sink = reply
             return None
@@ -571,3 +574,7 @@ def _as_harp(exc: BaseException) -> HarpError:
     if isinstance(exc, (TypeError, ValueError, OverflowError)):
         return ArgumentError(f"{type(exc).__name__}: {exc}")
     return InternalError(f"{type(exc).__name__}: {exc}")
+
+
+def _nothing() -> None:
+    pass

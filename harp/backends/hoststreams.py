@@ -10,6 +10,14 @@ only ever waits on recordings issued before it, every queue drains.
 
 The bytes of writes queued behind busy work are bounded per session
 (`MAX_QUEUED_BYTES`): a write beyond it waits for the queues to catch up.
+
+A kernel known to be short whose stream is idle need not be queued at all: it
+runs in the thread that issues it (`StreamQueue.run_now`), which saves the
+hand-off to a pool thread, about a quarter of a remote noop launch's CPU in
+the worker. Under a compute gate such kernels form a run that holds the gate
+until the issuing thread `settle`s (the server's sessions do after each batch
+of calls, and the executor does before anything queues or waits), charged
+then as a pool thread's run is.
 """
 from __future__ import annotations
 
@@ -86,6 +94,12 @@ class Executor:
         self._queued_bytes = 0
         self._space = threading.Condition(threading.Lock())
         self._streams: list[StreamQueue] = []
+        #: A run of kernels the issuing thread ran itself (`StreamQueue.run_now`) while
+        #: holding the gate: [process CPU ns when it began (own process), their wall ns].
+        self._inline: list | None = None
+        #: The issuing thread settles at the end of what it issues (the server's sessions
+        #: do, after each batch of calls): only then may kernels run in it under a gate.
+        self._settles = False
 
     # -- queues ------------------------------------------------------------------------
     def stream(self, label: str) -> "StreamQueue":
@@ -108,6 +122,26 @@ class Executor:
             if not self._cancelled:
                 self._schedule(stream)
 
+    def settle(self) -> None:
+        """The issuing thread has nothing more to issue for now (or is about to queue or
+        wait): a run of kernels it ran itself gives the gate back, charged their wall time
+        (in a process of the session's own, no more than the CPU time the process used
+        meanwhile, as `_used`), and the session says it is idle unless the pool has work.
+        A caller that calls this after each batch of calls lets kernels run in it under
+        a gate (`StreamQueue.run_now`); one that never does keeps them in the pool, where
+        a run ends when its stream runs dry."""
+        self._settles = True
+        run, self._inline = self._inline, None
+        if run is None:
+            return
+        gate = self.gate
+        used = run[1]
+        if gate.own_process:
+            used = min(used, time.process_time_ns() - run[0])
+        gate.exit(used)
+        if self._idle_threads == self._threads and not self._ready:
+            gate.idle()
+
     # -- the queued-bytes bound ----------------------------------------------------------
     def hold_bytes(self, nbytes: int) -> None:
         """Count `nbytes` of a queued write, waiting while the session is over its bound."""
@@ -129,6 +163,8 @@ class Executor:
     # -- lifetime ------------------------------------------------------------------------
     def cancel(self) -> None:
         """Drop every queued operation; an operation already running finishes on its own."""
+        if self._inline is not None:
+            self.settle()
         with self._cond:
             self._cancelled = True
             self._ready.clear()
@@ -192,6 +228,8 @@ class StreamQueue:
         to the deque is atomic, and the thread running the stream checks it once more after
         it lets go (see `_run_burst`)."""
         ex = self.executor
+        if ex._inline is not None:
+            ex.settle()                  # the pool's kernels take the gate in their turn
         if nbytes:
             ex.hold_bytes(nbytes)
         if ex._cancelled:
@@ -202,6 +240,42 @@ class StreamQueue:
         self._ops.append((call, seq, op, args, nbytes, kernel))
         if not self._scheduled:
             self._put_in_line()
+
+    def run_now(self, call: str, seq: int, op: Callable[..., Any], *args: Any) -> int:
+        """Run kernel `op(*args)` here, in the issuing thread, if it can start at once: the
+        stream has nothing queued or running and the session's compute gate is ours
+        without waiting. Returns the nanoseconds it ran, or -1 (nothing run: `submit` it).
+
+        A queued kernel costs a hand-off to a pool thread (a deque, a lock, a wake-up),
+        for a trivial kernel most of its launch (`HostDevice._launch` decides which are).
+        What it raises is recorded against (call, seq), as from a pool thread. Under a
+        compute gate, kernels run this way form a run that holds the gate until the
+        issuing thread `settle`s (see `Executor.settle`)."""
+        ex = self.executor
+        if self._completed != self._submitted or ex._cancelled:
+            return -1
+        gate = ex.gate
+        run = None
+        if gate is not None:
+            if not ex._settles:
+                return -1
+            run = ex._inline
+            if run is None:
+                if not gate.try_enter():
+                    return -1
+                ex._inline = run = [time.process_time_ns() if gate.own_process else 0, 0]
+            elif gate.wants_back(run[1]):
+                ex.settle()          # our slice is over and someone waits: queue it, in turn
+                return -1
+        start = time.perf_counter_ns()
+        try:
+            op(*args)
+        except BaseException as exc:    # reported at the session's next sync call
+            ex._on_error(exc, call, seq)
+        ran = time.perf_counter_ns() - start
+        if run is not None:
+            run[1] += ran
+        return ran
 
     def _put_in_line(self) -> None:
         ex = self.executor
@@ -216,6 +290,8 @@ class StreamQueue:
 
     def drain(self) -> None:
         """Block until every operation queued so far has run (or the session is closed)."""
+        if self.executor._inline is not None:
+            self.executor.settle()
         if self.idle:
             return
         target = self._submitted

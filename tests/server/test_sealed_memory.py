@@ -80,3 +80,13 @@ def test_a_transfer_that_arrives_during_the_handover_waits_for_it():
     listener.join(5)
     assert found == ["sock"]
     host._require_data()               # and a data frame is accepted
+
+
+def test_a_workers_ring_has_its_pages_before_the_server_writes_into_them():
+    # Made by the worker while warm: the relay, which every session shares, must not be
+    # the one to allocate and zero a new session's pages at its first writes.
+    ring = ipc.SlotRing.create("harp-test", 1 << 20)
+    try:
+        assert os.fstat(ring.fd).st_blocks * 512 >= (1 << 20) * ipc.SLOTS
+    finally:
+        ring.close()
