@@ -242,9 +242,10 @@ class StreamQueue:
             self._put_in_line()
 
     def run_now(self, call: str, seq: int, op: Callable[..., Any], *args: Any) -> int:
-        """Run kernel `op(*args)` here, in the issuing thread, if it can start at once: the
-        stream has nothing queued or running and the session's compute gate is ours
-        without waiting. Returns the nanoseconds it ran, or -1 (nothing run: `submit` it).
+        """Run kernel `op(*args)` here, in the issuing thread, if nothing is queued or
+        running on the stream, once the session's compute gate admits it (waiting for
+        it here, as a pool thread would). Returns the nanoseconds it ran, or -1 (nothing
+        run: `submit` it).
 
         A queued kernel costs a hand-off to a pool thread (a deque, a lock, a wake-up),
         for a trivial kernel most of its launch (`HostDevice._launch` decides which are).
@@ -260,13 +261,15 @@ class StreamQueue:
             if not ex._settles:
                 return -1
             run = ex._inline
+            if run is not None and gate.wants_back(run[1]):
+                ex.settle()          # our slice is over and someone waits: in line again
+                run = None
             if run is None:
-                if not gate.try_enter():
+                gate.enter()         # waits its turn here, as a pool thread would
+                if ex._cancelled:
+                    gate.exit(0)
                     return -1
                 ex._inline = run = [time.process_time_ns() if gate.own_process else 0, 0]
-            elif gate.wants_back(run[1]):
-                ex.settle()          # our slice is over and someone waits: queue it, in turn
-                return -1
         start = time.perf_counter_ns()
         try:
             op(*args)

@@ -24,22 +24,16 @@ from harp.tenancy import ComputeGate
 
 
 class _Gate(ComputeGate):
-    """A gate that is ours unless `free` is cleared, counting what happens to it."""
+    """A gate that admits at once, counting what happens to it."""
 
     def __init__(self, own_process: bool = False) -> None:
         self.own_process = own_process
-        self.free = True
         self.back = False
         self.entered = self.idled = 0
         self.charged: list[int] = []
 
     def enter(self) -> None:
         self.entered += 1
-
-    def try_enter(self) -> bool:
-        if self.free:
-            self.entered += 1
-        return self.free
 
     def exit(self, device_ns: int) -> None:
         self.charged.append(device_ns)
@@ -97,17 +91,14 @@ def test_under_a_gate_nothing_runs_inline_until_the_caller_settles():
     ex.cancel()
 
 
-def test_a_gate_that_is_not_free_or_wants_the_device_back_sends_kernels_to_the_pool():
+def test_a_run_whose_slice_is_over_gives_the_gate_back_and_waits_its_turn_again():
     gate = _Gate()
     ex, stream, _ = _executor(gate)
     ex.settle()
-    gate.free = False
-    assert stream.run_now("launch", 1, lambda: None) == -1 and gate.entered == 0
-    gate.free = True
-    assert stream.run_now("launch", 2, lambda: None) >= 0
+    assert stream.run_now("launch", 1, lambda: None) >= 0
     gate.back = True                      # someone waits and the slice is used
-    assert stream.run_now("launch", 3, lambda: None) == -1
-    assert len(gate.charged) == 1         # the run ended: charged and given back
+    assert stream.run_now("launch", 2, lambda: None) >= 0
+    assert len(gate.charged) == 1 and gate.entered == 2      # given back, entered again
     ex.cancel()
 
 
@@ -137,27 +128,42 @@ def test_two_sessions_on_one_arbiter_take_turns_with_inline_runs():
     arbiter = DeviceArbiter()
     a, b = arbiter.local_gate("a", 1.0), arbiter.local_gate("b", 1.0)
     ex_a, stream_a, _ = _executor(a)
+    ex_b, stream_b, _ = _executor(b)
     ex_a.settle()
-    assert stream_a.run_now("launch", 1, lambda: None) == -1   # not granted yet...
-    stream_a.submit("launch", 1, lambda: None, kernel=True)    # ...so queued
-    stream_a.drain()                       # the pool took the gate, ran it, and went idle
-    deadline = time.monotonic() + 5
-    while stream_a.run_now("launch", 2, lambda: None) == -1:
-        assert time.monotonic() < deadline, "session a never held the device"
-        time.sleep(0.01)
-    entered = threading.Event()
-
-    def b_kernel():
-        b.enter()
-        entered.set()
-        b.exit(1000)
-    t = threading.Thread(target=b_kernel)
-    t.start()
-    assert not entered.wait(0.2)           # a's run holds the device...
-    ex_a.settle()                          # ...until a has issued all it had
-    assert entered.wait(5), "b never got the device after a settled"
-    t.join()
+    ex_b.settle()
+    ran: list = []
+    assert stream_a.run_now("launch", 1, lambda: ran.append("a")) >= 0   # a has the device
+    b_issuer = threading.Thread(
+        target=lambda: stream_b.run_now("launch", 1, lambda: ran.append("b")))
+    b_issuer.start()
+    b_issuer.join(0.3)
+    assert b_issuer.is_alive() and ran == ["a"]   # b waits its turn: a's run holds it...
+    ex_a.settle()                                 # ...until a has issued all it had
+    b_issuer.join(5)
+    assert not b_issuer.is_alive() and ran == ["a", "b"], "b never got the device"
+    ex_b.settle()
     ex_a.cancel()
+    ex_b.cancel()
+
+
+def test_a_session_closed_while_its_issuer_waits_for_the_gate_runs_nothing_more():
+    arbiter = DeviceArbiter()
+    a, b = arbiter.local_gate("a", 1.0), arbiter.local_gate("b", 1.0)
+    b.enter()                                      # b holds the device
+    ex_a, stream_a, _ = _executor(a)
+    ex_a.settle()
+    ran: list = []
+    got: list = []
+    issuer = threading.Thread(
+        target=lambda: got.append(stream_a.run_now("launch", 1, lambda: ran.append(1))))
+    issuer.start()
+    issuer.join(0.3)
+    assert issuer.is_alive()                       # waiting for b to let go
+    ex_a.cancel()                                  # the session closes, as a device does:
+    a.close()                                      # queues dropped, then its gate
+    issuer.join(5)
+    assert not issuer.is_alive() and got == [-1] and ran == []
+    b.exit(1000)
 
 
 # -- the host device's choice --------------------------------------------------------------
