@@ -66,6 +66,11 @@ class ComputeGate(abc.ABC):
     def exit(self, device_ns: int) -> None:
         """A kernel that `enter` admitted is done; it took `device_ns` of device time."""
 
+    def try_enter(self) -> bool:
+        """`enter` if that would not wait (the session holds the device and nobody has
+        asked for it back); False, having entered nothing, otherwise."""
+        return False
+
     def idle(self) -> None:
         """The session has no kernel waiting: another may have the device."""
 

@@ -172,6 +172,14 @@ class SessionGate(ComputeGate):
                 return
         self._enter_slow()
 
+    def try_enter(self) -> bool:
+        with self._cond:
+            if self._holding and not self._revoked:
+                self._running += 1
+                self._idle = False
+                return True
+        return False
+
     def _enter_slow(self) -> None:
         while True:
             todo: list = []

@@ -155,18 +155,21 @@ class SlotRing:
         self._closed = False
 
     @classmethod
-    def create(cls, name: str, slot_size: int, slots: int = SLOTS) -> "SlotRing":
-        """A new ring (the server maps it too), its pages made now.
+    def create(cls, name: str, slot_size: int, slots: int = SLOTS, *,
+               prefault: bool = False) -> "SlotRing":
+        """A new ring (the server maps it too); with `prefault`, its pages made now.
 
         A memfd's page is allocated and zeroed by the first write to it, in whichever
-        process writes it. For a worker's rings that would be the pool server's relay,
-        the one process every session shares: with 64 new sessions writing 1 MiB chunks,
-        zeroing their rings' pages was 28% of the relay's CPU (`perf`). The worker that
-        creates the ring, while warm, writes every page once instead (fallocate would
-        not do: shmem still zeroes a page at its first fault)."""
+        process writes it. For a worker's write ring that would be the pool server's
+        relay, the one process every session shares: with 64 new sessions writing 1 MiB
+        chunks, zeroing their rings' pages was 28% of the relay's CPU (`perf`). The
+        worker that creates it, while warm, writes every page once instead (fallocate
+        would not do: shmem still zeroes a page at its first fault). Its read ring it
+        writes first itself."""
         ring = cls(sealed_memfd(name, slot_size * slots), slot_size, slots)
-        for page in range(0, slot_size * slots, mmap.PAGESIZE):
-            ring.map[page] = 0
+        if prefault:
+            for page in range(0, slot_size * slots, mmap.PAGESIZE):
+                ring.map[page] = 0
         return ring
 
     def slot(self, index: int, nbytes: int | None = None) -> memoryview:

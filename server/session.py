@@ -173,6 +173,8 @@ class Session:
     def execute(self, call: list) -> Reply | ChunkSink | None:
         """Run one checked call record (see `wire.check_record`)."""
         op, seq = call[0], call[1]
+        if op != _LAUNCH:
+            self._settle()       # anything but a launch may wait: see `BackendDevice.settle`
         if seq <= self.last_seq:
             raise ProtocolError(f"call #{seq} after call #{self.last_seq}: numbers must increase")
         self.last_seq = seq
@@ -574,6 +576,9 @@ def _as_harp(exc: BaseException) -> HarpError:
     if isinstance(exc, (TypeError, ValueError, OverflowError)):
         return ArgumentError(f"{type(exc).__name__}: {exc}")
     return InternalError(f"{type(exc).__name__}: {exc}")
+
+
+_LAUNCH = wire.LAUNCH
 
 
 def _nothing() -> None:

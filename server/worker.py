@@ -91,7 +91,8 @@ class Worker:
         self.ctl = ipc.Channel(ctl_sock, buffered=False)
         self.spec = spec
         chunk = spec.get("chunk_size", wire.CHUNK_SIZE)
-        self.writes = ipc.SlotRing.create("harp-write", chunk)   # server fills, we drain
+        self.writes = ipc.SlotRing.create("harp-write", chunk,   # server fills, we drain
+                                          prefault=True)
         self.reads = ipc.SlotRing.create("harp-read", chunk)     # we fill, server drains
         self.counts = SharedCounts.create()                      # we write, server reads
         self.session: Session | None = None

@@ -615,9 +615,10 @@ class BackendDevice(Device):
     # -- lifetime --------------------------------------------------------------------------
     def settle(self) -> None:
         """The caller has issued all it has for now (the server's session calls this after
-        each batch of calls). Not part of `Device`: a backend whose launches may run in
-        the issuing thread gives back there what such a run holds (a host device's compute
-        gate); the others have nothing to do."""
+        each batch of calls, and before every call that is not a launch: one that may
+        wait). Not part of `Device`: a backend whose launches may run in the issuing
+        thread gives back there what such a run holds (a host device's compute gate);
+        the others have nothing to do."""
 
     def close(self) -> None:
         """End the session without waiting for its work (the one close rule of every device;

@@ -25,8 +25,10 @@ Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
 
 
 #: A kernel whose last run took less than this (and whose launch is no larger) runs in the
-#: issuing thread when its stream is idle (`StreamQueue.run_now`): at most this long, the
-#: session's other streams wait for it to be issued.
+#: issuing thread when its stream is idle (`StreamQueue.run_now`): about this long, the
+#: session's other streams wait for it to be issued. (A kernel whose run time depends on
+#: something other than its threads, an ONNX model's inputs, may be misjudged once: the
+#: run that took long sends its next launches to the pool.)
 INLINE_NS = 20_000
 
 
@@ -49,6 +51,7 @@ class HostKernel:
             self.run(grid, block, shared_mem, args)
         finally:
             self.last_ns = time_ns() - start
+            self.last_threads = grid[0] * grid[1] * grid[2] * block[0] * block[1] * block[2]
 
 
 class HostEvent:
@@ -162,7 +165,6 @@ class HostDevice(BackendDevice):
             stream.submit("launch", seq, target.run, grid, block, shared_mem, prepared,
                           kernel=True)
             return
-        target.last_threads = threads
         stream.submit("launch", seq, target.timed_run, grid, block, shared_mem, prepared,
                       kernel=True)
 
@@ -191,7 +193,7 @@ class HostDevice(BackendDevice):
         stream.drain()
 
     def _elapsed_ms(self, start: HostEvent, end: HostEvent) -> float:
-        self._executor.settle()   # a kernel queued before the recording may need the gate
+        self._executor.end_run()  # a kernel queued before the recording may need the gate
         recordings = [start.recording, end.recording]
         for r in recordings:
             while not r.done.wait(0.5):

@@ -15,9 +15,13 @@ A kernel known to be short whose stream is idle need not be queued at all: it
 runs in the thread that issues it (`StreamQueue.run_now`), which saves the
 hand-off to a pool thread, about a quarter of a remote noop launch's CPU in
 the worker. Under a compute gate such kernels form a run that holds the gate
-until the issuing thread `settle`s (the server's sessions do after each batch
-of calls, and the executor does before anything queues or waits), charged
-then as a pool thread's run is.
+until the issuing thread settles (the server's sessions do after each batch
+of calls and before any other call, and the executor ends it before anything
+queues or waits), charged then as a pool thread's run is. Such a run starts
+only while the gate is the session's and nobody has asked for it: a session
+that must wait for the gate queues its kernels, and its issuing thread goes
+on (made to wait there, the sessions of a busy device did their whole batches'
+work holding it, and their share of launches spread to 0.25-1 of each other's).
 """
 from __future__ import annotations
 
@@ -95,7 +99,8 @@ class Executor:
         self._space = threading.Condition(threading.Lock())
         self._streams: list[StreamQueue] = []
         #: A run of kernels the issuing thread ran itself (`StreamQueue.run_now`) while
-        #: holding the gate: [process CPU ns when it began (own process), their wall ns].
+        #: holding the gate: [process CPU ns when it began (own process), the kernels'
+        #: wall ns, when it began (ns)]. Only the issuing thread touches it.
         self._inline: list | None = None
         #: The issuing thread settles at the end of what it issues (the server's sessions
         #: do, after each batch of calls): only then may kernels run in it under a gate.
@@ -123,14 +128,18 @@ class Executor:
                 self._schedule(stream)
 
     def settle(self) -> None:
-        """The issuing thread has nothing more to issue for now (or is about to queue or
-        wait): a run of kernels it ran itself gives the gate back, charged their wall time
-        (in a process of the session's own, no more than the CPU time the process used
-        meanwhile, as `_used`), and the session says it is idle unless the pool has work.
-        A caller that calls this after each batch of calls lets kernels run in it under
-        a gate (`StreamQueue.run_now`); one that never does keeps them in the pool, where
-        a run ends when its stream runs dry."""
+        """The issuing thread has issued all it has for now. A caller that calls this after
+        each batch of calls, and before any call that may block, lets kernels run in it
+        under a gate (`StreamQueue.run_now`); one that never does keeps them in the pool,
+        where a run ends when its stream runs dry."""
         self._settles = True
+        self.end_run()
+
+    def end_run(self) -> None:
+        """End a run of kernels the issuing thread ran itself (in that thread: before it
+        queues or waits, or settles): give the gate back, charged the kernels' wall time
+        (in a process of the session's own, no more than the CPU time the process used
+        meanwhile, as `_used`), and say the session is idle unless the pool has work."""
         run, self._inline = self._inline, None
         if run is None:
             return
@@ -163,8 +172,6 @@ class Executor:
     # -- lifetime ------------------------------------------------------------------------
     def cancel(self) -> None:
         """Drop every queued operation; an operation already running finishes on its own."""
-        if self._inline is not None:
-            self.settle()
         with self._cond:
             self._cancelled = True
             self._ready.clear()
@@ -229,7 +236,7 @@ class StreamQueue:
         it lets go (see `_run_burst`)."""
         ex = self.executor
         if ex._inline is not None:
-            ex.settle()                  # the pool's kernels take the gate in their turn
+            ex.end_run()                 # the pool's kernels take the gate in their turn
         if nbytes:
             ex.hold_bytes(nbytes)
         if ex._cancelled:
@@ -242,16 +249,16 @@ class StreamQueue:
             self._put_in_line()
 
     def run_now(self, call: str, seq: int, op: Callable[..., Any], *args: Any) -> int:
-        """Run kernel `op(*args)` here, in the issuing thread, if nothing is queued or
-        running on the stream, once the session's compute gate admits it (waiting for
-        it here, as a pool thread would). Returns the nanoseconds it ran, or -1 (nothing
-        run: `submit` it).
+        """Run kernel `op(*args)` here, in the issuing thread, if it can start at once: the
+        stream has nothing queued or running and the session's compute gate is ours
+        without waiting. Returns the nanoseconds it ran, or -1 (nothing run: `submit` it).
 
         A queued kernel costs a hand-off to a pool thread (a deque, a lock, a wake-up),
         for a trivial kernel most of its launch (`HostDevice._launch` decides which are).
         What it raises is recorded against (call, seq), as from a pool thread. Under a
         compute gate, kernels run this way form a run that holds the gate until the
-        issuing thread `settle`s (see `Executor.settle`)."""
+        issuing thread settles (`Executor.settle`), or until its slice is over while
+        someone waits (then the kernel is queued, and the pool waits its turn)."""
         ex = self.executor
         if self._completed != self._submitted or ex._cancelled:
             return -1
@@ -261,19 +268,18 @@ class StreamQueue:
             if not ex._settles:
                 return -1
             run = ex._inline
-            if run is not None and gate.wants_back(run[1]):
-                ex.settle()          # our slice is over and someone waits: in line again
-                run = None
+            if run is not None and gate.wants_back(time.perf_counter_ns() - run[2]):
+                ex.end_run()
+                return -1
             if run is None:
-                gate.enter()         # waits its turn here, as a pool thread would
-                if ex._cancelled:
-                    gate.exit(0)
+                if not gate.try_enter():
                     return -1
-                ex._inline = run = [time.process_time_ns() if gate.own_process else 0, 0]
+                ex._inline = run = [time.process_time_ns() if gate.own_process else 0, 0,
+                                    time.perf_counter_ns()]
         start = time.perf_counter_ns()
         try:
             op(*args)
-        except BaseException as exc:    # reported at the session's next sync call
+        except Exception as exc:    # reported at the session's next sync call
             ex._on_error(exc, call, seq)
         ran = time.perf_counter_ns() - start
         if run is not None:
@@ -294,7 +300,7 @@ class StreamQueue:
     def drain(self) -> None:
         """Block until every operation queued so far has run (or the session is closed)."""
         if self.executor._inline is not None:
-            self.executor.settle()
+            self.executor.end_run()
         if self.idle:
             return
         target = self._submitted

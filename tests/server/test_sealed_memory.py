@@ -82,11 +82,19 @@ def test_a_transfer_that_arrives_during_the_handover_waits_for_it():
     host._require_data()               # and a data frame is accepted
 
 
-def test_a_workers_ring_has_its_pages_before_the_server_writes_into_them():
+def test_a_workers_write_ring_has_its_pages_before_the_server_writes_into_them():
     # Made by the worker while warm: the relay, which every session shares, must not be
     # the one to allocate and zero a new session's pages at its first writes.
-    ring = ipc.SlotRing.create("harp-test", 1 << 20)
+    import socket
+    from harp.server.worker import Worker
+    pairs = [socket.socketpair() for _ in range(2)]
+    worker = Worker(pairs[0][0], pairs[1][0], {"backend": "cpu", "chunk_size": 1 << 20})
     try:
-        assert os.fstat(ring.fd).st_blocks * 512 >= (1 << 20) * ipc.SLOTS
+        assert os.fstat(worker.writes.fd).st_blocks * 512 >= (1 << 20) * ipc.SLOTS
     finally:
-        ring.close()
+        for ring in (worker.writes, worker.reads):
+            ring.close()
+        worker.counts.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
