@@ -515,6 +515,7 @@ class BackendDevice(Device):
             prepared = self._prepare(target, grid3, block3, args)
         except HarpError as exc:
             self._errors.add(exc, "launch", seq)
+            self._launch_refused()
             return
         try:
             self._launch(state, target, prepared, grid3, block3, shared_mem, seq)
@@ -611,6 +612,11 @@ class BackendDevice(Device):
             self._raise_sync(exc, "elapsed", seq)
         self._errors.raise_pending()
         return float(ms)
+
+    def _launch_refused(self) -> None:
+        """A launch failed its checks: no kernel of it runs (a backend that holds its
+        compute gate between inline kernels lets go here, so a batch of refused launches
+        cannot keep the gate from a session that waits)."""
 
     # -- lifetime --------------------------------------------------------------------------
     def settle(self) -> None:

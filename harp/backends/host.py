@@ -160,7 +160,7 @@ class HostDevice(BackendDevice):
         if 0 <= target.last_ns < INLINE_NS and threads <= target.last_threads:
             ran = stream.run_now("launch", seq, target.run, grid, block, shared_mem, prepared)
             if ran >= 0:
-                target.last_ns = ran
+                target.last_ns, target.last_threads = ran, threads
                 return
             stream.submit("launch", seq, target.run, grid, block, shared_mem, prepared,
                           kernel=True)
@@ -170,6 +170,9 @@ class HostDevice(BackendDevice):
 
     def settle(self) -> None:
         self._executor.settle()
+
+    def _launch_refused(self) -> None:
+        self._executor.end_run()
 
     # -- order -----------------------------------------------------------------------------
     def _new_stream(self) -> StreamQueue:

@@ -138,13 +138,19 @@ class Executor:
     def end_run(self) -> None:
         """End a run of kernels the issuing thread ran itself (in that thread: before it
         queues or waits, or settles): give the gate back, charged the kernels' wall time
-        (in a process of the session's own, no more than the CPU time the process used
+        (the run's whole time if someone waits and that has reached the slice; in a
+        process of the session's own, no more than the CPU time the process used
         meanwhile, as `_used`), and say the session is idle unless the pool has work."""
         run, self._inline = self._inline, None
         if run is None:
             return
         gate = self.gate
         used = run[1]
+        held = time.perf_counter_ns() - run[2]
+        if gate.wants_back(held):
+            # Someone waits and the run has held the gate for a slice: charged the time it
+            # held it (its launches' work between kernels too), so `exit` lets go at once.
+            used = held
         if gate.own_process:
             used = min(used, time.process_time_ns() - run[0])
         gate.exit(used)

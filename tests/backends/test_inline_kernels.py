@@ -113,13 +113,31 @@ def test_a_gate_that_is_not_free_or_wants_the_device_back_sends_kernels_to_the_p
     ex.cancel()
 
 
+def test_a_run_that_held_the_gate_past_its_slice_while_someone_waits_is_charged_its_time():
+    gate = _Gate()
+    ex, stream, _ = _executor(gate)
+    ex.settle()
+    assert stream.run_now("launch", 1, lambda: None) >= 0
+    time.sleep(0.05)                      # the launch work between kernels
+    ex.settle()
+    assert gate.charged[-1] < 0.05e9      # nobody waited: its kernels' time
+    assert stream.run_now("launch", 2, lambda: None) >= 0
+    time.sleep(0.05)
+    gate.back = True                      # someone waits, and the slice is over
+    ex.settle()
+    assert gate.charged[-1] >= 0.05e9     # the time it held the gate
+    ex.cancel()
+
+
 def test_queueing_work_ends_the_run_first():
     gate = _Gate()
     ex, stream, _ = _executor(gate)
     ex.settle()
     assert stream.run_now("launch", 1, lambda: None) >= 0
-    stream.submit("launch", 2, lambda: None, kernel=True)
-    assert len(gate.charged) >= 1         # the run was charged before the pool's kernel
+    release = threading.Event()
+    stream.submit("launch", 2, lambda: release.wait(10), kernel=True)
+    assert ex._inline is None and len(gate.charged) == 1    # ended before it was queued
+    release.set()
     stream.drain()
     ex.cancel()
 
@@ -325,6 +343,11 @@ def test_a_session_settles_after_its_batch_and_before_a_call_that_may_wait():
           [wire.SYNCHRONIZE, next(seq), None])
     for kernel in dev._functions.values():
         kernel.last_ns = 0                          # noop counts as short
+    ex = dev._executor
+    deadline = time.monotonic() + 10                # the warm-up's pool thread lets go
+    while ex._idle_threads != ex._threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
     log.clear()
     batch([wire.LAUNCH, next(seq), 2, [1, 1, 1], [1, 1, 1], 0, 0, []],
           [wire.LAUNCH, next(seq), 2, [1, 1, 1], [1, 1, 1], 0, 0, []],
@@ -332,7 +355,36 @@ def test_a_session_settles_after_its_batch_and_before_a_call_that_may_wait():
           [wire.LAUNCH, next(seq), 2, [1, 1, 1], [1, 1, 1], 0, 0, []])
     assert log == ["exit", "alloc", "exit"]         # the run ended before the alloc,
     assert dev._executor._inline is None            # and the next one with the batch
+    # A launch refused by the session (an unknown function) or by the device (arguments
+    # the kernel does not take) runs nothing, and ends the run: a batch of them cannot
+    # hold the gate from a session that waits.
+    for bad in ([wire.LAUNCH, 0, 99, [1, 1, 1], [1, 1, 1], 0, 0, []],
+                [wire.LAUNCH, 0, 2, [1, 1, 1], [1, 1, 1], 0, 0, [[wire.ARG_SCALAR, 1, "int32"]]]):
+        log.clear()
+        first = [wire.LAUNCH, next(seq), 2, [1, 1, 1], [1, 1, 1], 0, 0, []]
+        bad[1] = next(seq)
+        batch(first, bad, [wire.LAUNCH, next(seq), 2, [1, 1, 1], [1, 1, 1], 0, 0, []])
+        assert log == ["exit", "exit"], bad
     session.close()
+
+
+def test_a_session_gate_admits_an_inline_run_only_while_nobody_waits():
+    arbiter = DeviceArbiter()
+    a = arbiter.local_gate("a", 1.0)
+    assert not a.try_enter()                         # not granted yet
+    a.enter()
+    a.exit(1000)
+    assert a.try_enter()                             # ours, nobody waits
+    a.exit(1000)
+    b = arbiter.local_gate("b", 1.0)
+    t, entered = _b_waits(b)
+    deadline = time.monotonic() + 5
+    while not a._revoked and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not a.try_enter()                         # b has asked for it back
+    a.idle()
+    assert entered.wait(5)
+    t.join()
 
 
 class _ArbiterLink:
