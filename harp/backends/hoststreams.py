@@ -13,8 +13,8 @@ The bytes of writes queued behind busy work are bounded per session
 
 A kernel known to be short whose stream is idle need not be queued at all: it
 runs in the thread that issues it (`StreamQueue.run_now`), which saves the
-hand-off to a pool thread, about a quarter of a remote noop launch's CPU in
-the worker. Under a compute gate such kernels form a run that holds the gate
+hand-off to a pool thread, almost half of a noop launch's CPU in a session
+(`benchmarks/session_launch.py`). Under a compute gate such kernels form a run that holds the gate
 until the issuing thread settles (the server's sessions do after each batch
 of calls and before any other call, and the executor ends it before anything
 queues or waits), charged then as a pool thread's run is. Such a run starts
