@@ -583,4 +583,4 @@ _LAUNCH = wire.LAUNCH
 
 
 def _nothing() -> None:
-    pass
+    """`settle` for a device that has none (a wrapper of its own): nothing is held."""

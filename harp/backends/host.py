@@ -51,7 +51,11 @@ class HostKernel:
             self.run(grid, block, shared_mem, args)
         finally:
             self.last_ns = time_ns() - start
-            self.last_threads = grid[0] * grid[1] * grid[2] * block[0] * block[1] * block[2]
+            self.last_threads = _threads(grid, block)
+
+
+def _threads(grid: tuple[int, int, int], block: tuple[int, int, int]) -> int:
+    return grid[0] * grid[1] * grid[2] * block[0] * block[1] * block[2]
 
 
 class HostEvent:
@@ -156,7 +160,7 @@ class HostDevice(BackendDevice):
     def _launch(self, stream: StreamQueue, target: HostKernel, prepared: Any,
                 grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
                 seq: int) -> None:
-        threads = grid[0] * grid[1] * grid[2] * block[0] * block[1] * block[2]
+        threads = _threads(grid, block)
         if 0 <= target.last_ns < INLINE_NS and threads <= target.last_threads:
             ran = stream.run_now("launch", seq, target.run, grid, block, shared_mem, prepared)
             if ran >= 0:

@@ -14,10 +14,11 @@ The bytes of writes queued behind busy work are bounded per session
 A kernel known to be short whose stream is idle need not be queued at all: it
 runs in the thread that issues it (`StreamQueue.run_now`), which saves the
 hand-off to a pool thread, almost half of a noop launch's CPU in a session
-(`benchmarks/session_launch.py`). Under a compute gate such kernels form a run that holds the gate
-until the issuing thread settles (the server's sessions do after each batch
-of calls and before any other call, and the executor ends it before anything
-queues or waits), charged then as a pool thread's run is. Such a run starts
+(`benchmarks/session_launch.py`). Under a compute gate such kernels form a run
+that holds the gate until the issuing thread settles (the server's sessions do
+after each batch of calls and before any other call, and the executor ends it
+before anything queues or waits, or when a launch is refused), charged then as
+a pool thread's run is. Such a run starts
 only while the gate is the session's and nobody has asked for it: a session
 that must wait for the gate queues its kernels, and its issuing thread goes
 on (made to wait there, the sessions of a busy device did their whole batches'

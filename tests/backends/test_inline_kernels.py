@@ -53,6 +53,13 @@ class _Gate(ComputeGate):
         return self.back
 
 
+def _settled(gate):
+    """An executor under `gate` whose caller settles, and its default stream."""
+    ex, stream, _ = _executor(gate)
+    ex.settle()
+    return ex, stream
+
+
 def _executor(gate=None):
     errors: list = []
     ex = Executor("inline", lambda exc, call, seq: errors.append((call, seq, exc)), gate=gate)
@@ -101,8 +108,7 @@ def test_under_a_gate_nothing_runs_inline_until_the_caller_settles():
 
 def test_a_gate_that_is_not_free_or_wants_the_device_back_sends_kernels_to_the_pool():
     gate = _Gate()
-    ex, stream, _ = _executor(gate)
-    ex.settle()
+    ex, stream = _settled(gate)
     gate.free = False
     assert stream.run_now("launch", 1, lambda: None) == -1 and gate.entered == 0
     gate.free = True
@@ -115,8 +121,7 @@ def test_a_gate_that_is_not_free_or_wants_the_device_back_sends_kernels_to_the_p
 
 def test_a_run_that_held_the_gate_past_its_slice_while_someone_waits_is_charged_its_time():
     gate = _Gate()
-    ex, stream, _ = _executor(gate)
-    ex.settle()
+    ex, stream = _settled(gate)
     assert stream.run_now("launch", 1, lambda: None) >= 0
     time.sleep(0.05)                      # the launch work between kernels
     ex.settle()
@@ -131,8 +136,7 @@ def test_a_run_that_held_the_gate_past_its_slice_while_someone_waits_is_charged_
 
 def test_queueing_work_ends_the_run_first():
     gate = _Gate()
-    ex, stream, _ = _executor(gate)
-    ex.settle()
+    ex, stream = _settled(gate)
     assert stream.run_now("launch", 1, lambda: None) >= 0
     release = threading.Event()
     stream.submit("launch", 2, lambda: release.wait(10), kernel=True)
@@ -144,8 +148,7 @@ def test_queueing_work_ends_the_run_first():
 
 def test_a_descheduled_run_in_its_own_process_is_charged_no_more_than_its_cpu():
     gate = _Gate(own_process=True)
-    ex, stream, _ = _executor(gate)
-    ex.settle()
+    ex, stream = _settled(gate)
     assert stream.run_now("launch", 1, lambda: time.sleep(0.2)) >= 0.2e9
     ex.settle()
     # (the test's process may run other threads meanwhile: far from 0.2 s all the same)
@@ -162,8 +165,7 @@ def _gated(arbiter, sid, slice_ns):
 
 def _holding_inline(gate):
     """An executor on `gate` whose issuing thread holds it with an open inline run."""
-    ex, stream, _ = _executor(gate)
-    ex.settle()
+    ex, stream = _settled(gate)
     assert stream.run_now("launch", 1, lambda: None) == -1   # not granted yet...
     stream.submit("launch", 1, lambda: None, kernel=True)    # ...so queued
     stream.drain()                         # the pool took the gate, ran it, and went idle
