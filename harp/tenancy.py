@@ -67,12 +67,19 @@ class ComputeGate(abc.ABC):
         """A kernel that `enter` admitted is done; it took `device_ns` of device time."""
 
     def try_enter(self) -> bool:
-        """`enter` if that would not wait (the session holds the device and nobody has
-        asked for it back); False, having entered nothing, otherwise."""
+        """Admit a short kernel (a host device's, run in the issuing thread) if that would
+        not wait: the session holds the device and nobody has asked for it back, or the
+        gate lets short kernels run beside the holder's and the session is not `curbed`.
+        False, having entered nothing, otherwise."""
         return False
 
     def idle(self) -> None:
         """The session has no kernel waiting: another may have the device."""
+
+    #: The session's short kernels may not run beside the holder's now (it got ahead of
+    #: the sessions in line): a run of them that `try_enter` admitted so ends at the next
+    #: kernel boundary, and the next waits for the device.
+    curbed: bool = False
 
     def wants_back(self, running_ns: int = 0) -> bool:
         """The gate would like the device back at the next kernel boundary, counting

@@ -12,6 +12,17 @@ virtual time of the busy ones (it cannot bank the time it did not use).
 A holder keeps the device for at least `slice_ns` of device time once another
 session asks (fewer switches), then hands it over at its next kernel boundary.
 
+Short kernels run beside the holder's. A host device runs a kernel known to be
+short (`harp.backends.host.INLINE_NS`) in the session's issuing thread without
+taking the device (`SessionGate.try_enter`), and charges its time as it goes.
+Taking the device for each of them was most of their cost when many sessions
+launched them (a grant and a yield through the server per batch: 64 sessions of
+noop launches reached 0.6x of the rate without a gate). Such a session stays
+within its share all the same: when a charge puts it more than a slice of
+virtual time ahead of the sessions that hold or wait for the device, the
+arbiter curbs it ("curb"), and its kernels then wait in line like anyone's
+until it has had its turn (`SessionGate.granted` lifts the curb).
+
 `SessionGate` is a session's side (a `harp.tenancy.ComputeGate`): held while a
 kernel runs, charged the kernel's measured time. It talks to the arbiter
 through a link: `DeviceArbiter` in the same process (thread isolation), or the
@@ -20,6 +31,7 @@ worker's control socket (process isolation, `harp.server.worker`).
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +39,9 @@ from harp.tenancy import ComputeGate
 
 #: Device time a holder may use before it yields to a waiting session.
 SLICE_NS = 5_000_000
+#: A holder not charged for this long (seconds) is idle, not busy: sessions running short
+#: kernels beside it are not held to its virtual time (which stands still meanwhile).
+BUSY_S = 0.1
 
 
 @dataclass
@@ -35,15 +50,23 @@ class _Member:
     vtime: float = 0.0
     device_ns: int = 0
     seq: int = 0            # when it started waiting (ties go to the earliest)
+    charged_at: float = 0.0  # when it was last charged, or granted the device
+    turns: int = 0          # times it was granted the device
+    curbs: int = 0          # times its short kernels were curbed
 
 
-Action = tuple[str, str]    # ("grant" | "revoke", session id)
+Action = tuple[str, str]    # ("grant" | "revoke" | "curb", session id)
 
 
 class FairShare:
     """Who holds one device, decided by weighted fair queuing on measured device time."""
 
-    def __init__(self) -> None:
+    def __init__(self, slice_ns: int = SLICE_NS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        #: How far ahead of the sessions in line one running short kernels beside them
+        #: may get (device time at its share) before it is curbed.
+        self.slice_ns = slice_ns
+        self.now = clock
         self.members: dict[str, _Member] = {}
         self.holder: str | None = None
         self.waiting: set[str] = set()
@@ -54,18 +77,24 @@ class FairShare:
     def join(self, sid: str, share: float) -> None:
         self.members[sid] = _Member(share=max(float(share), 1e-6), vtime=self._clock)
 
-    def _floor(self) -> float:
-        active = [self.members[s].vtime for s in self.waiting]
-        if self.holder is not None:
-            active.append(self.members[self.holder].vtime)
-        return min(active) if active else self._clock
+    def _floor(self, besides: str | None = None,
+               busy_since: float | None = None) -> float | None:
+        """The least virtual time of the sessions that wait for the device and of its
+        holder (with `busy_since`: only a holder charged since then, one that is using
+        it), other than `besides`; None when there are none."""
+        active = [self.members[s].vtime for s in self.waiting if s != besides]
+        holder = self.members.get(self.holder) if self.holder != besides else None
+        if holder is not None and (busy_since is None or holder.charged_at >= busy_since):
+            active.append(holder.vtime)
+        return min(active) if active else None
 
     def request(self, sid: str) -> list[Action]:
         """`sid` has a kernel to run and does not hold the device."""
         m = self.members[sid]
         if sid == self.holder or sid in self.waiting:
             return []
-        m.vtime = max(m.vtime, self._floor())
+        floor = self._floor()
+        m.vtime = max(m.vtime, self._clock if floor is None else floor)
         self._arrivals += 1
         m.seq = self._arrivals
         if self.holder is None:
@@ -76,12 +105,31 @@ class FairShare:
             return [("revoke", self.holder)]
         return []
 
-    def charge(self, sid: str, used_ns: int) -> None:
-        """Device time `sid` used (while holding), counted now."""
+    def charge(self, sid: str, used_ns: int) -> list[Action]:
+        """Device time `sid` used, counted now: while holding the device, or in short
+        kernels run beside the holder's (then it may be curbed, see the module's text)."""
         m = self.members.get(sid)
-        if m is not None:
-            m.device_ns += used_ns
+        if m is None:
+            return []
+        m.device_ns += used_ns
+        if sid == self.holder or sid in self.waiting:
             m.vtime += used_ns / m.share
+            m.charged_at = self.now()
+            return []
+        m.charged_at = now = self.now()
+        floor = self._floor(besides=sid, busy_since=now - BUSY_S)
+        if floor is None:
+            # Nobody holds or waits: it ran on a device it had to itself. The virtual time
+            # a session asking now starts from moves on with it (nothing is banked).
+            m.vtime = max(m.vtime, self._clock) + used_ns / m.share
+            self._clock = max(self._clock, m.vtime)
+            return []
+        # Time it did not use while others were busy is not banked either.
+        m.vtime = max(m.vtime, floor) + used_ns / m.share
+        if m.vtime > floor + self.slice_ns / m.share:
+            m.curbs += 1
+            return [("curb", sid)]
+        return []
 
     def release(self, sid: str, used_ns: int = 0, again: bool = False) -> list[Action]:
         """The holder gives the device back after `used_ns` more device time; `again` when it
@@ -116,6 +164,9 @@ class FairShare:
 
     def _grant(self, sid: str) -> list[Action]:
         self.holder = sid
+        m = self.members[sid]
+        m.charged_at = self.now()
+        m.turns += 1
         self._revoked = False
         actions: list[Action] = [("grant", sid)]
         if self.waiting:                 # others already wait: the new holder gets one slice
@@ -126,6 +177,11 @@ class FairShare:
     def device_ns(self, sid: str) -> int:
         m = self.members.get(sid)
         return m.device_ns if m is not None else 0
+
+    def turns(self, sid: str) -> tuple[int, int]:
+        """How often `sid` was granted the device, and how often it was curbed."""
+        m = self.members.get(sid)
+        return (m.turns, m.curbs) if m is not None else (0, 0)
 
 
 class GateLink:
@@ -138,13 +194,17 @@ class GateLink:
 
 
 class SessionGate(ComputeGate):
-    """A session's hold on a shared device: `enter` before a kernel, `exit` after it.
+    """A session's hold on a shared device: `enter` before a kernel, `exit` after it;
+    `try_enter` for a short kernel, which runs beside the holder's unless the session
+    is curbed (see the module's text).
 
     Link calls are made outside the gate's lock (a grant or a revoke may come back
     through the arbiter on any thread, another gate's included)."""
 
-    #: Charge device time to the arbiter at least this often while holding.
-    CHARGE_NS = 50_000_000
+    #: Charge device time to the arbiter at least this often: how late the arbiter may
+    #: learn that a session running short kernels beside the holder's got ahead of it,
+    #: or how far the holder got meanwhile.
+    CHARGE_NS = 1_000_000
 
     def __init__(self, link: GateLink, slice_ns: int = SLICE_NS, *,
                  own_process: bool = False) -> None:
@@ -161,6 +221,7 @@ class SessionGate(ComputeGate):
         self._uncharged = 0          # device time not yet told to the arbiter
         self._closed = False
         self._idle = True            # no kernel of the session waits or runs
+        self._curbed = False         # short kernels too wait for the device
         self.device_ns = 0
 
     # -- the session's side ------------------------------------------------------------
@@ -173,12 +234,14 @@ class SessionGate(ComputeGate):
         self._enter_slow()
 
     def try_enter(self) -> bool:
+        """Admit a short kernel without waiting: while the session holds the device and
+        nobody has asked for it back, or beside the holder's while it is not curbed."""
         with self._cond:
-            if self._holding and not self._revoked:
-                self._running += 1
-                self._idle = False
-                return True
-        return False
+            if self._closed or (self._revoked if self._holding else self._curbed):
+                return False
+            self._running += 1
+            self._idle = False
+            return True
 
     def _enter_slow(self) -> None:
         while True:
@@ -255,14 +318,27 @@ class SessionGate(ComputeGate):
         (Read without the lock: a hint; `exit` decides.)"""
         return self._revoked and self._used + running_ns >= self.slice_ns
 
+    @property
+    def curbed(self) -> bool:
+        """Short kernels wait for the device (a hint, read without the lock)."""
+        return self._curbed and not self._holding
+
     # -- the arbiter's side ------------------------------------------------------------
     def granted(self) -> None:
         with self._cond:
             self._holding = True
             self._requested = False
             self._revoked = False
+            self._curbed = False     # its turn came: its short kernels run beside again
             self._used = 0
             self._cond.notify_all()
+
+    def curb(self) -> None:
+        """The session ran short kernels beside the holder's until it got ahead of the
+        sessions in line: from now on they wait for the device, until its turn comes."""
+        with self._cond:
+            if not self._holding:
+                self._curbed = True
 
     def revoked(self) -> None:
         """Another session waits: yield now if idle, else once this slice is used."""
@@ -286,20 +362,22 @@ class DeviceArbiter:
     processes) join with `join`, giving the functions that deliver a grant or a revoke.
     """
 
-    def __init__(self) -> None:
-        self.policy = FairShare()
+    def __init__(self, slice_ns: int = SLICE_NS) -> None:
+        self.policy = FairShare(slice_ns)
         self._lock = threading.Lock()
-        self._deliver: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {}
+        self._deliver: dict[str, dict[str, Callable[[], None]]] = {}
 
     def join(self, sid: str, share: float, grant: Callable[[], None],
-             revoke: Callable[[], None]) -> None:
+             revoke: Callable[[], None], curb: Callable[[], None] | None = None) -> None:
         with self._lock:
             self.policy.join(sid, share)
-            self._deliver[sid] = (grant, revoke)
+            self._deliver[sid] = {"grant": grant, "revoke": revoke}
+            if curb is not None:
+                self._deliver[sid]["curb"] = curb
 
     def local_gate(self, sid: str, share: float) -> SessionGate:
-        gate = SessionGate(_LocalLink(self, sid))
-        self.join(sid, share, gate.granted, gate.revoked)
+        gate = SessionGate(_LocalLink(self, sid), self.policy.slice_ns)
+        self.join(sid, share, gate.granted, gate.revoked, gate.curb)
         return gate
 
     def request(self, sid: str) -> None:
@@ -309,8 +387,7 @@ class DeviceArbiter:
         self._apply(lambda: self.policy.release(sid, used_ns, again))
 
     def charge(self, sid: str, used_ns: int) -> None:
-        with self._lock:
-            self.policy.charge(sid, used_ns)
+        self._apply(lambda: self.policy.charge(sid, used_ns))
 
     def leave(self, sid: str) -> None:
         def go() -> list[Action]:
@@ -323,11 +400,15 @@ class DeviceArbiter:
         with self._lock:
             return self.policy.device_ns(sid)
 
+    def turns(self, sid: str) -> tuple[int, int]:
+        with self._lock:
+            return self.policy.turns(sid)
+
     def _apply(self, decide: Callable[[], list[Action]]) -> None:
         with self._lock:
             actions = decide()
-            calls = [self._deliver[s][0 if kind == "grant" else 1]
-                     for kind, s in actions if s in self._deliver]
+            calls = [self._deliver[s][kind] for kind, s in actions
+                     if kind in self._deliver.get(s, ())]
         for call in calls:           # outside the lock: a local gate may call back at once
             call()
 

@@ -40,7 +40,7 @@ REPLY_DRAINED = 20
 # control channel, worker -> server
 RESERVE, RELEASE, MEMINFO, REQUEST, YIELD, CHARGE, FAIL = 30, 31, 32, 33, 34, 35, 36
 # control channel, server -> worker
-RESULT, GRANT, REVOKE, STOP = 40, 41, 42, 43
+RESULT, GRANT, REVOKE, STOP, CURB = 40, 41, 42, 43, 44
 
 #: Slots per direction and ring.
 SLOTS = 4

@@ -313,14 +313,16 @@ class PoolServer:
         rows = []
         for r in self.session_records():
             host = r.host
+            arbiter = self.arbiters.get(r.device)
+            turns, curbs = arbiter.turns(r.id) if arbiter is not None else (0, 0)
             rows.append({
                 "session": r.id, "identity": r.identity.name, "role": r.identity.role,
                 "lease": r.lease_id, "device": r.device, "share": r.share,
                 "client": r.client_name,
                 "isolation": host.isolation if host else self.isolation,
                 "pid": host.pid if host else None,
-                "device_time_s": self.arbiters[r.device].device_ns(r.id) / 1e9
-                if r.device in self.arbiters else 0.0,
+                "device_time_s": arbiter.device_ns(r.id) / 1e9 if arbiter is not None else 0.0,
+                "device_turns": turns, "curbs": curbs,
                 "memory_used": self.ledger.session_used(r.id),
                 "bytes_in": host.bytes_in if host else 0,
                 "bytes_out": host.bytes_out if host else 0,

@@ -248,6 +248,8 @@ class Worker:
                 self.gate.granted()
             elif kind == ipc.REVOKE and self.gate is not None:
                 self.gate.revoked()
+            elif kind == ipc.CURB and self.gate is not None:
+                self.gate.curb()
             elif kind in (0, ipc.STOP):
                 # The server ends the session (a lease that is over), or has gone: close
                 # what we can (a trace is flushed) and leave at once.

@@ -250,7 +250,8 @@ class ControlLoop:
         """Serve a worker's control channel for session `sid` on `device`."""
         arbiter = self.arbiters[device]
         arbiter.join(sid, share, lambda: self._send(channel, ipc.GRANT),
-                     lambda: self._send(channel, ipc.REVOKE))
+                     lambda: self._send(channel, ipc.REVOKE),
+                     lambda: self._send(channel, ipc.CURB))
         with self._lock:
             self._members[sid] = (channel, device)
             # epoll may be changed while another thread waits in it; the loop skips

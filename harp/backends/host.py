@@ -30,18 +30,37 @@ Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
 #: something other than its threads, an ONNX model's inputs, may be misjudged once: the
 #: run that took long sends its next launches to the pool.)
 INLINE_NS = 20_000
+#: A kernel not run yet is taken for a short one when its launch has at most this many
+#: threads: its first run is inline too (timed, as every inline run is). In the pool,
+#: that first run needed the device to itself, and a session's first launch then waited
+#: its turn behind every session that had one: with 64 sessions starting at once, the
+#: last began 1-2 s after the first, at 0.12-0.33 of their launches. Misjudged, a long
+#: kernel holds up its session's issuing once, and is charged its time all the same.
+FIRST_INLINE_THREADS = 256
 
 
 class HostKernel:
     """A function-table entry of a host device: the catalog kernel (or None) and its runner,
-    and how long its last run took for how many threads (which launches may run inline)."""
+    and how long it took for how many threads (which launches may run inline).
 
-    __slots__ = ("kernel", "run", "name", "last_ns", "last_threads")
+    `last_ns`, what the choice reads, is the shorter of its last two inline runs: a
+    kernel goes back to the pool once two in a row took `INLINE_NS` or more. One alone
+    may be the host taking the CPU away mid-run (a noop's wall time reached 300 µs with
+    64 sessions on 2 cores), or a first run's cold start; a run in the pool is timed
+    alone (a kernel there is not known to be short)."""
+
+    __slots__ = ("kernel", "run", "name", "last_ns", "ran_ns", "last_threads")
 
     def __init__(self, kernel: Any, run: Runner, name: str) -> None:
         self.kernel, self.run, self.name = kernel, run, name
         self.last_ns = -1            # not run yet: unknown
+        self.ran_ns = 0              # its latest inline run (none yet: presumed short)
         self.last_threads = 0
+
+    def ran_inline(self, ran_ns: int, threads: int) -> None:
+        """An inline run of `threads` threads took `ran_ns`."""
+        self.last_ns, self.ran_ns = min(ran_ns, self.ran_ns), ran_ns
+        self.last_threads = threads
 
     def timed_run(self, grid: tuple[int, int, int], block: tuple[int, int, int],
                   shared_mem: int, args: list) -> None:
@@ -50,7 +69,7 @@ class HostKernel:
         try:
             self.run(grid, block, shared_mem, args)
         finally:
-            self.last_ns = time_ns() - start
+            self.last_ns = self.ran_ns = time_ns() - start
             self.last_threads = _threads(grid, block)
 
 
@@ -161,13 +180,15 @@ class HostDevice(BackendDevice):
                 grid: tuple[int, int, int], block: tuple[int, int, int], shared_mem: int,
                 seq: int) -> None:
         threads = _threads(grid, block)
-        if 0 <= target.last_ns < INLINE_NS and threads <= target.last_threads:
+        last = target.last_ns
+        if (0 <= last < INLINE_NS and threads <= target.last_threads) or \
+                (last < 0 and threads <= FIRST_INLINE_THREADS):
             ran = stream.run_now("launch", seq, target.run, grid, block, shared_mem, prepared)
             if ran >= 0:
-                target.last_ns, target.last_threads = ran, threads
+                target.ran_inline(ran, threads)
                 return
-            stream.submit("launch", seq, target.run, grid, block, shared_mem, prepared,
-                          kernel=True)
+            stream.submit("launch", seq, target.run if last >= 0 else target.timed_run,
+                          grid, block, shared_mem, prepared, kernel=True)
             return
         stream.submit("launch", seq, target.timed_run, grid, block, shared_mem, prepared,
                       kernel=True)

@@ -15,14 +15,17 @@ A kernel known to be short whose stream is idle need not be queued at all: it
 runs in the thread that issues it (`StreamQueue.run_now`), which saves the
 hand-off to a pool thread, almost half of a noop launch's CPU in a session
 (`benchmarks/session_launch.py`). Under a compute gate such kernels form a run
-that holds the gate until the issuing thread settles (the server's sessions do
-after each batch of calls and before any other call, and the executor ends it
-before anything queues or waits, or when a launch is refused), charged then as
-a pool thread's run is. Such a run starts
-only while the gate is the session's and nobody has asked for it: a session
-that must wait for the gate queues its kernels, and its issuing thread goes
-on (made to wait there, the sessions of a busy device did their whole batches'
-work holding it, and their share of launches spread to 0.25-1 of each other's).
+that lasts until the issuing thread settles (the server's sessions do after each
+batch of calls and before any other call, and the executor ends it before
+anything queues or waits, or when a launch is refused), charged then as a pool
+thread's run is. Such a run starts only if the gate admits it without waiting
+(`ComputeGate.try_enter`: the device is the session's and nobody has asked for
+it, or its short kernels may run beside the holder's, `harp.server.fairshare`),
+and ends early when someone waits and its slice is over, or when it is curbed.
+A session that must wait for the gate queues its kernels, and its issuing
+thread goes on (made to wait there, the sessions of a busy device did their
+whole batches' work holding it, and their share of launches spread to 0.25-1 of
+each other's).
 """
 from __future__ import annotations
 
@@ -257,15 +260,15 @@ class StreamQueue:
 
     def run_now(self, call: str, seq: int, op: Callable[..., Any], *args: Any) -> int:
         """Run kernel `op(*args)` here, in the issuing thread, if it can start at once: the
-        stream has nothing queued or running and the session's compute gate is ours
+        stream has nothing queued or running and the session's compute gate admits it
         without waiting. Returns the nanoseconds it ran, or -1 (nothing run: `submit` it).
 
         A queued kernel costs a hand-off to a pool thread (a deque, a lock, a wake-up),
         for a trivial kernel most of its launch (`HostDevice._launch` decides which are).
         What it raises is recorded against (call, seq), as from a pool thread. Under a
-        compute gate, kernels run this way form a run that holds the gate until the
-        issuing thread settles (`Executor.settle`), or until its slice is over while
-        someone waits (then the kernel is queued, and the pool waits its turn)."""
+        compute gate, kernels run this way form a run that lasts until the issuing
+        thread settles (`Executor.settle`), or until its slice is over while someone
+        waits, or it is curbed (then the kernel is queued, and the pool waits its turn)."""
         ex = self.executor
         if self._completed != self._submitted or ex._cancelled:
             return -1
@@ -275,7 +278,8 @@ class StreamQueue:
             if not ex._settles:
                 return -1
             run = ex._inline
-            if run is not None and gate.wants_back(time.perf_counter_ns() - run[2]):
+            if run is not None and (gate.curbed or
+                                    gate.wants_back(time.perf_counter_ns() - run[2])):
                 ex.end_run()
                 return -1
             if run is None:

@@ -19,7 +19,7 @@ from harp.backends import host
 from harp.backends.cpu import CpuBackend
 from harp.backends.hoststreams import Executor
 from harp.errors import HarpError
-from harp.server.fairshare import DeviceArbiter
+from harp.server.fairshare import SLICE_NS, DeviceArbiter
 from harp.tenancy import ComputeGate
 
 
@@ -166,14 +166,15 @@ def _gated(arbiter, sid, slice_ns):
 def _holding_inline(gate):
     """An executor on `gate` whose issuing thread holds it with an open inline run."""
     ex, stream = _settled(gate)
-    assert stream.run_now("launch", 1, lambda: None) == -1   # not granted yet...
-    stream.submit("launch", 1, lambda: None, kernel=True)    # ...so queued
+    stream.submit("launch", 1, lambda: None, kernel=True)    # a queued kernel
     stream.drain()                         # the pool took the gate, ran it, and went idle
+    assert gate._holding                   # (nobody asked for it back)
     assert stream.run_now("launch", 2, lambda: None) >= 0    # the gate is ours: inline
     return ex, stream
 
 
-def _b_waits(b):
+def _waits(b):
+    """`b.enter()` in a thread of its own; the event is set once it got in."""
     entered = threading.Event()
 
     def kernel():
@@ -191,7 +192,7 @@ def test_two_sessions_on_one_arbiter_take_turns_with_inline_runs(how):
     a = _gated(arbiter, "a", 10**12 if how == "settles" else 50_000_000)
     b = arbiter.local_gate("b", 1.0)
     ex_a, stream_a = _holding_inline(a)
-    t, entered = _b_waits(b)
+    t, entered = _waits(b)
     assert not entered.wait(0.1)           # a's run holds the device...
     if how == "settles":
         assert stream_a.run_now("launch", 3, lambda: None) >= 0   # (no slice is over)
@@ -223,28 +224,48 @@ def noop():
     dev.close()
 
 
-def test_a_kernel_is_timed_in_the_pool_and_then_runs_inline_if_it_was_short(noop):
+def test_a_large_first_launch_is_timed_in_the_pool_then_runs_inline_if_it_was_short(noop):
     dev, fn, kernel, threads = noop
     me = threading.get_ident()
-    dev.launch(fn, 2, 3, [])               # first run: in the pool, timed
+    big = host.FIRST_INLINE_THREADS + 1
+    dev.launch(fn, big, 1, [])             # first run, and a large one: in the pool, timed
     dev.synchronize()
-    assert threads[-1] != me and kernel.last_ns >= 0 and kernel.last_threads == 6
+    assert threads[-1] != me and kernel.last_ns >= 0 and kernel.last_threads == big
     kernel.last_ns = 0                     # short (a loaded host may make a noop slow)
-    dev.launch(fn, 2, 3, [])
+    dev.launch(fn, big, 1, [])
     assert threads[-1] == me               # run by the time launch returned, here
-    dev.launch(fn, 8, 32, [])              # more threads than it was timed with: pool
+    dev.launch(fn, big, 2, [])             # more threads than it was timed with: pool
     dev.synchronize()
-    assert threads[-1] != me and kernel.last_threads == 256
+    assert threads[-1] != me and kernel.last_threads == 2 * big
+
+
+def test_a_small_first_launch_runs_inline_and_is_timed(noop):
+    dev, fn, kernel, threads = noop
+    assert kernel.last_ns < 0              # never run
+    dev.launch(fn, 2, 3, [])
+    assert threads == [threading.get_ident()] and kernel.last_ns >= 0
+    assert kernel.last_threads == 6
 
 
 def test_a_kernel_that_ran_long_goes_back_to_the_pool(noop):
     dev, fn, kernel, threads = noop
     dev.launch(fn, 1, 1, [])
     dev.synchronize()
-    kernel.last_ns = host.INLINE_NS        # as if its last run took that long
+    kernel.last_ns = host.INLINE_NS        # as if its last runs took that long
     dev.launch(fn, 1, 1, [])
     dev.synchronize()
     assert threads[-1] != threading.get_ident()
+
+
+def test_a_kernel_goes_back_to_the_pool_after_two_long_inline_runs_in_a_row():
+    kernel = host.HostKernel(None, lambda *a: None, "k")
+    kernel.ran_inline(100_000, 1)          # cold, or the host took the CPU away
+    assert kernel.last_ns == 0             # still short: one long run may be the host's
+    kernel.ran_inline(1_000, 1)
+    kernel.ran_inline(host.INLINE_NS, 1)
+    assert kernel.last_ns == 1_000
+    kernel.ran_inline(host.INLINE_NS * 2, 1)
+    assert kernel.last_ns >= host.INLINE_NS   # two in a row: the pool
 
 
 def test_an_inline_kernel_that_fails_is_reported_at_the_next_sync(noop):
@@ -370,16 +391,36 @@ def test_a_session_settles_after_its_batch_and_before_a_call_that_may_wait():
     session.close()
 
 
-def test_a_session_gate_admits_an_inline_run_only_while_nobody_waits():
+def test_a_session_gate_admits_a_short_kernel_beside_the_holder_unless_curbed():
     arbiter = DeviceArbiter()
     a = arbiter.local_gate("a", 1.0)
-    assert not a.try_enter()                         # not granted yet
-    a.enter()
-    a.exit(1000)
-    assert a.try_enter()                             # ours, nobody waits
+    assert a.try_enter() and not a._holding          # beside: nobody's device taken
     a.exit(1000)
     b = arbiter.local_gate("b", 1.0)
-    t, entered = _b_waits(b)
+    b.enter()                                        # b holds the device...
+    assert a.try_enter()                             # ...a's short kernels run beside
+    a.exit(1000)
+    a.curb()                                         # a got ahead of b
+    assert a.curbed and not a.try_enter()
+    t, entered = _waits(a)                           # a's kernels wait in line now
+    assert not entered.wait(0.1)
+    b.exit(1000)
+    b.idle()                                         # b is done: a's turn
+    assert entered.wait(5)
+    t.join()
+    assert not a.curbed and a.try_enter()            # its turn came: the curb is lifted
+    a.exit(1000)
+
+
+def test_a_holder_admits_its_inline_run_only_while_nobody_waits():
+    arbiter = DeviceArbiter()
+    a = arbiter.local_gate("a", 1.0)
+    a.enter()
+    a.exit(1000)
+    assert a._holding and a.try_enter()              # ours, nobody waits
+    a.exit(1000)
+    b = arbiter.local_gate("b", 1.0)
+    t, entered = _waits(b)
     deadline = time.monotonic() + 5
     while not a._revoked and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -387,6 +428,30 @@ def test_a_session_gate_admits_an_inline_run_only_while_nobody_waits():
     a.idle()
     assert entered.wait(5)
     t.join()
+
+
+def test_short_kernels_beside_a_busy_holder_are_curbed_once_a_slice_ahead():
+    """Session a runs short kernels inline while b holds the device with long ones: a's
+    charges reach the arbiter as it goes, and once a is a slice of virtual time ahead of
+    b its kernels go to the pool and wait for the device like b's."""
+    arbiter = DeviceArbiter(slice_ns=5_000_000)
+    a = arbiter.local_gate("a", 1.0)
+    b = arbiter.local_gate("b", 1.0)
+    b.enter()                                        # b's long kernel runs
+    ex, stream = _settled(a)
+    ran = 0
+    while stream.run_now("launch", ran, lambda: time.sleep(0.001)) >= 0 and ran < 20:
+        ran += 1                                     # a's short kernels, 1 ms or more
+        ex.settle()                                  # a batch done: charged
+    assert 5 <= ran <= 6 and a.curbed                # over 5 ms ahead of b: curbed
+    done = threading.Event()
+    stream.submit("launch", 99, done.set, kernel=True)
+    assert not done.wait(0.1)                        # in line behind b
+    b.exit(20_000_000)                               # b's kernel took 20 ms
+    b.idle()
+    assert done.wait(5)                              # then a's turn
+    assert arbiter.device_ns("a") >= 5_000_000
+    ex.cancel()
 
 
 class _ArbiterLink:

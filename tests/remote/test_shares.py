@@ -90,3 +90,53 @@ def test_a_session_alone_gets_the_whole_device(share_pool):
     idle.close()
     print(f"alone: {used:.2f} s of device time in {wall:.2f} s")
     assert used >= 0.6 * wall                        # held to its share, it would get 0.25
+
+
+def test_short_kernels_beside_a_busy_session_are_curbed_and_wait_their_turn(share_pool):
+    """Session b's noop kernels run in its worker's issuing thread beside a's gemms,
+    without taking the device, until b is a slice ahead of a: then the arbiter curbs it
+    (a message to b's worker, or a call to its gate), b's next kernel waits for the device
+    in line, and b's turn lifts the curb. Both sessions' work completes meanwhile."""
+    arbiter = share_pool.server.arbiters[0]
+    arbiter.policy.slice_ns = 1            # b is curbed as soon as it gets ahead of a at all
+    a = share_pool.connect(client_name="share=0.5")
+    b = share_pool.connect(client_name="share=0.5")
+    stop = threading.Event()
+
+    def busy():
+        lib = a.load_module(harp.CATALOG_IMAGE, "catalog")
+        gemm = a.function(lib, "gemm_f64")
+        m = 96                             # a few ms each: a charges as it goes
+        buf = a.alloc(m * m * 8)
+        args = [buf, buf, buf, np.int64(m), np.int64(m), np.int64(m), np.float64(1),
+                np.float64(0)]
+        while not stop.is_set():
+            for _ in range(4):
+                a.launch(gemm, 1, 1, args)
+            a.synchronize()
+    t = threading.Thread(target=busy)
+    t.start()
+    try:
+        noop = b.function(b.load_module(harp.CATALOG_IMAGE, "catalog"), "noop")
+        deadline = time.monotonic() + 60
+        launched = 0
+        while time.monotonic() < deadline:
+            for _ in range(256):
+                b.launch(noop, 1, 1, [])
+            b.synchronize()
+            launched += 256
+            turns, curbs = arbiter.turns(b.session_id)
+            if curbs and turns:
+                break
+        row = next(s for s in share_pool.server.session_stats()
+                   if s["session"] == b.session_id)
+    finally:
+        stop.set()
+        t.join(30)
+    print(f"b: {launched} launches, curbed {row['curbs']} times, {row['device_turns']} turns")
+    assert row["curbs"] >= 1, "b was never curbed"
+    assert row["device_turns"] >= 1, "a curbed b never got the device"
+    b.synchronize()                        # nothing was lost on the way
+    a.synchronize()
+    a.close()
+    b.close()

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harp.server.fairshare import SLICE_NS, DeviceArbiter, FairShare
+from harp.server.fairshare import BUSY_S, SLICE_NS, DeviceArbiter, FairShare
 
 
 def _run(policy: FairShare, turns: int, busy=("a", "b")) -> None:
@@ -54,13 +54,19 @@ def test_a_waiting_session_makes_the_holder_yield_once():
     assert policy.release("a", SLICE_NS, again=True)[0] == ("grant", "b")
 
 
-def test_an_idle_session_cannot_bank_the_time_it_did_not_use():
+def _busy_alone(busy: str, idle: str, slices: int = 100) -> FairShare:
+    """Two sessions of equal shares; `busy` has had the device to itself for `slices`."""
     policy = FairShare()
-    policy.join("a", 0.5)
-    policy.join("b", 0.5)
-    policy.request("a")
-    for _ in range(100):                                # a alone for 100 slices
-        policy.release("a", SLICE_NS, again=True)
+    policy.join(busy, 0.5)
+    policy.join(idle, 0.5)
+    policy.request(busy)
+    for _ in range(slices):
+        policy.release(busy, SLICE_NS, again=True)
+    return policy
+
+
+def test_an_idle_session_cannot_bank_the_time_it_did_not_use():
+    policy = _busy_alone("a", "b")                      # a alone for 100 slices
     before = policy.device_ns("b")
     _run(policy, 40)                                    # then both: alternating, not b x 100
     assert policy.device_ns("b") - before == pytest.approx(20 * SLICE_NS, abs=2 * SLICE_NS)
@@ -96,3 +102,73 @@ def test_gates_in_one_process_take_turns_by_share():
         t.join(10)
     ratio = arbiter.device_ns("a") / max(1, arbiter.device_ns("b"))
     assert 2.2 <= ratio <= 3.8, ratio
+
+
+# -- short kernels beside the holder's (`SessionGate.try_enter`) ----------------------------
+
+def test_short_kernels_on_a_device_nobody_waits_for_are_never_curbed():
+    policy = FairShare()
+    policy.join("a", 0.1)
+    for _ in range(100):
+        assert policy.charge("a", SLICE_NS) == []        # alone: work-conserving
+    # ...and a session that asks now starts where a got to, not 100 slices behind it
+    policy.join("b", 0.9)
+    policy.request("b")
+    assert policy.members["b"].vtime == pytest.approx(policy.members["a"].vtime)
+
+
+def test_short_kernels_beside_a_holder_are_curbed_once_a_slice_ahead():
+    policy = FairShare()
+    policy.join("h", 0.5)
+    policy.join("a", 0.5)
+    policy.request("h")                                  # h holds the device
+    charged = 0
+    while not policy.charge("a", SLICE_NS // 10):
+        charged += SLICE_NS // 10
+        assert charged <= SLICE_NS                       # a slice of device time, no more
+    assert charged == SLICE_NS
+    assert policy.charge("h", SLICE_NS) == []            # the holder is never curbed
+    # a's share weighs its time as it does a holder's: 0.5 of h's virtual pace at 0.25
+    policy.join("small", 0.25)
+    policy.charge("small", SLICE_NS // 10)
+    assert policy.members["small"].vtime - policy.members["h"].vtime == \
+        pytest.approx(SLICE_NS / 10 / 0.25)
+
+
+def test_short_kernels_cannot_use_time_banked_while_idle():
+    policy = _busy_alone("h", "a")                       # h alone for 100 slices
+    # a starts from h's virtual time: a slice ahead of it, it is curbed
+    assert policy.charge("a", SLICE_NS // 2) == []
+    assert policy.charge("a", SLICE_NS) == [("curb", "a")]
+
+
+def test_a_curbed_session_waits_its_turn_in_line():
+    arbiter = DeviceArbiter(slice_ns=1_000_000)
+    h = arbiter.local_gate("h", 1.0)
+    a = arbiter.local_gate("a", 1.0)
+    h.enter()
+    assert a.try_enter()
+    a.exit(3_000_000)          # a's short kernels: 3 ms beside h, charged at once
+    assert a.curbed and not a.try_enter()
+    got = threading.Event()
+    t = threading.Thread(target=lambda: (a.enter(), got.set(), a.exit(1000), a.idle()))
+    t.start()
+    assert not got.wait(0.1)   # h holds and has not had its slice
+    h.exit(5_000_000)          # h's kernel: 5 ms, past a: a's turn
+    h.idle()
+    assert got.wait(5)
+    t.join(5)
+    assert not a.curbed
+
+
+def test_a_holder_that_went_quiet_does_not_hold_back_short_kernels_beside_it():
+    now = [100.0]
+    policy = FairShare(clock=lambda: now[0])
+    policy.join("h", 0.5)
+    policy.join("a", 0.5)
+    policy.request("h")                                  # h holds, then goes quiet
+    now[0] += BUSY_S * 2
+    for _ in range(10):                                  # 10 slices beside an idle holder
+        assert policy.charge("a", SLICE_NS) == []
+    policy.charge("h", 1000)                             # h is busy again: a is ahead
+    assert policy.charge("a", 1000) == [("curb", "a")]
