@@ -94,10 +94,13 @@ class SessionsSection:
         batch = REC64 * per
         chunk = bytes(CHUNK)
 
-        def window(k):
-            # long enough that every one of k sessions gets tens of units: fairness is then
-            # not a matter of counting in whole units
-            return max(a.dur, 1.0, 0.04 * k)
+        def window(k, what="run"):
+            # Long enough that every one of k sessions gets a dozen units or more: fairness
+            # is then not a matter of counting in whole units. A launch unit (128 noops) is
+            # done in about 1 ms of the machine's time, a bulk unit (8 MiB) in about 12: in
+            # a launch window of 2.56 s at 64 sessions each got 40-50 units, but 3-4 bulk
+            # units, so that "min/max" read 2/4 or 3/4 whatever the order of service was.
+            return max(a.dur, 1.0, (0.16 if what == "bulk" else 0.04) * k)
 
         def harp_point(k, what):
             group = clients[:k]
@@ -106,14 +109,14 @@ class SessionsSection:
             for c in group:
                 c.result(120)
             start = time.time() + 0.5
-            stop = start + window(k)
+            stop = start + window(k, what)
             for c in group:
                 c.send("%s %.6f %.6f" % (what, start, stop))
             time.sleep(max(0.0, start - time.time()))
             cpu = _CpuWindow(group, server_pid)
-            time.sleep(window(k))
+            time.sleep(window(k, what))
             used = cpu.text()
-            counts = [c.result(60 + window(k))["n"] for c in group]
+            counts = [c.result(60 + window(k, what))["n"] for c in group]
             log("    %2d sessions, %-6s %s" % (k, what, used))
             if k >= 16 and what == "run":
                 log("    %d sessions, launches each (sorted): %s" % (k, sorted(counts)))
@@ -123,9 +126,9 @@ class SessionsSection:
                 c.result(60)
             return sum(counts) / (stop - start), min(counts) / max(counts) if max(counts) else 0.0
 
-        def grpc_point(k, rpcs, message, n_per_message, drain):
+        def grpc_point(k, rpcs, message, n_per_message, drain, what):
             totals = [0] * k
-            stop = time.perf_counter() + window(k)
+            stop = time.perf_counter() + window(k, what)
 
             def run(i):
                 sent = [0]
@@ -159,9 +162,9 @@ class SessionsSection:
                 # drifts during a rep then favours neither end of the curve
                 for k in (COUNTS if i % 2 == 0 else COUNTS[::-1]):
                     rate, fair = harp_point(k, "run")
-                    bare = grpc_point(k, count_rpcs, batch, per, drain_stream)
+                    bare = grpc_point(k, count_rpcs, batch, per, drain_stream, "run")
                     nbytes, bulk_fair = harp_point(k, "bulk")
-                    bare_bytes = grpc_point(k, up_rpcs, chunk, CHUNK, lambda r: None)
+                    bare_bytes = grpc_point(k, up_rpcs, chunk, CHUNK, lambda r: None, "bulk")
                     for name, v in (("launches", rate), ("bare launches", bare),
                                     ("bulk", nbytes / 1e9), ("bare bulk", bare_bytes / 1e9)):
                         curves[name][k].append(v)

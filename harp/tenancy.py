@@ -76,6 +76,19 @@ class ComputeGate(abc.ABC):
     def idle(self) -> None:
         """The session has no kernel waiting: another may have the device."""
 
+    def quiet(self) -> None:
+        """The session has no kernel waiting or running anywhere (a host device's, whose
+        kernels run on the host: once they are done, nothing of the session's is on the
+        device): as `idle`, and a holder lets go even if nobody asked. A quiet holder
+        keeping the device would stand still in virtual time while sessions running
+        short kernels beside it (`try_enter`) are held to it, and then bank that time
+        against them once it resumed."""
+        self.idle()
+
+    #: A run of short kernels that `try_enter` admitted is charged (`exit`) and admitted
+    #: again at least this often, by the kernels' time: so the arbiter hears of time
+    #: spent beside the holder's within a batch, not at its end.
+    run_charge_ns: int = 1_000_000
     #: The session's short kernels may not run beside the holder's now (it got ahead of
     #: the sessions in line): a run of them that `try_enter` admitted so ends at the next
     #: kernel boundary, and the next waits for the device.

@@ -14,14 +14,25 @@ session asks (fewer switches), then hands it over at its next kernel boundary.
 
 Short kernels run beside the holder's. A host device runs a kernel known to be
 short (`harp.backends.host.INLINE_NS`) in the session's issuing thread without
-taking the device (`SessionGate.try_enter`), and charges its time as it goes.
+taking the device (`SessionGate.try_enter`), and charges its time as it goes:
+a run of them ends, and is charged, after each millisecond of kernel time.
 Taking the device for each of them was most of their cost when many sessions
 launched them (a grant and a yield through the server per batch: 64 sessions of
-noop launches reached 0.6x of the rate without a gate). Such a session stays
-within its share all the same: when a charge puts it more than a slice of
-virtual time ahead of the sessions that hold or wait for the device, the
-arbiter curbs it ("curb"), and its kernels then wait in line like anyone's
-until it has had its turn (`SessionGate.granted` lifts the curb).
+noop launches reached 0.6-0.7x of the rate without a gate). Such a session stays
+within its share all the same: when a charge for time beside puts it more than
+a slice of virtual time ahead of the sessions that hold or wait for the device,
+the arbiter curbs it ("curb", sent again at each such charge while it lasts),
+and its kernels then wait in line like anyone's until it has had its turn
+(`SessionGate.granted` lifts the curb). A session already in line runs none
+beside. A kernel misjudged short runs beside to its end, and is charged then:
+the session is curbed and repays the time in line.
+
+A host device's holder lets go of the device once its kernels are done
+(`SessionGate.quiet`), even if nobody asked: holding it quiet, its virtual time
+would stand still while the sessions running beside are held to it, and it
+would bank that time against them when it resumed. (A GPU's holder keeps the
+device until asked, as before: its kernels may still be running on the device,
+and nothing runs beside it.)
 
 `SessionGate` is a session's side (a `harp.tenancy.ComputeGate`): held while a
 kernel runs, charged the kernel's measured time. It talks to the arbiter
@@ -31,7 +42,6 @@ worker's control socket (process isolation, `harp.server.worker`).
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -39,9 +49,6 @@ from harp.tenancy import ComputeGate
 
 #: Device time a holder may use before it yields to a waiting session.
 SLICE_NS = 5_000_000
-#: A holder not charged for this long (seconds) is idle, not busy: sessions running short
-#: kernels beside it are not held to its virtual time (which stands still meanwhile).
-BUSY_S = 0.1
 
 
 @dataclass
@@ -50,9 +57,10 @@ class _Member:
     vtime: float = 0.0
     device_ns: int = 0
     seq: int = 0            # when it started waiting (ties go to the earliest)
-    charged_at: float = 0.0  # when it was last charged, or granted the device
+    curbed: bool = False    # its short kernels may not run beside the holder's
     turns: int = 0          # times it was granted the device
-    curbs: int = 0          # times its short kernels were curbed
+    curbs: int = 0          # times it was curbed
+    curbed_charges: int = 0  # charges for time beside while curbed (each curbs it again)
 
 
 Action = tuple[str, str]    # ("grant" | "revoke" | "curb", session id)
@@ -61,12 +69,10 @@ Action = tuple[str, str]    # ("grant" | "revoke" | "curb", session id)
 class FairShare:
     """Who holds one device, decided by weighted fair queuing on measured device time."""
 
-    def __init__(self, slice_ns: int = SLICE_NS,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, slice_ns: int = SLICE_NS) -> None:
         #: How far ahead of the sessions in line one running short kernels beside them
         #: may get (device time at its share) before it is curbed.
         self.slice_ns = slice_ns
-        self.now = clock
         self.members: dict[str, _Member] = {}
         self.holder: str | None = None
         self.waiting: set[str] = set()
@@ -77,15 +83,12 @@ class FairShare:
     def join(self, sid: str, share: float) -> None:
         self.members[sid] = _Member(share=max(float(share), 1e-6), vtime=self._clock)
 
-    def _floor(self, besides: str | None = None,
-               busy_since: float | None = None) -> float | None:
-        """The least virtual time of the sessions that wait for the device and of its
-        holder (with `busy_since`: only a holder charged since then, one that is using
-        it), other than `besides`; None when there are none."""
+    def _floor(self, besides: str | None = None) -> float | None:
+        """The least virtual time of the sessions that hold or wait for the device, other
+        than `besides`; None when there are none."""
         active = [self.members[s].vtime for s in self.waiting if s != besides]
-        holder = self.members.get(self.holder) if self.holder != besides else None
-        if holder is not None and (busy_since is None or holder.charged_at >= busy_since):
-            active.append(holder.vtime)
+        if self.holder is not None and self.holder != besides:
+            active.append(self.members[self.holder].vtime)
         return min(active) if active else None
 
     def request(self, sid: str) -> list[Action]:
@@ -105,19 +108,20 @@ class FairShare:
             return [("revoke", self.holder)]
         return []
 
-    def charge(self, sid: str, used_ns: int) -> list[Action]:
-        """Device time `sid` used, counted now: while holding the device, or in short
-        kernels run beside the holder's (then it may be curbed, see the module's text)."""
+    def charge(self, sid: str, used_ns: int, beside: bool = False) -> list[Action]:
+        """Device time `sid` used, counted now: while holding the device, or (`beside`) in
+        short kernels run beside the holder's, after which it may be curbed (see the
+        module's text; a session charged beside while curbed is curbed again)."""
         m = self.members.get(sid)
         if m is None:
             return []
         m.device_ns += used_ns
-        if sid == self.holder or sid in self.waiting:
+        if not beside or sid == self.holder or sid in self.waiting:
             m.vtime += used_ns / m.share
-            m.charged_at = self.now()
             return []
-        m.charged_at = now = self.now()
-        floor = self._floor(besides=sid, busy_since=now - BUSY_S)
+        if m.curbed:
+            m.curbed_charges += 1
+        floor = self._floor(besides=sid)
         if floor is None:
             # Nobody holds or waits: it ran on a device it had to itself. The virtual time
             # a session asking now starts from moves on with it (nothing is banked).
@@ -127,6 +131,7 @@ class FairShare:
         # Time it did not use while others were busy is not banked either.
         m.vtime = max(m.vtime, floor) + used_ns / m.share
         if m.vtime > floor + self.slice_ns / m.share:
+            m.curbed = True
             m.curbs += 1
             return [("curb", sid)]
         return []
@@ -165,7 +170,7 @@ class FairShare:
     def _grant(self, sid: str) -> list[Action]:
         self.holder = sid
         m = self.members[sid]
-        m.charged_at = self.now()
+        m.curbed = False
         m.turns += 1
         self._revoked = False
         actions: list[Action] = [("grant", sid)]
@@ -178,10 +183,11 @@ class FairShare:
         m = self.members.get(sid)
         return m.device_ns if m is not None else 0
 
-    def turns(self, sid: str) -> tuple[int, int]:
-        """How often `sid` was granted the device, and how often it was curbed."""
+    def turns(self, sid: str) -> tuple[int, int, int]:
+        """How often `sid` was granted the device, how often it was curbed, and how many of
+        its charges for time beside came while it was curbed."""
         m = self.members.get(sid)
-        return (m.turns, m.curbs) if m is not None else (0, 0)
+        return (m.turns, m.curbs, m.curbed_charges) if m is not None else (0, 0, 0)
 
 
 class GateLink:
@@ -189,7 +195,7 @@ class GateLink:
 
     def request(self) -> None: ...
     def release(self, used_ns: int, again: bool) -> None: ...
-    def charge(self, used_ns: int) -> None: ...
+    def charge(self, used_ns: int, beside: bool) -> None: ...
     def leave(self) -> None: ...
 
 
@@ -205,6 +211,7 @@ class SessionGate(ComputeGate):
     #: learn that a session running short kernels beside the holder's got ahead of it,
     #: or how far the holder got meanwhile.
     CHARGE_NS = 1_000_000
+    run_charge_ns = CHARGE_NS
 
     def __init__(self, link: GateLink, slice_ns: int = SLICE_NS, *,
                  own_process: bool = False) -> None:
@@ -235,9 +242,11 @@ class SessionGate(ComputeGate):
 
     def try_enter(self) -> bool:
         """Admit a short kernel without waiting: while the session holds the device and
-        nobody has asked for it back, or beside the holder's while it is not curbed."""
+        nobody has asked for it back, or beside the holder's while it is neither curbed
+        nor in line (its queued kernels wait for the device: so do its short ones)."""
         with self._cond:
-            if self._closed or (self._revoked if self._holding else self._curbed):
+            if self._closed or (self._revoked if self._holding
+                                else self._curbed or self._requested):
                 return False
             self._running += 1
             self._idle = False
@@ -268,7 +277,8 @@ class SessionGate(ComputeGate):
         todo = None
         with self._cond:
             self._running -= 1
-            self._used += device_ns
+            if self._holding:
+                self._used += device_ns          # its slice (time beside is not)
             self._uncharged += device_ns
             self.device_ns += device_ns
             if not self._revoked and self._uncharged < self.CHARGE_NS:
@@ -279,7 +289,7 @@ class SessionGate(ComputeGate):
                 # the arbiter weighs its virtual time against the others'.
                 todo = self._give_back(again=True)
             elif self._uncharged >= self.CHARGE_NS:
-                todo = (self.link.charge, self._uncharged)
+                todo = (self.link.charge, self._uncharged, not self._holding)
                 self._uncharged = 0
         if todo is not None:
             todo[0](*todo[1:])
@@ -290,6 +300,18 @@ class SessionGate(ComputeGate):
             if self._running == 0 and not self._waiting:
                 self._idle = True
                 if self._holding and self._revoked:
+                    todo = self._give_back(again=False)
+        if todo is not None:
+            todo[0](*todo[1:])
+
+    def quiet(self) -> None:
+        """As `idle`, and a holder lets go of the device even though nobody asked (a host
+        device's session, whose kernels all ran: see `ComputeGate.quiet`)."""
+        todo = None
+        with self._cond:
+            if self._running == 0 and not self._waiting:
+                self._idle = True
+                if self._holding:
                     todo = self._give_back(again=False)
         if todo is not None:
             todo[0](*todo[1:])
@@ -386,8 +408,8 @@ class DeviceArbiter:
     def release(self, sid: str, used_ns: int, again: bool) -> None:
         self._apply(lambda: self.policy.release(sid, used_ns, again))
 
-    def charge(self, sid: str, used_ns: int) -> None:
-        self._apply(lambda: self.policy.charge(sid, used_ns))
+    def charge(self, sid: str, used_ns: int, beside: bool = False) -> None:
+        self._apply(lambda: self.policy.charge(sid, used_ns, beside))
 
     def leave(self, sid: str) -> None:
         def go() -> list[Action]:
@@ -400,7 +422,7 @@ class DeviceArbiter:
         with self._lock:
             return self.policy.device_ns(sid)
 
-    def turns(self, sid: str) -> tuple[int, int]:
+    def turns(self, sid: str) -> tuple[int, int, int]:
         with self._lock:
             return self.policy.turns(sid)
 
@@ -423,8 +445,8 @@ class _LocalLink(GateLink):
     def release(self, used_ns: int, again: bool) -> None:
         self.arbiter.release(self.sid, used_ns, again)
 
-    def charge(self, used_ns: int) -> None:
-        self.arbiter.charge(self.sid, used_ns)
+    def charge(self, used_ns: int, beside: bool) -> None:
+        self.arbiter.charge(self.sid, used_ns, beside)
 
     def leave(self) -> None:
         self.arbiter.leave(self.sid)

@@ -314,7 +314,7 @@ class PoolServer:
         for r in self.session_records():
             host = r.host
             arbiter = self.arbiters.get(r.device)
-            turns, curbs = arbiter.turns(r.id) if arbiter is not None else (0, 0)
+            turns, curbs, _ = arbiter.turns(r.id) if arbiter is not None else (0, 0, 0)
             rows.append({
                 "session": r.id, "identity": r.identity.name, "role": r.identity.role,
                 "lease": r.lease_id, "device": r.device, "share": r.share,

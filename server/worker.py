@@ -346,8 +346,8 @@ class _GateLink(GateLink):
     def release(self, used_ns: int, again: bool) -> None:
         self.ctl.send(ipc.YIELD, ipc.pack([used_ns, again]))
 
-    def charge(self, used_ns: int) -> None:
-        self.ctl.send(ipc.CHARGE, ipc.pack(used_ns))
+    def charge(self, used_ns: int, beside: bool) -> None:
+        self.ctl.send(ipc.CHARGE, ipc.pack([used_ns, beside]))
 
     def leave(self) -> None:
         pass      # the server sees the session end

@@ -343,5 +343,6 @@ class ControlLoop:
             used, again = ipc.unpack(body)
             self.arbiters[device].release(sid, int(used), bool(again))
         elif kind == ipc.CHARGE:
-            self.arbiters[device].charge(sid, int(ipc.unpack(body)))
+            used, beside = ipc.unpack(body)
+            self.arbiters[device].charge(sid, int(used), bool(beside))
 

@@ -30,12 +30,16 @@ Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
 #: something other than its threads, an ONNX model's inputs, may be misjudged once: the
 #: run that took long sends its next launches to the pool.)
 INLINE_NS = 20_000
-#: A kernel not run yet is taken for a short one when its launch has at most this many
-#: threads: its first run is inline too (timed, as every inline run is). In the pool,
-#: that first run needed the device to itself, and a session's first launch then waited
-#: its turn behind every session that had one: with 64 sessions starting at once, the
-#: last began 1-2 s after the first, at 0.12-0.33 of their launches. Misjudged, a long
-#: kernel holds up its session's issuing once, and is charged its time all the same.
+#: Under a compute gate, a kernel not run yet is taken for a short one when its launch has
+#: at most this many threads: its first run is inline too (timed, as every inline run
+#: is). In the pool, that first run needed the device to itself, and a session's first
+#: launch then waited its turn behind every session that had one: with 64 sessions
+#: starting at once, the last began 1-2 s after the first, at 0.12-0.33 of their
+#: launches. A kernel whose time does not follow its threads (a catalog gemm's follows
+#: its m, n, k) may be misjudged: then it runs beside the holder's for up to two runs
+#: per function handle (`HostKernel.ran_inline`), each charged as it ends, and the
+#: session is curbed once that puts it a slice ahead (`harp.server.fairshare`). Without
+#: a gate (`local:cpu`) a first run goes to the pool, so a launch never waits for it.
 FIRST_INLINE_THREADS = 256
 
 
@@ -182,7 +186,7 @@ class HostDevice(BackendDevice):
         threads = _threads(grid, block)
         last = target.last_ns
         if (0 <= last < INLINE_NS and threads <= target.last_threads) or \
-                (last < 0 and threads <= FIRST_INLINE_THREADS):
+                (last < 0 and threads <= FIRST_INLINE_THREADS and self._gate is not None):
             ran = stream.run_now("launch", seq, target.run, grid, block, shared_mem, prepared)
             if ran >= 0:
                 target.ran_inline(ran, threads)

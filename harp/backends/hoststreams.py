@@ -92,7 +92,7 @@ class Executor:
         #: taken once for a run of kernels and given back when the run ends or the gate
         #: asks for it (`wants_back`), so a trivial kernel does not pay for it each time.
         self.gate = gate
-        self._on_idle = gate.idle if gate is not None else None
+        self._on_idle = gate.quiet if gate is not None else None
         self._max = threads
         self._cond = threading.Condition(threading.Lock())
         self._ready: deque[StreamQueue] = deque()
@@ -159,7 +159,7 @@ class Executor:
             used = min(used, time.process_time_ns() - run[0])
         gate.exit(used)
         if self._idle_threads == self._threads and not self._ready:
-            gate.idle()
+            gate.quiet()
 
     # -- the queued-bytes bound ----------------------------------------------------------
     def hold_bytes(self, nbytes: int) -> None:
@@ -295,6 +295,8 @@ class StreamQueue:
         ran = time.perf_counter_ns() - start
         if run is not None:
             run[1] += ran
+            if run[1] >= gate.run_charge_ns:
+                ex.end_run()             # charged now; the next kernel is admitted anew
         return ran
 
     def _put_in_line(self) -> None:

@@ -94,6 +94,7 @@ def test_a_stream_with_work_queued_keeps_its_order():
 
 def test_under_a_gate_nothing_runs_inline_until_the_caller_settles():
     gate = _Gate()
+    gate.run_charge_ns = 10**12           # (no run ends for its length here)
     ex, stream, _ = _executor(gate)
     assert stream.run_now("launch", 1, lambda: None) == -1    # nobody would give it back
     ex.settle()                                               # a caller that settles
@@ -103,6 +104,18 @@ def test_under_a_gate_nothing_runs_inline_until_the_caller_settles():
     ex.settle()
     assert len(gate.charged) == 1 and gate.charged[0] >= 3_000_000
     assert gate.idled == 1                                    # nothing queued: idle
+    ex.cancel()
+
+
+def test_a_run_is_charged_and_admitted_again_once_its_kernels_took_run_charge_ns():
+    gate = _Gate()                        # run_charge_ns: 1 ms
+    ex, stream = _settled(gate)
+    assert stream.run_now("launch", 1, lambda: None) >= 0
+    assert gate.charged == []             # a short run goes on...
+    assert stream.run_now("launch", 2, lambda: time.sleep(0.001)) >= 0
+    assert len(gate.charged) == 1 and gate.charged[0] >= 1_000_000   # ...a long one ends
+    assert stream.run_now("launch", 3, lambda: None) >= 0
+    assert gate.entered == 2              # the next kernel was admitted anew
     ex.cancel()
 
 
@@ -166,10 +179,17 @@ def _gated(arbiter, sid, slice_ns):
 def _holding_inline(gate):
     """An executor on `gate` whose issuing thread holds it with an open inline run."""
     ex, stream = _settled(gate)
-    stream.submit("launch", 1, lambda: None, kernel=True)    # a queued kernel
-    stream.drain()                         # the pool took the gate, ran it, and went idle
-    assert gate._holding                   # (nobody asked for it back)
-    assert stream.run_now("launch", 2, lambda: None) >= 0    # the gate is ours: inline
+    other, release = ex.stream("s1"), threading.Event()
+    other.submit("launch", 1, release.wait, kernel=True)     # the pool takes the gate...
+    deadline = time.monotonic() + 5
+    while not gate._holding and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert stream.run_now("launch", 2, lambda: None) >= 0    # ...so a run here holds it
+    release.set()
+    while not other.idle and time.monotonic() < deadline:   # (not drain: it ends the run)
+        time.sleep(0.001)
+    time.sleep(0.05)                       # the pool went quiet; the run keeps the gate
+    assert gate._holding
     return ex, stream
 
 
@@ -239,12 +259,34 @@ def test_a_large_first_launch_is_timed_in_the_pool_then_runs_inline_if_it_was_sh
     assert threads[-1] != me and kernel.last_threads == 2 * big
 
 
-def test_a_small_first_launch_runs_inline_and_is_timed(noop):
+def test_without_a_gate_a_first_launch_goes_to_the_pool(noop):
     dev, fn, kernel, threads = noop
-    assert kernel.last_ns < 0              # never run
-    dev.launch(fn, 2, 3, [])
-    assert threads == [threading.get_ident()] and kernel.last_ns >= 0
-    assert kernel.last_threads == 6
+    dev.launch(fn, 1, 1, [])              # a launch never waits for a kernel not timed
+    dev.synchronize()
+    assert threads[-1] != threading.get_ident() and kernel.last_ns >= 0
+
+
+def test_under_a_gate_a_small_first_launch_runs_inline_and_is_timed():
+    from harp.tenancy import Tenancy
+    backend = CpuBackend()
+    gate = DeviceArbiter().local_gate("a", 1.0)
+    dev = backend.open(0, tenancy=Tenancy(backend.local_memory(0, 1 << 30, None), gate))
+    try:
+        fn = dev.function(dev.load_module(harp.CATALOG_IMAGE, "catalog"), "noop")
+        kernel = dev._functions[fn.id]
+        ran: list = []
+        run = kernel.run
+        kernel.run = lambda *args: (ran.append(threading.get_ident()), run(*args))
+        dev.settle()                       # as a server's session does
+        assert kernel.last_ns < 0          # never run
+        dev.launch(fn, 2, 3, [])
+        assert ran == [threading.get_ident()] and kernel.last_ns >= 0
+        assert kernel.last_threads == 6 and not gate._holding      # beside: not taken
+        dev.launch(fn, host.FIRST_INLINE_THREADS, 2, [])  # more threads than timed: pool
+        dev.synchronize()
+        assert ran[-1] != threading.get_ident()
+    finally:
+        dev.close()
 
 
 def test_a_kernel_that_ran_long_goes_back_to_the_pool(noop):
@@ -464,8 +506,26 @@ class _ArbiterLink:
     def release(self, used_ns, again):
         self.arbiter.release(self.sid, used_ns, again)
 
-    def charge(self, used_ns):
-        self.arbiter.charge(self.sid, used_ns)
+    def charge(self, used_ns, beside):
+        self.arbiter.charge(self.sid, used_ns, beside)
 
     def leave(self):
         self.arbiter.leave(self.sid)
+
+
+def test_a_long_kernel_run_beside_the_holder_is_charged_at_once_and_curbs_the_session():
+    """A kernel misjudged short (a first run, or one whose time does not follow its
+    threads) runs beside the holder's; it is charged as soon as it is done, not at the
+    end of the batch, and the next kernel waits for the device."""
+    arbiter = DeviceArbiter(slice_ns=5_000_000)
+    h = arbiter.local_gate("h", 1.0)
+    a = arbiter.local_gate("a", 1.0)
+    h.enter()                                        # h's long kernel runs
+    ex, stream = _settled(a)
+    assert stream.run_now("launch", 1, lambda: time.sleep(0.02)) >= 0   # 20 ms, beside
+    assert arbiter.device_ns("a") >= 20_000_000      # charged already, mid-batch
+    assert a.curbed                                  # 4 slices ahead of h
+    assert stream.run_now("launch", 2, lambda: None) == -1
+    h.exit(1000)
+    h.quiet()
+    ex.cancel()

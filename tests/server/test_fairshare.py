@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from harp.server.fairshare import BUSY_S, SLICE_NS, DeviceArbiter, FairShare
+from harp.server.fairshare import SLICE_NS, DeviceArbiter, FairShare
 
 
 def _run(policy: FairShare, turns: int, busy=("a", "b")) -> None:
@@ -110,7 +110,7 @@ def test_short_kernels_on_a_device_nobody_waits_for_are_never_curbed():
     policy = FairShare()
     policy.join("a", 0.1)
     for _ in range(100):
-        assert policy.charge("a", SLICE_NS) == []        # alone: work-conserving
+        assert policy.charge("a", SLICE_NS, beside=True) == []   # alone: work-conserving
     # ...and a session that asks now starts where a got to, not 100 slices behind it
     policy.join("b", 0.9)
     policy.request("b")
@@ -123,23 +123,61 @@ def test_short_kernels_beside_a_holder_are_curbed_once_a_slice_ahead():
     policy.join("a", 0.5)
     policy.request("h")                                  # h holds the device
     charged = 0
-    while not policy.charge("a", SLICE_NS // 10):
+    while not policy.charge("a", SLICE_NS // 10, beside=True):
         charged += SLICE_NS // 10
         assert charged <= SLICE_NS                       # a slice of device time, no more
     assert charged == SLICE_NS
     assert policy.charge("h", SLICE_NS) == []            # the holder is never curbed
     # a's share weighs its time as it does a holder's: 0.5 of h's virtual pace at 0.25
     policy.join("small", 0.25)
-    policy.charge("small", SLICE_NS // 10)
+    policy.charge("small", SLICE_NS // 10, beside=True)
     assert policy.members["small"].vtime - policy.members["h"].vtime == \
         pytest.approx(SLICE_NS / 10 / 0.25)
+
+
+def test_time_charged_as_the_holders_is_never_curbed_even_if_it_arrives_late():
+    # a's charge for time it held the device may reach the arbiter after its yield
+    policy = FairShare()
+    policy.join("h", 0.5)
+    policy.join("a", 0.5)
+    policy.request("h")
+    assert policy.charge("a", 100 * SLICE_NS, beside=False) == []
+    assert policy.charge("a", 1, beside=True) == [("curb", "a")]   # beside, it is
 
 
 def test_short_kernels_cannot_use_time_banked_while_idle():
     policy = _busy_alone("h", "a")                       # h alone for 100 slices
     # a starts from h's virtual time: a slice ahead of it, it is curbed
-    assert policy.charge("a", SLICE_NS // 2) == []
-    assert policy.charge("a", SLICE_NS) == [("curb", "a")]
+    assert policy.charge("a", SLICE_NS // 2, beside=True) == []
+    assert policy.charge("a", SLICE_NS, beside=True) == [("curb", "a")]
+
+
+def test_a_holder_that_comes_back_cannot_bank_the_time_others_ran_beside():
+    """A host holder lets go once its kernels are done (`SessionGate.quiet`); when it asks
+    again, it starts from where the sessions that ran meanwhile got to."""
+    policy = FairShare()
+    policy.join("h", 0.5)
+    policy.join("a", 0.5)
+    policy.request("h")
+    policy.release("h", SLICE_NS)                        # h went quiet
+    for _ in range(100):                                 # a ran 100 slices beside nobody
+        assert policy.charge("a", SLICE_NS, beside=True) == []
+    policy.request("h")
+    assert policy.members["h"].vtime == pytest.approx(policy.members["a"].vtime)
+    assert policy.charge("a", SLICE_NS // 2, beside=True) == []      # not curbed at once
+
+
+def test_a_session_charged_beside_while_curbed_is_curbed_again_and_counted():
+    policy = FairShare()
+    policy.join("h", 0.5)
+    policy.join("a", 0.5)
+    policy.request("h")
+    assert policy.charge("a", 2 * SLICE_NS, beside=True) == [("curb", "a")]
+    assert policy.charge("a", 1000, beside=True) == [("curb", "a")]  # a late run's charge
+    assert policy.turns("a") == (0, 2, 1)
+    policy.request("a")
+    policy.release("h", SLICE_NS)                        # a's turn lifts the curb
+    assert policy.holder == "a" and not policy.members["a"].curbed
 
 
 def test_a_curbed_session_waits_its_turn_in_line():
@@ -161,14 +199,32 @@ def test_a_curbed_session_waits_its_turn_in_line():
     assert not a.curbed
 
 
-def test_a_holder_that_went_quiet_does_not_hold_back_short_kernels_beside_it():
-    now = [100.0]
-    policy = FairShare(clock=lambda: now[0])
-    policy.join("h", 0.5)
-    policy.join("a", 0.5)
-    policy.request("h")                                  # h holds, then goes quiet
-    now[0] += BUSY_S * 2
-    for _ in range(10):                                  # 10 slices beside an idle holder
-        assert policy.charge("a", SLICE_NS) == []
-    policy.charge("h", 1000)                             # h is busy again: a is ahead
-    assert policy.charge("a", 1000) == [("curb", "a")]
+def test_a_session_in_line_runs_no_short_kernel_beside_the_holder():
+    arbiter = DeviceArbiter()
+    h = arbiter.local_gate("h", 0.9)
+    a = arbiter.local_gate("a", 0.1)
+    h.enter()
+    got = threading.Event()
+    t = threading.Thread(target=lambda: (a.enter(), got.set(), a.exit(1000), a.quiet()))
+    t.start()                  # a queued kernel of a's waits for the device...
+    deadline = time.monotonic() + 5
+    while not a._requested and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not a.try_enter()   # ...and so do its short ones
+    h.exit(1000)
+    h.quiet()
+    assert got.wait(5)
+    t.join(5)
+    assert a.try_enter()       # its turn came and went: beside again
+    a.exit(1000)
+
+
+def test_a_host_holder_lets_go_once_quiet_even_if_nobody_asked():
+    arbiter = DeviceArbiter()
+    h = arbiter.local_gate("h", 1.0)
+    h.enter()
+    h.exit(1000)
+    h.idle()
+    assert h._holding           # idle (a GPU's queue may still run its kernels): kept
+    h.quiet()
+    assert not h._holding and arbiter.policy.holder is None
