@@ -485,7 +485,8 @@ def test_short_kernels_beside_a_busy_holder_are_curbed_once_a_slice_ahead():
     while stream.run_now("launch", ran, lambda: time.sleep(0.001)) >= 0 and ran < 20:
         ran += 1                                     # a's short kernels, 1 ms or more
         ex.settle()                                  # a batch done: charged
-    assert 5 <= ran <= 6 and a.curbed                # over 5 ms ahead of b: curbed
+    assert 1 <= ran <= 6 and a.curbed                # over 5 ms ahead of b: curbed
+    assert arbiter.device_ns("a") > 5_000_000        # (a loaded host: fewer, longer runs)
     done = threading.Event()
     stream.submit("launch", 99, done.set, kernel=True)
     assert not done.wait(0.1)                        # in line behind b
