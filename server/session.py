@@ -436,7 +436,7 @@ class Session:
                 kernel_args = []
         except HarpError as exc:
             self.errors.add(exc, "launch", seq)
-            self._settle()         # a refused launch runs nothing: no run holds the gate
+            self._settle()         # a refused launch runs nothing: it ends the run
             return
         self.backend_calls += 1                     # `_async`, inline: launches are hot
         self.seqmap.note(self.backend_calls, seq)

@@ -102,9 +102,10 @@ class Executor:
         self._queued_bytes = 0
         self._space = threading.Condition(threading.Lock())
         self._streams: list[StreamQueue] = []
-        #: A run of kernels the issuing thread ran itself (`StreamQueue.run_now`) while
-        #: holding the gate: [process CPU ns when it began (own process), the kernels'
-        #: wall ns, when it began (ns)]. Only the issuing thread touches it.
+        #: A run of kernels the issuing thread ran itself (`StreamQueue.run_now`), admitted
+        #: by the gate (holding it, or beside its holder): [process CPU ns when it began
+        #: (own process), the kernels' wall ns, when it began (ns)]. Only the issuing
+        #: thread touches it.
         self._inline: list | None = None
         #: The issuing thread settles at the end of what it issues (the server's sessions
         #: do, after each batch of calls): only then may kernels run in it under a gate.
