@@ -77,6 +77,9 @@ class FairShare:
         self.holder: str | None = None
         self.waiting: set[str] = set()
         self._revoked = False
+        #: The holder asked for the device (another of its threads, in the moment between
+        #: its gate letting go and the release reaching here): back in line at its release.
+        self._asked_again = False
         self._clock = 0.0           # the virtual time of the last session served
         self._arrivals = 0
 
@@ -94,7 +97,10 @@ class FairShare:
     def request(self, sid: str) -> list[Action]:
         """`sid` has a kernel to run and does not hold the device."""
         m = self.members[sid]
-        if sid == self.holder or sid in self.waiting:
+        if sid == self.holder:
+            self._asked_again = True
+            return []
+        if sid in self.waiting:
             return []
         floor = self._floor()
         m.vtime = max(m.vtime, self._clock if floor is None else floor)
@@ -141,6 +147,8 @@ class FairShare:
         still has kernels to run (it waits in line like the others)."""
         if sid != self.holder:
             return []
+        again = again or self._asked_again
+        self._asked_again = False
         self.charge(sid, used_ns)
         self._clock = max(self._clock, self.members[sid].vtime)
         self.holder = None
@@ -169,6 +177,7 @@ class FairShare:
 
     def _grant(self, sid: str) -> list[Action]:
         self.holder = sid
+        self._asked_again = False
         m = self.members[sid]
         m.curbed = False
         m.turns += 1

@@ -228,3 +228,47 @@ def test_a_host_holder_lets_go_once_quiet_even_if_nobody_asked():
     assert h._holding           # idle (a GPU's queue may still run its kernels): kept
     h.quiet()
     assert not h._holding and arbiter.policy.holder is None
+
+
+def test_a_request_that_overtakes_its_sessions_own_release_is_not_lost():
+    """One thread of a holder lets go; another asks again before the release has reached
+    the arbiter (links send after the gate's lock is let go). The request finds the
+    session still holding: it must count at the release, or the session waits forever."""
+    policy = FairShare()
+    policy.join("a", 0.5)
+    assert policy.request("a") == [("grant", "a")]
+    assert policy.request("a") == []                 # overtook the release below
+    assert policy.release("a", 1000, again=False) == [("grant", "a")]
+
+
+def test_a_gate_whose_request_overtakes_its_release_still_gets_the_device():
+    arbiter = DeviceArbiter()
+    held_back: list = []
+
+    class _SlowRelease:
+        def request(self):
+            arbiter.request("a")
+
+        def release(self, used_ns, again):
+            held_back.append((used_ns, again))       # on its way, late
+
+        def charge(self, used_ns, beside):
+            arbiter.charge("a", used_ns, beside)
+
+        def leave(self):
+            arbiter.leave("a")
+    from harp.server.fairshare import SessionGate
+    gate = SessionGate(_SlowRelease())
+    arbiter.join("a", 1.0, gate.granted, gate.revoked, gate.curb)
+    gate.enter()
+    gate.exit(1000)
+    gate.quiet()                                     # lets go: the release is late...
+    got = threading.Event()
+    t = threading.Thread(target=lambda: (gate.enter(), got.set(), gate.exit(1000)))
+    t.start()                                        # ...and a kernel asks meanwhile
+    deadline = time.monotonic() + 5
+    while not gate._requested and time.monotonic() < deadline:
+        time.sleep(0.001)
+    arbiter.release("a", *held_back.pop())           # the release arrives
+    assert got.wait(5), "the session never got the device back"
+    t.join(5)
