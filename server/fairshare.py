@@ -304,23 +304,21 @@ class SessionGate(ComputeGate):
             todo[0](*todo[1:])
 
     def idle(self) -> None:
-        todo = None
-        with self._cond:
-            if self._running == 0 and not self._waiting:
-                self._idle = True
-                if self._holding and self._revoked:
-                    todo = self._give_back(again=False)
-        if todo is not None:
-            todo[0](*todo[1:])
+        self._went_idle(unasked=False)
 
     def quiet(self) -> None:
         """As `idle`, and a holder lets go of the device even though nobody asked (a host
         device's session, whose kernels all ran: see `ComputeGate.quiet`)."""
+        self._went_idle(unasked=True)
+
+    def _went_idle(self, unasked: bool) -> None:
+        """No kernel of the session runs or waits: a holder gives the device back if
+        someone asked for it, or (`unasked`) anyway."""
         todo = None
         with self._cond:
             if self._running == 0 and not self._waiting:
                 self._idle = True
-                if self._holding:
+                if self._holding and (unasked or self._revoked):
                     todo = self._give_back(again=False)
         if todo is not None:
             todo[0](*todo[1:])

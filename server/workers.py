@@ -341,8 +341,9 @@ class ControlLoop:
             self.arbiters[device].request(sid)
         elif kind == ipc.YIELD:
             used, again = ipc.unpack(body)
-            self.arbiters[device].release(sid, int(used), bool(again))
+            # Device time is the worker's own measure; a negative one would buy it turns.
+            self.arbiters[device].release(sid, max(0, int(used)), bool(again))
         elif kind == ipc.CHARGE:
             used, beside = ipc.unpack(body)
-            self.arbiters[device].charge(sid, int(used), bool(beside))
+            self.arbiters[device].charge(sid, max(0, int(used)), bool(beside))
 

@@ -142,10 +142,11 @@ class Executor:
 
     def end_run(self) -> None:
         """End a run of kernels the issuing thread ran itself (in that thread: before it
-        queues or waits, or settles): give the gate back, charged the kernels' wall time
-        (the run's whole time if someone waits and that has reached the slice; in a
-        process of the session's own, no more than the CPU time the process used
-        meanwhile, as `_used`), and say the session is idle unless the pool has work."""
+        queues or waits, or settles): tell the gate it is over (`exit`), charged the
+        kernels' wall time (the run's whole time if someone waits and that has reached
+        the slice; in a process of the session's own, no more than the CPU time the
+        process used meanwhile, as `_used`), and say the session is quiet unless the pool
+        has work."""
         run, self._inline = self._inline, None
         if run is None:
             return

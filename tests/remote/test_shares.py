@@ -127,6 +127,8 @@ def test_short_kernels_beside_a_busy_session_are_curbed_and_wait_their_turn(shar
             b.synchronize()
             launched += 256
         turns, curbs, late = arbiter.turns(b.session_id)
+        row = next(r for r in share_pool.server.session_stats()
+                   if r["session"] == b.session_id)
     finally:
         stop.set()
         t.join(30)
@@ -134,6 +136,7 @@ def test_short_kernels_beside_a_busy_session_are_curbed_and_wait_their_turn(shar
           f"{turns} turns")
     assert curbs >= 8, "b was hardly ever curbed"
     assert turns >= curbs // 3, "b's curbs did not send its kernels to wait for the device"
+    assert (row["device_turns"], row["curbs"]) == (turns, curbs)     # what operators see
     b.synchronize()                 # nothing was lost on the way
     a.synchronize()
     a.close()

@@ -272,3 +272,26 @@ def test_a_gate_whose_request_overtakes_its_release_still_gets_the_device():
     arbiter.release("a", *held_back.pop())           # the release arrives
     assert got.wait(5), "the session never got the device back"
     t.join(5)
+
+
+def test_a_worker_cannot_buy_turns_with_negative_device_time():
+    """Device time is the worker's own measure, sent on its control channel: the server
+    takes a negative one as none."""
+    import socket
+    from harp.server import ipc
+    from harp.server.workers import ControlLoop
+    from harp.tenancy import Ledger
+    arbiter = DeviceArbiter()
+    loop = ControlLoop(Ledger(), {0: arbiter})
+    ours, theirs = socket.socketpair()
+    try:
+        loop.add("w", ipc.Channel(ours), 0, 1.0)
+        channel = ipc.Channel(ours)
+        loop._handle("w", channel, ipc.CHARGE, ipc.pack([-10**12, True]))
+        loop._handle("w", channel, ipc.YIELD, ipc.pack([-10**12, False]))
+        assert arbiter.policy.members["w"].vtime >= 0
+        assert arbiter.device_ns("w") == 0
+    finally:
+        loop.remove("w")
+        ours.close()
+        theirs.close()
