@@ -7,6 +7,9 @@ import time
 
 from harness import MSG64, MiB, Q, REC64, log, timed_rate
 
+#: The bulk section's reps per `--reps`.
+BULK_REPS_PER_REP = 3
+
 
 class RemoteSections:
     # -- 1. bulk -----------------------------------------------------------------
@@ -87,20 +90,26 @@ class RemoteSections:
             harp_write(), harp_read(), grpc_up(), grpc_down(), raw("up"), raw("down")
             harp_write(stream_dev, stream_buf), harp_read(stream_dev, stream_buf)
             grpc_up_copy(), grpc_down_copy()
-            for i in range(a.reps):
-                log("  bulk rep %d/%d" % (i + 1, a.reps))
-                self.put("harp bulk write", harp_write(), "GB/s")
-                self.put("bare gRPC client-stream 1MiB msgs", grpc_up(), "GB/s")
-                self.put("raw TLS send", raw("up"), "GB/s")
-                self.put("bare gRPC client-stream + HARP's 2 copies", grpc_up_copy(), "GB/s")
-                self.put("harp bulk read", harp_read(), "GB/s")
-                self.put("bare gRPC server-stream 1MiB msgs", grpc_down(), "GB/s")
-                self.put("raw TLS recv", raw("down"), "GB/s")
-                self.put("bare gRPC server-stream + HARP's 2 copies", grpc_down_copy(), "GB/s")
-                self.put("harp bulk write, stream only", harp_write(stream_dev, stream_buf),
-                         "GB/s")
-                self.put("harp bulk read, stream only", harp_read(stream_dev, stream_buf),
-                         "GB/s")
+            series = [
+                ("harp bulk write", harp_write),
+                ("bare gRPC client-stream 1MiB msgs", grpc_up),
+                ("raw TLS send", lambda: raw("up")),
+                ("bare gRPC client-stream + HARP's 2 copies", grpc_up_copy),
+                ("harp bulk read", harp_read),
+                ("bare gRPC server-stream 1MiB msgs", grpc_down),
+                ("raw TLS recv", lambda: raw("down")),
+                ("bare gRPC server-stream + HARP's 2 copies", grpc_down_copy),
+                ("harp bulk write, stream only", lambda: harp_write(stream_dev, stream_buf)),
+                ("harp bulk read, stream only", lambda: harp_read(stream_dev, stream_buf)),
+            ]
+            # A transfer takes a fraction of a second and this machine's speed swings by
+            # tens of percent between two: BULK_REPS_PER_REP times the reps, and every
+            # other rep in reverse order, so that no series always runs first or last.
+            reps = BULK_REPS_PER_REP * a.reps
+            for i in range(reps):
+                log("  bulk rep %d/%d" % (i + 1, reps))
+                for name, fn in (series if i % 2 == 0 else series[::-1]):
+                    self.put(name, fn(), "GB/s")
             dev.free(buf)
         finally:
             dev.close()

@@ -33,7 +33,6 @@ from harp.dataframes import FrameChannel, shut
 from harp.errors import DeviceError, HarpError, ProtocolError, TransportError
 from harp.proto.codec import error_from_bytes, error_to_bytes
 from harp.protocol import External, ServerProtocol
-from harp.transport import recv_into_exactly
 from harp.shm import SharedWindow
 from harp.types import DeviceInfo
 
@@ -41,6 +40,7 @@ from . import ipc
 from .counters import Counts, session_counts
 from .fairshare import SessionGate
 from .session import Reply, Session
+from .turnstile import Turnstile, receive_into, send_from
 from .workers import ControlLoop, WorkerProcess, describe_exit
 
 
@@ -59,8 +59,10 @@ class SessionHost:
     pid: int | None = None
     isolation = ""
 
-    def __init__(self, sid: str) -> None:
+    def __init__(self, sid: str, turns: Turnstile) -> None:
         self.id = sid
+        #: The pool server's turns at decrypting bulk bytes (shared by every session).
+        self.turns = turns
         self.busy = False             # a frame is being handled (a call may be long)
         self.last_activity = time.monotonic()
         self.ended: HarpError | None = None
@@ -167,9 +169,9 @@ class ThreadHost(SessionHost):
 
     isolation = "thread"
 
-    def __init__(self, sid: str, device: Any, chunk_size: int,
+    def __init__(self, sid: str, device: Any, chunk_size: int, turns: Turnstile,
                  window: SharedWindow | None = None, gate: SessionGate | None = None) -> None:
-        super().__init__(sid)
+        super().__init__(sid, turns)
         self.session = Session(device, sid, chunk_size, window)
         self.gate = gate
         self.info = device.info
@@ -210,7 +212,7 @@ class ThreadHost(SessionHost):
         while left:
             view = self._staging[:min(left, len(self._staging))]
             try:
-                recv_into_exactly(self.data, view)
+                receive_into(self.data, view, self.turns)
             except (OSError, ValueError) as exc:
                 raise self._data_broken(exc) from None
             self.bytes_in += len(view)
@@ -239,7 +241,7 @@ class ThreadHost(SessionHost):
             self.bytes_out += len(chunk)
             if data is not None:
                 try:
-                    data.sendall(chunk)
+                    send_from(data, memoryview(chunk), self.turns)
                 except (OSError, ValueError) as exc:
                     raise self._data_broken(exc) from None
             else:
@@ -267,8 +269,9 @@ class WorkerHost(SessionHost):
 
     isolation = "process"
 
-    def __init__(self, sid: str, worker: WorkerProcess, control: ControlLoop) -> None:
-        super().__init__(sid)
+    def __init__(self, sid: str, worker: WorkerProcess, control: ControlLoop,
+                 turns: Turnstile) -> None:
+        super().__init__(sid, turns)
         self.worker = worker
         self.control = control
         self.pid = worker.pid
@@ -398,7 +401,7 @@ class WorkerHost(SessionHost):
             slot = self._free_slot()
             n = min(left, writes.slot_size)
             try:
-                recv_into_exactly(self.data, writes.slot(slot, n))
+                receive_into(self.data, writes.slot(slot, n), self.turns)
             except (OSError, ValueError) as exc:
                 writes.give_back(slot)
                 raise self._data_broken(exc) from None
@@ -430,7 +433,7 @@ class WorkerHost(SessionHost):
                 self.bytes_out += n
                 if channel is not None:             # from the slot to the socket, no copy
                     try:
-                        channel.sendall(reads.slot(slot, n))
+                        send_from(channel, reads.slot(slot, n), self.turns)
                     except (OSError, ValueError) as exc:
                         raise self._data_broken(exc) from None
                     finally:

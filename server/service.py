@@ -47,6 +47,7 @@ from .counters import Counts
 from .datachannel import TICKET_TTL_S as DATA_TICKET_TTL_S, DataListener
 from .door import Door, door_path
 from .tickets import TicketBook
+from .turnstile import Turnstile
 from .fairshare import DeviceArbiter
 from .hosts import SessionEnded, SessionHost, ThreadHost, WorkerHost
 from .workers import ControlLoop, WorkerPool
@@ -124,6 +125,8 @@ class PoolServer:
         self.trust_client_code = trust_client_code
         self.authorizer = authorizer
         self.chunk_size = chunk_size
+        #: Sessions take turns at decrypting their bulk bytes (`turnstile`).
+        self.turns = Turnstile()
         self.max_sessions = max_sessions
         self.max_sessions_per_lease = max_sessions_per_lease
         self.max_sessions_per_identity = max_sessions_per_identity
@@ -649,11 +652,11 @@ class PoolServer:
                                        tenancy=Tenancy(account, gate))
             if self.wrap_device is not None:
                 device = self.wrap_device(device, record.id)
-            return ThreadHost(record.id, device, self.chunk_size, window, gate)
+            return ThreadHost(record.id, device, self.chunk_size, self.turns, window, gate)
         assert self.workers is not None and self.control is not None
         self.ledger.open(record.id, grant.device_index, quota=quota, lease=grant.lease_id)
         worker = self.workers.take()
-        host = WorkerHost(record.id, worker, self.control)
+        host = WorkerHost(record.id, worker, self.control, self.turns)
         try:
             host.open({"session": record.id, "device": grant.device_index, "quota": quota,
                        "trust": self.trust_client_code}, grant.device_index, grant.share,

@@ -30,16 +30,20 @@ Runner = Callable[[tuple[int, int, int], tuple[int, int, int], int, list], None]
 #: something other than its threads, an ONNX model's inputs, may be misjudged once: the
 #: run that took long sends its next launches to the pool.)
 INLINE_NS = 20_000
-#: Under a compute gate, a kernel not run yet is taken for a short one when its launch has
-#: at most this many threads: its first run is inline too (timed, as every inline run
-#: is). In the pool, that first run needed the device to itself, and a session's first
+#: A kernel not run yet is taken for a short one when its launch has at most this many
+#: threads: its first run is inline too (timed, as every inline run is). Under a compute
+#: gate, a first run in the pool needed the device to itself, and a session's first
 #: launch then waited its turn behind every session that had one: with 64 sessions
 #: starting at once, the last began 1-2 s after the first, at 0.12-0.33 of their
-#: launches. A kernel whose time does not follow its threads (a catalog gemm's follows
-#: its m, n, k) may be misjudged: then it runs beside the holder's for up to two runs
-#: per function handle (`HostKernel.ran_inline`), each charged as it ends, and the
-#: session is curbed once that puts it a slice ahead (`harp.server.fairshare`). Without
-#: a gate (`local:cpu`) a first run goes to the pool, so a launch never waits for it.
+#: launches. Without a gate (`local:cpu`), the launches issued while a first run waited
+#: for a pool thread (the issuing thread keeps the GIL for up to 5 ms, a couple of
+#: thousand noops) queued behind it, kept the stream busy, and so went to the pool until
+#: the next synchronize: 9,000-18,000 of 20,000 noops ran inline, and a run took
+#: 2.3-6.3 µs a launch instead of 1.7-2.6. A kernel whose time does not follow its
+#: threads (a catalog gemm's follows its m, n, k) may be misjudged: then a launch waits
+#: for its run, for up to two runs per function handle (`HostKernel.ran_inline`); under
+#: a gate each is charged as it ends, and the session is curbed once that puts it a
+#: slice ahead (`harp.server.fairshare`).
 FIRST_INLINE_THREADS = 256
 
 
@@ -186,7 +190,7 @@ class HostDevice(BackendDevice):
         threads = _threads(grid, block)
         last = target.last_ns
         if (0 <= last < INLINE_NS and threads <= target.last_threads) or \
-                (last < 0 and threads <= FIRST_INLINE_THREADS and self._gate is not None):
+                (last < 0 and threads <= FIRST_INLINE_THREADS):
             ran = stream.run_now("launch", seq, target.run, grid, block, shared_mem, prepared)
             if ran >= 0:
                 target.ran_inline(ran, threads)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import ssl
+import threading
 import types
 
 import grpc
@@ -22,7 +23,8 @@ from harp import security, wire
 from harp.client.datachannel import opener
 from harp.client.remote import RemoteDevice
 from harp.errors import TransportError
-from harp.transport import channel_options
+from harp.server.turnstile import Turnstile
+from harp.transport import channel_options, recv_into_exactly
 from tests.conftest import Pool, pattern, wait_until
 
 MiB = 1 << 20
@@ -139,6 +141,15 @@ def test_the_listener_takes_a_ticket_once_and_only_from_its_identity(tcp_pool, t
         dev.close()
 
 
+def _begin_write(dev, buf, n, first):
+    """A chunked write of `n` bytes into `buf` on `dev`'s data channel, of which only
+    `first` is sent (the caller holds `dev._lock`)."""
+    assert dev._data_socket() is not None
+    dev._send(dev._proto.chunked_write([wire.WRITE_CHUNKED, dev._next(), buf.id, 0, 0, n]))
+    dev._send(dev._proto.data_frame(n))
+    dev._data.sendall(first)
+
+
 def test_a_client_that_stops_short_ends_only_its_own_session(tcp_pool):
     other = tcp_pool.connect()
     keep = other.alloc(2 * MiB)
@@ -148,10 +159,7 @@ def test_a_client_that_stops_short_ends_only_its_own_session(tcp_pool):
     buf = dev.alloc(n)
     dev.synchronize()
     with dev._lock:
-        assert dev._data_socket() is not None
-        dev._send(dev._proto.chunked_write([wire.WRITE_CHUNKED, dev._next(), buf.id, 0, 0, n]))
-        dev._send(dev._proto.data_frame(n))
-        dev._data.sendall(b"\x07" * MiB)                 # a quarter, then gone
+        _begin_write(dev, buf, n, b"\x07" * MiB)         # a quarter, then gone
         dev._data.close()
         dev._data = None
     assert wait_until(lambda: len(tcp_pool.server.session_records()) == 1)
@@ -160,6 +168,69 @@ def test_a_client_that_stops_short_ends_only_its_own_session(tcp_pool):
     dev.close()
     assert other.read(keep, 0, 2 * MiB) == b"\x05" * (2 * MiB)
     other.close()
+
+
+def _writes_meanwhile(other, turns, seed):
+    """`other` writes 6 MiB well inside the stalled session's 30 s (`IO_TIMEOUT_S`),
+    through a turn taken from the stalled one."""
+    data = pattern(6 * MiB, seed)
+    keep = other.alloc(data.nbytes)
+    done = {}
+    writer = threading.Thread(target=lambda: done.update(
+        ok=(other.write(keep, 0, data), other.synchronize())), daemon=True)
+    writer.start()
+    writer.join(15)
+    assert "ok" in done, "another session's write waited on the stalled one"
+    assert turns.revoked >= 1
+    assert other.read(keep, 0, data.nbytes) == data.tobytes()
+
+
+def test_a_client_stalled_halfway_through_a_write_holds_up_no_other_session(tcp_pool):
+    """Sessions take turns at decrypting their writes (`server.turnstile`); with a single
+    turn at a time, one whose client stops halfway through a write must not keep it
+    from the others until its channel times out (`IO_TIMEOUT_S`, 30 s)."""
+    turns = tcp_pool.server.turns = Turnstile(permits=1, stall_s=0.05)
+    stalled = tcp_pool.connect()
+    n = 4 * MiB
+    buf = stalled.alloc(n)
+    stalled.synchronize()
+    with stalled._lock:
+        _begin_write(stalled, buf, n, b"\x07" * (MiB // 2))   # half a slot, then a pause
+    assert wait_until(lambda: turns._held)                # its handler holds the turn
+    other = tcp_pool.connect()
+    try:
+        _writes_meanwhile(other, turns, 3)
+        with stalled._lock:                               # the stalled one goes on, and
+            stalled._data.sendall(b"\x07" * (n - MiB // 2))   # its write lands whole
+        assert stalled.read(buf, 0, n) == b"\x07" * n
+    finally:
+        other.close()
+        stalled.close()
+
+
+def test_a_client_that_does_not_read_its_read_holds_up_no_other_session(tcp_pool):
+    """The same for a large read's payload: a client that asks for one and does not read
+    it fills the socket buffers and leaves its handler waiting in `send`."""
+    turns = tcp_pool.server.turns = Turnstile(permits=1, stall_s=0.05)
+    reader = tcp_pool.connect()
+    n = 64 * MiB                                          # far more than the buffers hold
+    buf = reader.alloc(n)
+    reader.write(buf, 0, b"\x03" * n)
+    reader.synchronize()
+    with reader._lock:
+        reader._sync([wire.READ, reader._next(), buf.id, 0, n, 0])   # the reply; then
+    assert wait_until(lambda: turns._held)                # the payload, unread
+    other = tcp_pool.connect()
+    try:
+        _writes_meanwhile(other, turns, 4)
+        got = memoryview(bytearray(n))
+        with reader._lock:                                # the payload, late but whole
+            recv_into_exactly(reader._data, got)
+        assert got.tobytes() == b"\x03" * n
+        reader.synchronize()
+    finally:
+        other.close()
+        reader.close()
 
 
 def test_a_data_frame_that_lies_about_the_size_ends_the_session(tcp_pool):

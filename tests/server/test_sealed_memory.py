@@ -10,6 +10,7 @@ import pytest
 from harp.errors import ProtocolError
 from harp.server import counters, ipc
 from harp.server.hosts import SessionHost
+from harp.server.turnstile import Turnstile
 from harp.shm import require_sealed, sealed_memfd
 
 
@@ -47,7 +48,7 @@ def test_the_server_refuses_memory_that_is_not_sealed_or_not_its_size():
 def test_the_data_listener_says_yes_before_the_session_may_use_the_socket():
     """Two threads on one TLS connection corrupt its records: the listener's yes to the
     client is sent before the socket becomes the session's, never beside its transfers."""
-    host = SessionHost("s1")
+    host = SessionHost("s1", Turnstile(permits=1))
     seen: list = []
     assert host.attach_data("sock", lambda: seen.append(host.data))
     assert seen == [None] and host.data == "sock"
@@ -60,7 +61,7 @@ def test_a_transfer_that_arrives_during_the_handover_waits_for_it():
     reaches the handler while the listener is still handing the socket over waits for it
     (it was refused as 'a data frame in a session without a data channel')."""
     import threading
-    host = SessionHost("s1")
+    host = SessionHost("s1", Turnstile(permits=1))
     yes_sent, go_on = threading.Event(), threading.Event()
 
     def accept():
