@@ -40,7 +40,7 @@ from . import ipc
 from .counters import Counts, session_counts
 from .fairshare import SessionGate
 from .session import Reply, Session
-from .turnstile import Turnstile, receive_into, send_from
+from .turnstile import Turnstile, receive_into
 from .workers import ControlLoop, WorkerProcess, describe_exit
 
 
@@ -61,8 +61,10 @@ class SessionHost:
 
     def __init__(self, sid: str, turns: Turnstile) -> None:
         self.id = sid
-        #: The pool server's turns at decrypting bulk bytes (shared by every session).
+        #: The pool server's turns at decrypting bulk bytes (shared by every session), and
+        #: whether this session has been caught waiting on its client with one.
         self.turns = turns
+        self._careful = False
         self.busy = False             # a frame is being handled (a call may be long)
         self.last_activity = time.monotonic()
         self.ended: HarpError | None = None
@@ -212,7 +214,7 @@ class ThreadHost(SessionHost):
         while left:
             view = self._staging[:min(left, len(self._staging))]
             try:
-                receive_into(self.data, view, self.turns)
+                self._careful = receive_into(self.data, view, self.turns, self._careful)
             except (OSError, ValueError) as exc:
                 raise self._data_broken(exc) from None
             self.bytes_in += len(view)
@@ -241,7 +243,7 @@ class ThreadHost(SessionHost):
             self.bytes_out += len(chunk)
             if data is not None:
                 try:
-                    send_from(data, memoryview(chunk), self.turns)
+                    data.sendall(chunk)
                 except (OSError, ValueError) as exc:
                     raise self._data_broken(exc) from None
             else:
@@ -401,7 +403,8 @@ class WorkerHost(SessionHost):
             slot = self._free_slot()
             n = min(left, writes.slot_size)
             try:
-                receive_into(self.data, writes.slot(slot, n), self.turns)
+                self._careful = receive_into(self.data, writes.slot(slot, n), self.turns,
+                                             self._careful)
             except (OSError, ValueError) as exc:
                 writes.give_back(slot)
                 raise self._data_broken(exc) from None
@@ -433,7 +436,7 @@ class WorkerHost(SessionHost):
                 self.bytes_out += n
                 if channel is not None:             # from the slot to the socket, no copy
                     try:
-                        send_from(channel, reads.slot(slot, n), self.turns)
+                        channel.sendall(reads.slot(slot, n))
                     except (OSError, ValueError) as exc:
                         raise self._data_broken(exc) from None
                     finally:
