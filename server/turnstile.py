@@ -166,7 +166,8 @@ def _record_there(sock: Any, left: int) -> bool:
 def _wait_for_record(sock: Any, left: int, seconds: float | None) -> bool:
     """Wait, at most `seconds`, until `_record_there`; the kernel wakes this thread only
     once that many bytes are in (`SO_RCVLOWAT`), so a client that trickles costs one
-    wake-up, not one per byte."""
+    wake-up, not one per byte. True also when the wait ends for another reason (the
+    peer closed, an error): the read that follows says which; False on a timeout."""
     if _record_there(sock, left):
         return True
     lowat = min(RECORD, left) + RECORD_OVERHEAD
@@ -177,13 +178,13 @@ def _wait_for_record(sock: Any, left: int, seconds: float | None) -> bool:
     try:
         poller = select.poll()          # not select(): a busy server's descriptors pass 1024
         poller.register(sock, select.POLLIN)
-        poller.poll(None if seconds is None else seconds * 1000)
+        events = poller.poll(None if seconds is None else seconds * 1000)
     finally:
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
         except OSError:
             pass
-    return _record_there(sock, left)
+    return bool(events) or _record_there(sock, left)
 
 
 class _Turn:

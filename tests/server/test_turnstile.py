@@ -264,3 +264,16 @@ def test_a_client_that_stalls_again_and_again_costs_the_others_one_stall(tls_pai
     assert turns.revoked == 1                # the first pause only
     assert slow_view.tobytes() == b"s" * (slots * slot) and result["careful"]
     assert result.get("rounds", 0) > 0
+
+
+def test_a_careful_receive_whose_client_closes_says_so_at_once(tls_pair):
+    server, client = tls_pair()
+    turns = Turnstile(permits=1)
+    client.sendall(b"x" * 100)               # less than a record's worth of the 5000
+    client.close()
+    start = time.monotonic()
+    with pytest.raises((ConnectionError, OSError)) as caught:
+        receive_into(server, memoryview(bytearray(5000)), turns, careful=True)
+    assert time.monotonic() - start < 10     # not the socket's 20 s timeout
+    assert not isinstance(caught.value, TimeoutError)
+    assert turns.enter()                     # the permit came back
