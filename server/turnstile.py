@@ -23,6 +23,7 @@ without blocking, whether its client will take the next piece.
 from __future__ import annotations
 
 import collections
+import contextlib
 import fcntl
 import itertools
 import os
@@ -40,7 +41,6 @@ TURN_S = 0.002
 #: A TLS record's most plaintext, and the least a record adds on the wire (header and
 #: inner content type; the AEAD tag adds 8-16 more).
 RECORD, RECORD_OVERHEAD = 16 * 1024, 6
-_INT0 = b"\0\0\0\0"
 #: A permit held this long, in seconds, while others wait, is taken from its holder and
 #: given to the first in line (its holder is stalled on its client, or descheduled).
 STALL_S = 0.010
@@ -151,7 +151,7 @@ class Turnstile:
 
 def _queued(sock: Any) -> int:
     """Bytes the kernel holds for `sock`, not read yet."""
-    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, _INT0))[0]
+    return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0]
 
 
 def _record_there(sock: Any, left: int) -> bool:
@@ -170,20 +170,19 @@ def _wait_for_record(sock: Any, left: int, seconds: float | None) -> bool:
     peer closed, an error): the read that follows says which; False on a timeout."""
     if _record_there(sock, left):
         return True
-    lowat = min(RECORD, left) + RECORD_OVERHEAD
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, lowat)
-    except OSError:
-        pass
+    # Where the low-water mark cannot be set, the poll wakes at the first byte and the
+    # permit may be taken before the record is whole: a revocation bounds that. Putting
+    # it back fails only on a socket already closed, which the read that follows reports.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT,
+                        min(RECORD, left) + RECORD_OVERHEAD)
     try:
         poller = select.poll()          # not select(): a busy server's descriptors pass 1024
         poller.register(sock, select.POLLIN)
         events = poller.poll(None if seconds is None else seconds * 1000)
     finally:
-        try:
+        with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
-        except OSError:
-            pass
     return bool(events) or _record_there(sock, left)
 
 

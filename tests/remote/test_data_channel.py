@@ -202,6 +202,8 @@ def test_a_client_stalled_halfway_through_a_write_holds_up_no_other_session(tcp_
         with stalled._lock:                               # the stalled one goes on, and
             stalled._data.sendall(b"\x07" * (n - MiB // 2))   # its write lands whole
         assert stalled.read(buf, 0, n) == b"\x07" * n
+        careful = {r.id: r.host._careful for r in tcp_pool.server.session_records()}
+        assert careful == {stalled.session_id: True, other.session_id: False}
     finally:
         other.close()
         stalled.close()
